@@ -1,0 +1,218 @@
+//! The artifact folder the compiler writes: ONNX programs, the adapters' initial values in
+//! `init.safetensors`, and `manifest.json` describing both.
+//!
+//! The folder appears whole or not at all: everything is written into a temporary sibling
+//! folder that is renamed into place at the end, so a failure never leaves a partial artifact.
+
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::ir::{convert, DataType, Dim, Graph, Model, Tensor, ValueType};
+use crate::onnx_io;
+use crate::rewrite::{AdapterConfig, AdapterRecord};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const INIT: &str = "init.safetensors";
+pub const FORWARD: &str = "forward.onnx";
+
+/// What a program input or output is for, so runtimes can bind it without guessing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// A model input supplied per batch (token ids, masks).
+    Data,
+    /// A low-rank factor (A or B): the lower level's variables.
+    Adapter,
+    /// A DoRA magnitude vector: the upper level's variables.
+    Magnitude,
+    /// A model output (logits).
+    Output,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TensorSig {
+    pub name: String,
+    pub dtype: String,
+    /// Each dim a number or a symbol name (`null` when unknown).
+    pub shape: Option<Vec<serde_json::Value>>,
+    pub role: Role,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProgramSig {
+    pub file: String,
+    pub inputs: Vec<TensorSig>,
+    pub outputs: Vec<TensorSig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Manifest {
+    pub format: &'static str,
+    pub format_version: u32,
+    pub compiler_version: &'static str,
+    /// The input model's file name (no directories: artifacts move between machines).
+    pub source_model: String,
+    pub opset: i64,
+    pub config: AdapterConfig,
+    pub adapters: Vec<AdapterRecord>,
+    pub programs: IndexMap<String, ProgramSig>,
+}
+
+fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) {
+    match t {
+        Some(ValueType::Tensor { elem, shape, .. }) => (
+            elem.short_name().to_string(),
+            shape.as_ref().map(|dims| {
+                dims.iter()
+                    .map(|d| match d {
+                        Dim::Known(v) => serde_json::Value::from(*v),
+                        Dim::Sym(s) => serde_json::Value::from(s.clone()),
+                        Dim::Unknown => serde_json::Value::Null,
+                    })
+                    .collect()
+            }),
+        ),
+        _ => ("?".into(), None),
+    }
+}
+
+/// The signature of a program graph, with roles taken from the adapter records.
+pub fn program_sig(file: &str, graph: &Graph, adapters: &[AdapterRecord]) -> ProgramSig {
+    let role_of = |name: &str| {
+        if adapters
+            .iter()
+            .any(|a| a.magnitude.as_deref() == Some(name))
+        {
+            Role::Magnitude
+        } else if adapters
+            .iter()
+            .any(|a| a.lora_a == name || a.lora_b == name)
+        {
+            Role::Adapter
+        } else {
+            Role::Data
+        }
+    };
+    let sig = |v: &crate::ir::ValueInfo, role: Role| {
+        let (dtype, shape) = dims_json(&v.ty);
+        TensorSig {
+            name: v.name.clone(),
+            dtype,
+            shape,
+            role,
+        }
+    };
+    ProgramSig {
+        file: file.to_string(),
+        inputs: graph
+            .inputs
+            .iter()
+            .map(|v| sig(v, role_of(&v.name)))
+            .collect(),
+        outputs: graph.outputs.iter().map(|v| sig(v, Role::Output)).collect(),
+    }
+}
+
+/// Serialises f32 tensors to safetensors bytes, in the given order.
+pub fn safetensors_bytes(tensors: &IndexMap<String, Tensor>) -> Result<Vec<u8>> {
+    let mut views = vec![];
+    for (name, t) in tensors {
+        if t.dtype != DataType::Float {
+            return Err(Error::Other(format!("tensor '{name}' is not f32")));
+        }
+        let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let view = safetensors::tensor::TensorView::new(
+            safetensors::Dtype::F32,
+            shape,
+            t.raw().expect("f32 tensors are raw"),
+        )
+        .map_err(|e| Error::Other(format!("tensor '{name}': {e}")))?;
+        views.push((name.clone(), view));
+    }
+    safetensors::serialize(views, None).map_err(|e| Error::Other(format!("safetensors: {e}")))
+}
+
+/// Everything the compiler writes into one artifact folder.
+pub struct Artifact {
+    pub manifest: Manifest,
+    /// File name → program model.
+    pub programs: Vec<(String, Model)>,
+    pub init: IndexMap<String, Tensor>,
+}
+
+/// Writes the artifact to `dir` atomically. An existing folder is an error unless `force`,
+/// in which case it is replaced only once the new one is complete.
+pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
+    if dir.exists() && !force {
+        return Err(Error::Other(format!(
+            "output folder {} already exists (pass --force to replace it)",
+            dir.display()
+        )));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::Write {
+        path: parent.clone(),
+        source: e,
+    })?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".bidora-artifact-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::Write {
+            path: parent.clone(),
+            source: e,
+        })?;
+    for (file, model) in &artifact.programs {
+        let proto = convert::model_to_proto(model);
+        onnx_io::write_model(
+            &proto,
+            &tmp.path().join(file),
+            &onnx_io::WriteOptions::default(),
+        )?;
+    }
+    let init = safetensors_bytes(&artifact.init)?;
+    let write_file = |name: &str, bytes: &[u8]| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, bytes).map_err(|e| Error::Write { path: p, source: e })
+    };
+    write_file(INIT, &init)?;
+    let json =
+        serde_json::to_vec_pretty(&artifact.manifest).map_err(|e| Error::Other(e.to_string()))?;
+    write_file(MANIFEST, &json)?;
+    // Swap into place: the old folder (with --force) is moved aside first and removed last.
+    let staged = tmp.keep();
+    let backup = dir.exists().then(|| {
+        parent.join(format!(
+            ".bidora-old-{}",
+            dir.file_name()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default()
+        ))
+    });
+    if let Some(b) = &backup {
+        let _ = std::fs::remove_dir_all(b);
+        std::fs::rename(dir, b).map_err(|e| Error::Write {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+    }
+    if let Err(e) = std::fs::rename(&staged, dir) {
+        let _ = std::fs::remove_dir_all(&staged);
+        if let Some(b) = &backup {
+            let _ = std::fs::rename(b, dir);
+        }
+        return Err(Error::Write {
+            path: dir.to_path_buf(),
+            source: e,
+        });
+    }
+    if let Some(b) = backup {
+        let _ = std::fs::remove_dir_all(b);
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! `bidora-compile`: ONNX model in, artifact folder out. See `--help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use bidora_compiler::pipeline::{self, CompileOptions};
+use bidora_compiler::rewrite::{AdapterConfig, Method};
+use bidora_compiler::targets::{self, TargetSpec};
+use bidora_compiler::{artifact, dump, load_model};
+use clap::{Parser, ValueEnum};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum MethodArg {
+    Dora,
+    Lora,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
+enum DumpStage {
+    /// The model as read.
+    Input,
+    /// After the rewrite, with composite ai.bidora.DoRA / LoRA nodes.
+    Adapted,
+    /// The forward program as written (standard ONNX only).
+    Forward,
+}
+
+/// Compile an ONNX model into BiDoRA programs: rewrite target linear ops into DoRA (or LoRA)
+/// nodes and write an artifact folder (forward.onnx, init.safetensors, manifest.json).
+#[derive(Parser, Debug)]
+#[command(
+    name = "bidora-compile",
+    version,
+    after_help = "EXAMPLES:
+  List the linear ops that can carry adapters:
+    bidora-compile model.onnx --list-targets
+  DoRA on the attention query and value projections, rank 8:
+    bidora-compile model.onnx --target query,value --rank 8 --alpha 16 -o run/artifact
+  GPT-2's fused c_attn, adapting only its q and v blocks:
+    bidora-compile gpt2.onnx --target c_attn:q,v -o run/gpt2
+  Modules chosen by a regular expression over module paths, plain LoRA:
+    bidora-compile model.onnx --target-regex '.*layer\\.[01]\\..*(query|value)' --method lora -o out
+  Print a graph as text (any ONNX file, or a stage of the rewrite):
+    bidora-compile model.onnx --dump
+    bidora-compile model.onnx --target query --dump adapted"
+)]
+struct Cli {
+    /// The ONNX model to compile (external data is read from files beside it).
+    model: PathBuf,
+
+    /// Modules to adapt, peft-style: a module matches when its path equals a name or ends
+    /// with `.name`. Comma-separated, repeatable. `c_attn:q,v` adapts only the q and v column
+    /// blocks of a fused projection. Example: `--target query,value`.
+    #[arg(long, value_name = "NAMES")]
+    target: Vec<String>,
+
+    /// Regular expression that must match a whole module path. Example:
+    /// `--target-regex '.*\.attention\.self\.(query|value)'`.
+    #[arg(long, value_name = "REGEX")]
+    target_regex: Option<String>,
+
+    /// Print every candidate linear op (module path, op, shape, weight layout) and exit.
+    /// Example: `bidora-compile model.onnx --list-targets`.
+    #[arg(long)]
+    list_targets: bool,
+
+    /// Adapter kind. Example: `--method lora`.
+    #[arg(long, value_enum, default_value = "dora")]
+    method: MethodArg,
+
+    /// LoRA rank r. Example: `--rank 8`.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+
+    /// LoRA alpha; the scaling is alpha/r (alpha/sqrt(r) with --rslora). Example: `--alpha 16`.
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+
+    /// Rank-stabilised scaling alpha/sqrt(r). Example: `--rslora`.
+    #[arg(long)]
+    rslora: bool,
+
+    /// DoRA only: treat the column norm as a constant in the backward pass (DoRA §4.3,
+    /// peft's default). Example: `--detach-norm`.
+    #[arg(long)]
+    detach_norm: bool,
+
+    /// Seed of the random initialisation of the A factors. Example: `--seed 42`.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+
+    /// Output artifact folder; written atomically. Example: `-o run/artifact`.
+    #[arg(short, long, value_name = "DIR")]
+    output: Option<PathBuf>,
+
+    /// Replace the output folder if it exists. Example: `--force`.
+    #[arg(long)]
+    force: bool,
+
+    /// Print a stage as text instead of writing an artifact: `input` (default), `adapted`
+    /// (composite DoRA/LoRA nodes) or `forward` (standard ONNX). Example: `--dump adapted`.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "input", value_name = "STAGE")]
+    dump: Option<DumpStage>,
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let model =
+        load_model(&cli.model).with_context(|| format!("cannot load {}", cli.model.display()))?;
+    if cli.list_targets {
+        let cands = targets::candidates(&model.graph);
+        println!(
+            "{} candidate linear ops in {}:",
+            cands.len(),
+            cli.model.display()
+        );
+        print!("{}", targets::format_candidates(&cands));
+        return Ok(());
+    }
+    if cli.dump == Some(DumpStage::Input) {
+        print!("{}", dump::model(&model));
+        return Ok(());
+    }
+    let opts = CompileOptions {
+        targets: TargetSpec::parse(&cli.target, cli.target_regex.as_deref())?,
+        adapter: AdapterConfig {
+            method: match cli.method {
+                MethodArg::Dora => Method::Dora,
+                MethodArg::Lora => Method::Lora,
+            },
+            rank: cli.rank,
+            alpha: cli.alpha,
+            rslora: cli.rslora,
+            detach_norm: cli.detach_norm,
+            seed: cli.seed,
+        },
+    };
+    let compiled = pipeline::compile(&model, &opts)
+        .with_context(|| format!("cannot compile {}", cli.model.display()))?;
+    match cli.dump {
+        Some(DumpStage::Adapted) => {
+            print!("{}", dump::model(&compiled.adapted));
+            return Ok(());
+        }
+        Some(DumpStage::Forward) => {
+            print!("{}", dump::model(&compiled.forward));
+            return Ok(());
+        }
+        _ => {}
+    }
+    let out = cli
+        .output
+        .context("no output folder: pass -o DIR (or --list-targets / --dump to inspect)")?;
+    let source = cli
+        .model
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let art = pipeline::artifact(&compiled, &source, &opts);
+    artifact::write(&art, &out, cli.force)?;
+    eprintln!(
+        "wrote {} ({} adapters, {:?}, rank {}) to {}",
+        artifact::FORWARD,
+        compiled.adapters.len(),
+        opts.adapter.method,
+        opts.adapter.rank,
+        out.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

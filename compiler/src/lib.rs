@@ -1,0 +1,55 @@
+//! bidora's compiler: ONNX model in, BiDoRA training programs out.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the map. In one line per module:
+//! - [`proto`]: prost types generated from `proto/onnx.proto` (nothing else is generated).
+//! - [`onnx_io`]: reading and writing model files, external data, path safety.
+//! - [`ir`]: the graph IR and its lossless conversion from and to protobuf.
+//! - [`shape`]: dtype and symbolic shape inference; [`ops`]: per-op-family rules.
+//! - [`targets`]: finding the linear ops that can carry adapters, peft-style matching.
+//! - [`rewrite`]: the LoRA/DoRA rewrite and the lowering of composite nodes to plain ONNX.
+//! - [`artifact`]: the output folder (programs, `init.safetensors`, `manifest.json`).
+//! - [`dump`]: the readable text form of a graph.
+
+pub mod artifact;
+pub mod dump;
+pub mod error;
+pub mod ir;
+pub mod onnx_io;
+pub mod pipeline;
+pub mod proto;
+pub mod rewrite;
+pub mod targets;
+
+pub use error::{Error, Result};
+
+/// The ai.onnx opsets the importer accepts. Below 13 ReduceSum/Squeeze take their axes as
+/// attributes and Split/Slice differ; above 23 no exporter writes models we have tested.
+pub const MIN_OPSET: i64 = 13;
+pub const MAX_OPSET: i64 = 23;
+
+/// Reads a model file (resolving external data safely), imports it into the IR and checks
+/// that the ONNX opset is one the compiler supports.
+pub fn load_model(path: &std::path::Path) -> Result<ir::Model> {
+    let proto = onnx_io::read_model(path)?;
+    let mut model = ir::convert::model_from_proto(proto).map_err(|e| match e {
+        Error::Invalid(msg) => Error::Invalid(format!("{}: {msg}", path.display())),
+        other => other,
+    })?;
+    check_opset(&model)?;
+    ir::topo::toposort(&mut model.graph)?;
+    Ok(model)
+}
+
+pub fn check_opset(model: &ir::Model) -> Result<()> {
+    let found = model
+        .onnx_opset()
+        .ok_or_else(|| Error::Invalid("the model imports no ai.onnx opset".into()))?;
+    if !(MIN_OPSET..=MAX_OPSET).contains(&found) {
+        return Err(Error::UnsupportedOpset {
+            found,
+            min: MIN_OPSET,
+            max: MAX_OPSET,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! Lowers the composite `ai.bidora` nodes to standard ONNX ops.
+//!
+//! DoRA, with `W` as the node sees it (`[in, out]`, or `[out, in]` when `w_transposed=1`):
+//!
+//! ```text
+//! base  = x·W                                   (MatMul, or Gemm(transB=1))
+//! delta = s · (x·A)·B
+//! n²    = ‖W‖²_col + 2s·colsum((Aᵀ·W) ⊙ B) + s²·colsum(B ⊙ ((AᵀA)·B))
+//! y     = (base + delta) ⊙ (m / √n²)
+//! ```
+//!
+//! The norm never materialises the `[in, out]` matrix `W + s·A·B`: every temporary is `[r, out]`
+//! or `[r, r]`, and `‖W‖²_col` is a constant computed here. At initialisation `B = 0`, so
+//! `n² = ‖W‖²_col` exactly and `m / n = 1` exactly (the rewrite took `m = √‖W‖²_col` from the same
+//! f32 values): the adapted model reproduces the original outputs bit for bit up to `+ 0`.
+
+use crate::error::{Error, Result};
+use crate::ir::{AttrValue, Graph, Model, Node, Tensor, BIDORA_DOMAIN};
+use crate::targets::Layout;
+
+use super::out_feature_sqnorms;
+
+/// Replaces every composite node by standard ops; the result imports no `ai.bidora` opset.
+pub fn lower(model: &Model) -> Result<Model> {
+    let mut model = model.clone();
+    let g = &mut model.graph;
+    let mut i = 0;
+    while i < g.nodes.len() {
+        if g.nodes[i].domain != BIDORA_DOMAIN {
+            i += 1;
+            continue;
+        }
+        let node = g.nodes[i].clone();
+        let new = match node.op_type.as_str() {
+            "DoRA" => lower_adapter(g, &node, true)?,
+            "LoRA" => lower_adapter(g, &node, false)?,
+            other => {
+                return Err(Error::UnsupportedOp {
+                    op: format!("{BIDORA_DOMAIN}.{other}"),
+                    node: node.name.clone(),
+                    msg: "no lowering to standard ONNX".into(),
+                })
+            }
+        };
+        let n = new.len();
+        g.nodes.splice(i..=i, new);
+        i += n;
+    }
+    model.opset_imports.retain(|o| o.domain != BIDORA_DOMAIN);
+    Ok(model)
+}
+
+/// Small builder that derives value and node names from the composite node's name.
+struct Emit<'g> {
+    g: &'g mut Graph,
+    prefix: String,
+    nodes: Vec<Node>,
+    /// Names handed out but not yet in the graph (the nodes are spliced in at the end).
+    taken: std::collections::HashSet<String>,
+}
+
+impl Emit<'_> {
+    fn fresh(&mut self, tag: &str) -> String {
+        let base = self.g.fresh_name(&format!("{}.{tag}", self.prefix));
+        let mut name = base.clone();
+        let mut k = 1;
+        while self.taken.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.taken.insert(name.clone());
+        name
+    }
+
+    fn op(
+        &mut self,
+        op: &str,
+        tag: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, AttrValue)>,
+    ) -> String {
+        let out = self.fresh(tag);
+        self.output(op, tag, inputs, attrs, out)
+    }
+
+    fn output(
+        &mut self,
+        op: &str,
+        tag: &str,
+        inputs: &[&str],
+        attrs: Vec<(&str, AttrValue)>,
+        out: String,
+    ) -> String {
+        let mut n = Node::new(
+            op,
+            format!("{}.{tag}", self.prefix),
+            inputs.iter().map(|s| s.to_string()).collect(),
+            vec![out.clone()],
+        );
+        for (k, v) in attrs {
+            n = n.with_attr(k, v);
+        }
+        self.nodes.push(n);
+        out
+    }
+
+    fn constant(&mut self, tag: &str, mut t: Tensor) -> String {
+        let name = self.fresh(tag);
+        t.name = name.clone();
+        self.g.initializers.insert(name.clone(), t);
+        name
+    }
+
+    fn finish(self) -> Vec<Node> {
+        self.nodes
+    }
+}
+
+/// Finds the constant weight behind a composite node's `W` operand (directly, or through the
+/// `Transpose` the dynamo exporter puts in front of a MatMul) and its layout.
+fn weight_constant<'a>(g: &'a Graph, node: &Node) -> Result<(&'a Tensor, Layout)> {
+    let w = node.input(1).unwrap_or_default();
+    let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
+    if let Some(t) = g.constant(w) {
+        return Ok((
+            t,
+            if transposed {
+                Layout::OutIn
+            } else {
+                Layout::InOut
+            },
+        ));
+    }
+    let producer = g.nodes.iter().find(|n| n.outputs.iter().any(|o| o == w));
+    if let Some(p) = producer.filter(|p| p.op_type == "Transpose") {
+        if let Some(t) = p.input(0).and_then(|s| g.constant(s)) {
+            return Ok((t, Layout::OutIn));
+        }
+    }
+    Err(Error::Rewrite {
+        node: node.label(),
+        msg: format!("its weight '{w}' is not a constant (or a transposed constant)"),
+    })
+}
+
+fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
+    let ins: Vec<String> = node.inputs.clone();
+    let need = if dora { 5 } else { 4 };
+    if ins.len() < need || ins[..need].iter().any(String::is_empty) {
+        return Err(Error::Rewrite {
+            node: node.label(),
+            msg: format!("expects {need} inputs, has {}", ins.len()),
+        });
+    }
+    let (x, w, a, b) = (&ins[0], &ins[1], &ins[2], &ins[3]);
+    let s = node.attr_float("scale").unwrap_or(1.0);
+    let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
+    let sqnorm = if dora {
+        let (wt, layout) = weight_constant(g, node)?;
+        Some(
+            out_feature_sqnorms(wt, layout).ok_or_else(|| Error::Rewrite {
+                node: node.label(),
+                msg: "weight is not f32".into(),
+            })?,
+        )
+    } else {
+        None
+    };
+    let out = node.outputs[0].clone();
+    let mut e = Emit {
+        g,
+        prefix: node.name.clone(),
+        nodes: vec![],
+        taken: Default::default(),
+    };
+    let scale = e.constant("scale", Tensor::from_f32("", vec![], &[s]));
+    let base = if transposed {
+        e.op("Gemm", "base", &[x, w], vec![("transB", AttrValue::Int(1))])
+    } else {
+        e.op("MatMul", "base", &[x, w], vec![])
+    };
+    let xa = e.op("MatMul", "xA", &[x, a], vec![]);
+    let xab = e.op("MatMul", "xAB", &[&xa, b], vec![]);
+    let delta = e.op("Mul", "delta", &[&xab, &scale], vec![]);
+    let Some(sqnorm) = sqnorm else {
+        e.output("Add", "sum", &[&base, &delta], vec![], out);
+        return Ok(e.finish());
+    };
+    let m = &ins[4];
+    let sum = e.op("Add", "sum", &[&base, &delta], vec![]);
+    let dout = sqnorm.len() as i64;
+    let wsq = e.constant("w_sqnorm", Tensor::from_f32("", vec![dout], &sqnorm));
+    let two_s = e.constant("two_s", Tensor::from_f32("", vec![], &[2.0 * s]));
+    let s2 = e.constant("s_sq", Tensor::from_f32("", vec![], &[s * s]));
+    let axis0 = e.constant("axis0", Tensor::from_i64("", vec![1], &[0]));
+    let at_w = if transposed {
+        e.op(
+            "Gemm",
+            "AtW",
+            &[a, w],
+            vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
+        )
+    } else {
+        e.op("Gemm", "AtW", &[a, w], vec![("transA", AttrValue::Int(1))])
+    };
+    let at_a = e.op("Gemm", "AtA", &[a, a], vec![("transA", AttrValue::Int(1))]);
+    let at_ab = e.op("MatMul", "AtAB", &[&at_a, b], vec![]);
+    let cross_p = e.op("Mul", "cross.prod", &[&at_w, b], vec![]);
+    let keep0 = || vec![("keepdims", AttrValue::Int(0))];
+    let cross = e.op("ReduceSum", "cross", &[&cross_p, &axis0], keep0());
+    let quad_p = e.op("Mul", "quad.prod", &[b, &at_ab], vec![]);
+    let quad = e.op("ReduceSum", "quad", &[&quad_p, &axis0], keep0());
+    let cross_s = e.op("Mul", "cross.scaled", &[&cross, &two_s], vec![]);
+    let quad_s = e.op("Mul", "quad.scaled", &[&quad, &s2], vec![]);
+    let n2a = e.op("Add", "n2.partial", &[&wsq, &cross_s], vec![]);
+    let n2 = e.op("Add", "n2", &[&n2a, &quad_s], vec![]);
+    let n = e.op("Sqrt", "norm", &[&n2], vec![]);
+    let ratio = e.op("Div", "ratio", &[m, &n], vec![]);
+    e.output("Mul", "out", &[&sum, &ratio], vec![], out);
+    Ok(e.finish())
+}

@@ -1,0 +1,322 @@
+//! `bidora-compile` on bad input: each case must fail with a message that names the problem,
+//! exit non-zero, never panic, and leave no output folder behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bidora_compiler::ir::{
+    self, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo, ValueType,
+};
+use bidora_compiler::proto::onnx as pb;
+use prost::Message;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bidora-compile"))
+}
+
+/// x[batch, 4] → MatMul(x, W[4, 6]) named like a legacy export's query projection → y.
+fn linear_model(weight_dims: Vec<i64>, opset: i64) -> Model {
+    let n: i64 = weight_dims.iter().product();
+    let w: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+    let mut g = Graph {
+        name: "g".into(),
+        ..Default::default()
+    };
+    g.inputs.push(ValueInfo::new(
+        "x",
+        ValueType::tensor(
+            DataType::Float,
+            vec![Dim::Sym("batch".into()), Dim::Known(4)],
+        ),
+    ));
+    g.outputs.push(ValueInfo::new(
+        "y",
+        ValueType::tensor(
+            DataType::Float,
+            vec![Dim::Sym("batch".into()), Dim::Known(6)],
+        ),
+    ));
+    g.initializers.insert(
+        "onnx::MatMul_1".into(),
+        Tensor::from_f32("onnx::MatMul_1", weight_dims, &w),
+    );
+    g.nodes.push(Node::new(
+        "MatMul",
+        "/encoder/layer.0/attention/query/MatMul",
+        vec!["x".into(), "onnx::MatMul_1".into()],
+        vec!["y".into()],
+    ));
+    Model {
+        ir_version: 8,
+        opset_imports: vec![ir::OpsetImport {
+            domain: String::new(),
+            version: opset,
+        }],
+        producer_name: "test".into(),
+        producer_version: String::new(),
+        domain: String::new(),
+        model_version: 0,
+        doc_string: String::new(),
+        metadata_props: vec![],
+        graph: g,
+        passthrough: Default::default(),
+    }
+}
+
+fn proto_of(m: &Model) -> pb::ModelProto {
+    ir::convert::model_to_proto(m)
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// Runs the compiler expecting failure; returns stderr and checks the output folder is absent.
+fn fails(dir: &Path, model: &Path, extra: &[&str]) -> String {
+    let out = dir.join("artifact");
+    let res = bin()
+        .arg(model)
+        .args(["--target", "query", "-o"])
+        .arg(&out)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&res.stderr).to_string();
+    assert!(
+        !res.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        res.status.code(),
+        Some(1),
+        "not a clean error exit (panic?): {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!out.exists(), "a partial output folder was left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".bidora"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+    stderr
+}
+
+#[test]
+fn truncated_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec();
+    let p = write(dir.path(), "trunc.onnx", &bytes[..bytes.len() / 2]);
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("trunc.onnx"), "{err}");
+}
+
+#[test]
+fn garbage_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let p = write(dir.path(), "garbage.onnx", &garbage);
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("garbage.onnx"), "{err}");
+}
+
+#[test]
+fn missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = fails(dir.path(), &dir.path().join("nope.onnx"), &[]);
+    assert!(err.contains("nope.onnx"), "{err}");
+}
+
+fn with_external(location: &str) -> pb::ModelProto {
+    let mut p = proto_of(&linear_model(vec![4, 6], 18));
+    let t = &mut p.graph.as_mut().unwrap().initializer[0];
+    t.raw_data = None;
+    t.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
+    t.external_data = vec![pb::StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some(location.into()),
+    }];
+    p
+}
+
+#[test]
+fn missing_external_data_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "ext.onnx",
+        &with_external("weights.bin").encode_to_vec(),
+    );
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("weights.bin"), "{err}");
+    assert!(
+        err.contains("onnx::MatMul_1"),
+        "error should name the tensor: {err}"
+    );
+}
+
+#[test]
+fn external_data_path_escaping_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("model");
+    std::fs::create_dir(&sub).unwrap();
+    // The file exists, so only the path check can refuse it.
+    std::fs::write(dir.path().join("secret.bin"), vec![0u8; 96]).unwrap();
+    let p = write(
+        &sub,
+        "dots.onnx",
+        &with_external("../secret.bin").encode_to_vec(),
+    );
+    let err = fails(&sub, &p, &[]);
+    assert!(err.contains("../secret.bin"), "{err}");
+}
+
+#[test]
+fn external_data_absolute_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let abs = dir.path().join("abs.bin");
+    std::fs::write(&abs, vec![0u8; 96]).unwrap();
+    let p = write(
+        dir.path(),
+        "abs.onnx",
+        &with_external(abs.to_str().unwrap()).encode_to_vec(),
+    );
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("abs.bin"), "{err}");
+}
+
+#[test]
+fn target_matching_nothing_lists_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let out = dir.path().join("artifact");
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "value", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1));
+    assert!(err.contains("'value' matches no linear op"), "{err}");
+    assert!(
+        err.contains("encoder.layer.0.attention.query"),
+        "candidates listed: {err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn non_2d_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![1, 4, 6], 18);
+    m.graph.outputs[0].ty = None;
+    let p = write(dir.path(), "w3.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("3-D, not 2-D"), "{err}");
+}
+
+#[test]
+fn unsupported_opset() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "old.onnx",
+        &proto_of(&linear_model(vec![4, 6], 9)).encode_to_vec(),
+    );
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("opset 9"), "{err}");
+}
+
+#[test]
+fn existing_output_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let out = dir.path().join("artifact");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "old").unwrap();
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("--force"));
+    assert!(out.join("keep.txt").exists());
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "--force", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(!out.join("keep.txt").exists());
+    for f in ["forward.onnx", "init.safetensors", "manifest.json"] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+}
+
+#[test]
+fn list_targets_prints_module_layout_and_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let res = bin().arg(&p).arg("--list-targets").output().unwrap();
+    assert!(res.status.success());
+    let s = String::from_utf8_lossy(&res.stdout);
+    assert!(s.contains("encoder.layer.0.attention.query"), "{s}");
+    assert!(
+        s.contains("in=4") && s.contains("out=6") && s.contains("[in,out]"),
+        "{s}"
+    );
+}
+
+#[test]
+fn help_documents_every_option_with_an_example() {
+    let res = bin().arg("--help").output().unwrap();
+    let s = String::from_utf8_lossy(&res.stdout);
+    for opt in [
+        "--target",
+        "--target-regex",
+        "--list-targets",
+        "--method",
+        "--rank",
+        "--alpha",
+        "--rslora",
+        "--detach-norm",
+        "--seed",
+        "--output",
+        "--force",
+        "--dump",
+    ] {
+        assert!(s.contains(opt), "--help lacks {opt}");
+    }
+    assert!(s.contains("EXAMPLES"));
+    // Every option's description carries an `Example:`.
+    let described = s.matches("Example:").count();
+    assert!(
+        described >= 12,
+        "only {described} options show an example:\n{s}"
+    );
+    let _ = AttrValue::Int(0);
+}

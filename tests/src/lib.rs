@@ -1,0 +1,140 @@
+//! Shared helpers of the end-to-end tests: fixture discovery, example inputs, building small
+//! synthetic models, and running programs with tract.
+
+use std::path::{Path, PathBuf};
+
+use bidora_compiler::ir::{self, DataType, Dim, Model, ValueInfo, ValueType};
+use bidora_compiler::pipeline::{self, CompileOptions, Compiled};
+use bidora_compiler::rewrite::{AdapterConfig, Method};
+use bidora_compiler::targets::TargetSpec;
+use bidora_runtime::tract_exec::HostTensor;
+use ndarray::{ArrayD, IxDyn};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Every fixture model in `models/`, sorted by name.
+pub fn fixtures() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(repo_root().join("models"))
+        .expect("models/ exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no fixtures in models/");
+    v
+}
+
+/// `bert`, `roberta`, `gpt2` or `esm`, from the fixture's file name.
+pub fn family(path: &Path) -> String {
+    let stem = path.file_stem().unwrap().to_string_lossy().to_string();
+    stem.split('_').next().unwrap().to_string()
+}
+
+/// The attention query/value projections, in each family's module names.
+pub fn qv_targets(family: &str) -> Vec<String> {
+    match family {
+        "gpt2" => vec!["c_attn:q,v".into()],
+        _ => vec!["query,value".into()],
+    }
+}
+
+pub fn options(targets: Vec<String>, method: Method) -> CompileOptions {
+    CompileOptions {
+        targets: TargetSpec::parse(&targets, None).unwrap(),
+        adapter: AdapterConfig {
+            method,
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            detach_norm: false,
+            seed: 7,
+        },
+    }
+}
+
+/// Deterministic token ids and an attention mask with one padded position, batch 2 × seq 8.
+/// Ids stay below 20 so that every fixture's vocabulary (ESM's has 33 tokens) covers them.
+pub fn example_inputs(model: &Model) -> Vec<(String, HostTensor)> {
+    let (b, s) = (2usize, 8usize);
+    model
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| !model.graph.initializers.contains_key(&i.name))
+        .map(|i| {
+            let v: Vec<i64> = if i.name.contains("mask") {
+                (0..b * s)
+                    .map(|k| if k == b * s - 1 { 0 } else { 1 })
+                    .collect()
+            } else if i.name.contains("type") {
+                vec![0; b * s]
+            } else {
+                (0..b * s).map(|k| 4 + ((k * 7 + 3) % 16) as i64).collect()
+            };
+            (
+                i.name.clone(),
+                HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[b, s]), v).unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// The adapters' tensors as program inputs.
+pub fn init_inputs(c: &Compiled) -> Vec<(String, HostTensor)> {
+    c.init
+        .iter()
+        .map(|(name, t)| {
+            let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+            let a = ArrayD::from_shape_vec(IxDyn(&dims), t.to_f32_vec().unwrap()).unwrap();
+            (name.clone(), HostTensor::F32(a))
+        })
+        .collect()
+}
+
+/// Writes a model to `dir/name` with the compiler's own writer.
+pub fn save(model: &Model, dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let proto = ir::convert::model_to_proto(model);
+    bidora_compiler::onnx_io::write_model(&proto, &p, &Default::default()).unwrap();
+    p
+}
+
+pub fn compile(model: &Model, opts: &CompileOptions) -> Compiled {
+    pipeline::compile(model, opts).unwrap_or_else(|e| panic!("compile failed: {e}"))
+}
+
+pub fn max_abs_diff(a: &ArrayD<f32>, b: &ArrayD<f32>) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// A model wrapping a single graph in a default opset-18 model.
+pub fn model_of(graph: ir::Graph) -> Model {
+    Model {
+        ir_version: 9,
+        opset_imports: vec![ir::OpsetImport {
+            domain: String::new(),
+            version: 18,
+        }],
+        producer_name: "bidora-tests".into(),
+        producer_version: String::new(),
+        domain: String::new(),
+        model_version: 0,
+        doc_string: String::new(),
+        metadata_props: vec![],
+        graph,
+        passthrough: Default::default(),
+    }
+}
+
+pub fn f32_input(name: &str, dims: &[Dim]) -> ValueInfo {
+    ValueInfo::new(name, ValueType::tensor(DataType::Float, dims.to_vec()))
+}
