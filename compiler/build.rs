@@ -8,6 +8,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=build.rs");
 
     let descriptors = protox::compile([PROTO], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    // Tensor payloads as `Bytes`: decoding from a shared buffer then slices instead of
+    // copying, so a model's weights sit in memory once (see onnx_io::decode_model_shared).
+    prost_build::Config::new()
+        .bytes([".onnx.TensorProto.raw_data"])
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use bidora_compiler::ir::{self, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo, ValueType};
+use bidora_compiler::ir::{
+    self, AttrValue, DataType, Dim, Graph, Model, Node, Tensor, ValueInfo, ValueType,
+};
 
 const VOCAB: i64 = 30522;
 const HIDDEN: i64 = 384;
@@ -21,7 +23,9 @@ fn weights(name: &str, dims: Vec<i64>, seed: u32) -> Tensor {
     let n: i64 = dims.iter().product();
     // A cheap deterministic fill; values do not matter for timing, only size.
     let v: Vec<f32> = (0..n as u32)
-        .map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 9) as f32 / 8388608.0 - 0.5) * 0.05)
+        .map(|i| {
+            ((i.wrapping_mul(2654435761).wrapping_add(seed) >> 9) as f32 / 8388608.0 - 0.5) * 0.05
+        })
         .collect();
     Tensor::from_f32(name, dims, &v)
 }
@@ -29,17 +33,42 @@ fn weights(name: &str, dims: Vec<i64>, seed: u32) -> Tensor {
 /// A BERT-shaped graph of MiniLM-L6's size, written the way the legacy exporter names things
 /// (anonymous `onnx::MatMul_N` weights, scoped node names).
 fn synth_minilm() -> Model {
-    let mut g = Graph { name: "minilm_synth".into(), ..Default::default() };
+    let mut g = Graph {
+        name: "minilm_synth".into(),
+        ..Default::default()
+    };
     let sym = |s: &str| Dim::Sym(s.into());
-    g.inputs.push(ValueInfo::new("input_ids", ValueType::tensor(DataType::Int64, vec![sym("batch"), sym("sequence")])));
-    g.outputs.push(ValueInfo::new("last_hidden_state", ValueType::tensor(DataType::Float, vec![sym("batch"), sym("sequence"), Dim::Known(HIDDEN)])));
+    g.inputs.push(ValueInfo::new(
+        "input_ids",
+        ValueType::tensor(DataType::Int64, vec![sym("batch"), sym("sequence")]),
+    ));
+    g.outputs.push(ValueInfo::new(
+        "last_hidden_state",
+        ValueType::tensor(
+            DataType::Float,
+            vec![sym("batch"), sym("sequence"), Dim::Known(HIDDEN)],
+        ),
+    ));
     let mut seed = 1;
     let mut add_w = |g: &mut Graph, name: &str, dims: Vec<i64>| {
         seed += 1;
-        g.initializers.insert(name.into(), weights(name, dims, seed));
+        g.initializers
+            .insert(name.into(), weights(name, dims, seed));
     };
-    add_w(&mut g, "embeddings.word_embeddings.weight", vec![VOCAB, HIDDEN]);
-    g.nodes.push(Node::new("Gather", "/embeddings/word_embeddings/Gather", vec!["embeddings.word_embeddings.weight".into(), "input_ids".into()], vec!["h0".into()]));
+    add_w(
+        &mut g,
+        "embeddings.word_embeddings.weight",
+        vec![VOCAB, HIDDEN],
+    );
+    g.nodes.push(Node::new(
+        "Gather",
+        "/embeddings/word_embeddings/Gather",
+        vec![
+            "embeddings.word_embeddings.weight".into(),
+            "input_ids".into(),
+        ],
+        vec!["h0".into()],
+    ));
     let mut h = "h0".to_string();
     let mut k = 0;
     for l in 0..LAYERS {
@@ -51,31 +80,68 @@ fn synth_minilm() -> Model {
             add_w(g, &b, vec![dout]);
             let mm = format!("/encoder/layer.{l}/{scope}/MatMul_output_0");
             let out = format!("/encoder/layer.{l}/{scope}/Add_output_0");
-            g.nodes.push(Node::new("MatMul", format!("/encoder/layer.{l}/{scope}/MatMul"), vec![x.into(), w], vec![mm.clone()]));
-            g.nodes.push(Node::new("Add", format!("/encoder/layer.{l}/{scope}/Add"), vec![b, mm], vec![out.clone()]));
+            g.nodes.push(Node::new(
+                "MatMul",
+                format!("/encoder/layer.{l}/{scope}/MatMul"),
+                vec![x.into(), w],
+                vec![mm.clone()],
+            ));
+            g.nodes.push(Node::new(
+                "Add",
+                format!("/encoder/layer.{l}/{scope}/Add"),
+                vec![b, mm],
+                vec![out.clone()],
+            ));
             out
         };
         let q = lin(&mut g, &h, "attention/self/query", HIDDEN, HIDDEN);
         let kk = lin(&mut g, &h, "attention/self/key", HIDDEN, HIDDEN);
         let v = lin(&mut g, &h, "attention/self/value", HIDDEN, HIDDEN);
         let mix = format!("/encoder/layer.{l}/attention/mix");
-        g.nodes.push(Node::new("Sum", mix.clone(), vec![q, kk, v], vec![mix.clone()]));
+        g.nodes.push(Node::new(
+            "Sum",
+            mix.clone(),
+            vec![q, kk, v],
+            vec![mix.clone()],
+        ));
         let o = lin(&mut g, &mix, "attention/output/dense", HIDDEN, HIDDEN);
         let r1 = format!("/encoder/layer.{l}/attention/output/residual");
-        g.nodes.push(Node::new("Add", r1.clone(), vec![o, h.clone()], vec![r1.clone()]));
+        g.nodes.push(Node::new(
+            "Add",
+            r1.clone(),
+            vec![o, h.clone()],
+            vec![r1.clone()],
+        ));
         let up = lin(&mut g, &r1, "intermediate/dense", HIDDEN, FFN);
         let act = format!("/encoder/layer.{l}/intermediate/act");
-        g.nodes.push(Node::new("Relu", act.clone(), vec![up], vec![act.clone()]));
+        g.nodes
+            .push(Node::new("Relu", act.clone(), vec![up], vec![act.clone()]));
         let down = lin(&mut g, &act, "output/dense", FFN, HIDDEN);
         let r2 = format!("/encoder/layer.{l}/output/residual");
-        g.nodes.push(Node::new("Add", r2.clone(), vec![down, r1], vec![r2.clone()]));
+        g.nodes.push(Node::new(
+            "Add",
+            r2.clone(),
+            vec![down, r1],
+            vec![r2.clone()],
+        ));
         h = r2;
     }
-    g.nodes.push(Node::new("Identity", "/output", vec![h], vec!["last_hidden_state".into()]).with_attr("unused", AttrValue::Int(0)));
+    g.nodes.push(
+        Node::new(
+            "Identity",
+            "/output",
+            vec![h],
+            vec!["last_hidden_state".into()],
+        )
+        .with_attr("unused", AttrValue::Int(0)),
+    );
     g.nodes.last_mut().unwrap().attributes.clear();
     Model {
         ir_version: 8,
-        opset_imports: vec![ir::OpsetImport { domain: String::new(), version: 17 }],
+        opset_imports: vec![ir::OpsetImport {
+            domain: String::new(),
+            version: 17,
+        }],
         producer_name: "bidora-bench".into(),
         producer_version: String::new(),
         domain: String::new(),
@@ -98,7 +164,10 @@ fn measure(cmd: &mut Command) -> (f64, u64) {
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(r, pid, "wait4 failed");
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "command failed: {cmd:?}");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "command failed: {cmd:?}"
+    );
     std::mem::forget(child);
     (secs, usage.ru_maxrss as u64 * 1024)
 }
@@ -138,9 +207,21 @@ fn main() {
     }
     let (tc, tb) = (median(compile_t), median(copy_t));
     let mb = |b: u64| b as f64 / 1e6;
-    println!("model: {} ({:.1} MB, {} layers, hidden {HIDDEN}, vocab {VOCAB})", Path::new(&model_path).file_name().unwrap().to_string_lossy(), mb(size), LAYERS);
+    println!(
+        "model: {} ({:.1} MB, {} layers, hidden {HIDDEN}, vocab {VOCAB})",
+        Path::new(&model_path)
+            .file_name()
+            .unwrap()
+            .to_string_lossy(),
+        mb(size),
+        LAYERS
+    );
     println!("compile (import + DoRA on query,value + write), median of {runs}: {tc:.3} s");
     println!("baseline file copy, median of {runs}:                            {tb:.3} s   (ratio {:.1}x)", tc / tb);
-    println!("compile peak RSS: {:.1} MB = {:.2}x the model size", mb(peak), peak as f64 / size as f64);
+    println!(
+        "compile peak RSS: {:.1} MB = {:.2}x the model size",
+        mb(peak),
+        peak as f64 / size as f64
+    );
     println!("targets: < 2 s, < 3x model size");
 }

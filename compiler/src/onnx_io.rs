@@ -146,6 +146,12 @@ type Result<T, E = OnnxIoError> = std::result::Result<T, E>;
 /// Besides protobuf errors this refuses empty input and messages without an `ir_version` or
 /// without a graph, which is what arbitrary bytes usually decode to.
 pub fn decode_model(bytes: &[u8], origin: &Path) -> Result<ModelProto> {
+    decode_model_shared(bytes::Bytes::copy_from_slice(bytes), origin)
+}
+
+/// Like [`decode_model`], but tensors' `raw_data` become slices of `bytes` instead of copies,
+/// so a model's weights are held in memory once.
+pub fn decode_model_shared(bytes: bytes::Bytes, origin: &Path) -> Result<ModelProto> {
     let invalid = |reason: &str| OnnxIoError::Invalid {
         path: origin.to_path_buf(),
         reason: reason.to_string(),
@@ -182,8 +188,7 @@ pub fn read_model(path: &Path) -> Result<ModelProto> {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut model = decode_model(&bytes, path)?;
-    drop(bytes);
+    let mut model = decode_model_shared(bytes.into(), path)?;
     load_external_data(&mut model, path)?;
     Ok(model)
 }
@@ -320,7 +325,7 @@ impl<'a> ExternalLoader<'a> {
             });
         }
 
-        t.raw_data = Some(buf);
+        t.raw_data = Some(buf.into());
         t.external_data.clear();
         t.data_location = None;
         Ok(())
@@ -1354,7 +1359,7 @@ mod tests {
             name: s(name),
             dims: dims.to_vec(),
             data_type: Some(data_type as i32),
-            raw_data: Some(bytes),
+            raw_data: Some(bytes.into()),
             ..Default::default()
         }
     }
@@ -2554,7 +2559,7 @@ mod tests {
         let model = read_one(dir.path(), t).unwrap();
         assert_eq!(
             model.graph.unwrap().initializer[0].raw_data,
-            Some(vec![1u8; 16])
+            Some(vec![1u8; 16].into())
         );
     }
 

@@ -5,8 +5,6 @@
 //! Export writes `raw_data` and sets optional fields only when they carry information, so
 //! `import(export(import(m))) == import(m)` for every model.
 
-use std::sync::Arc;
-
 use super::*;
 use crate::error::{Error, Result};
 use crate::proto::onnx::{
@@ -306,7 +304,7 @@ pub fn tensor_from_proto(t: pb::TensorProto) -> Result<Tensor> {
                 dtype.short_name()
             )));
         }
-        TensorData::Raw(Arc::new(raw))
+        TensorData::Raw(raw)
     };
     Ok(Tensor {
         name,
@@ -323,14 +321,14 @@ fn typed_to_raw(
     t: &pb::TensorProto,
     dtype: DataType,
     numel: usize,
-) -> std::result::Result<Vec<u8>, String> {
+) -> std::result::Result<bytes::Bytes, String> {
     if let Some(raw) = &t.raw_data {
         return Ok(raw.clone());
     }
     use DataType::*;
     // Never trust `numel` for an allocation: the element count comes from the payload itself.
     let _ = numel;
-    Ok(match dtype {
+    let v: Vec<u8> = match dtype {
         Float => t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         Complex64 => t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         Double | Complex128 => t.double_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -353,7 +351,8 @@ fn typed_to_raw(
             t.int32_data.iter().map(|&v| v as u8).collect()
         }
         String => unreachable!("strings are handled by the caller"),
-    })
+    };
+    Ok(v.into())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -537,7 +536,7 @@ pub fn tensor_to_proto(t: &Tensor) -> pb::TensorProto {
         ..Default::default()
     };
     match &t.data {
-        TensorData::Raw(b) => p.raw_data = Some(b.as_ref().clone()),
+        TensorData::Raw(b) => p.raw_data = Some(b.clone()),
         TensorData::Strings(s) => p.string_data = s.clone(),
     }
     p

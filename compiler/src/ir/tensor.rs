@@ -4,7 +4,7 @@
 //! whatever typed field the ONNX file used. Passes and runtimes then read one representation,
 //! and export always writes `raw_data`, which every runtime accepts.
 
-use std::sync::Arc;
+use bytes::Bytes;
 
 /// ONNX element types; discriminants are `TensorProto.DataType` values (onnx.proto).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -142,10 +142,11 @@ impl DataType {
 }
 
 /// Tensor payload: packed little-endian bytes, or a list of byte strings for `DataType::String`.
-/// `Arc` so that copying a graph (e.g. into several programs) does not copy weights.
+/// `Bytes` (reference-counted, sliceable) so that copying a graph does not copy weights and
+/// import can point into the file's buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorData {
-    Raw(Arc<Vec<u8>>),
+    Raw(Bytes),
     Strings(Vec<Vec<u8>>),
 }
 
@@ -171,7 +172,7 @@ impl Tensor {
             name: name.into(),
             dtype,
             dims,
-            data: TensorData::Raw(Arc::new(raw)),
+            data: TensorData::Raw(Bytes::from(raw)),
             doc_string: String::new(),
             metadata_props: vec![],
         }
