@@ -138,10 +138,7 @@ fn synth_minilm() -> Model {
     g.nodes.last_mut().unwrap().attributes.clear();
     Model {
         ir_version: 8,
-        opset_imports: vec![ir::OpsetImport {
-            domain: String::new(),
-            version: 17,
-        }],
+        opset_imports: vec![ir::OpsetImport::new("", 17)],
         producer_name: "bidora-bench".into(),
         producer_version: String::new(),
         domain: String::new(),

@@ -14,6 +14,7 @@ pub mod artifact;
 pub mod dump;
 pub mod error;
 pub mod ir;
+pub mod legalize;
 pub mod onnx_io;
 pub mod pipeline;
 pub mod proto;

@@ -271,25 +271,26 @@ fn looks_like_path(p: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-')
 }
 
-/// `['', 'bert', 'bert.encoder', ..., 'bert.encoder.layer.0.attention.self.query']`, or the
-/// same list of single components: the innermost scope, as a dotted path.
+/// The dynamo exporter's scopes: `['', 'bert', 'bert.encoder', ..., 'bert.encoder.layer.0.
+/// attention.self.query', 'linear']`, cumulative module paths followed by the op's own local
+/// name. The module is the last entry that extends the chain.
 fn path_from_name_scopes(v: &str) -> Option<String> {
-    let items: Vec<String> = v
+    let items = v
         .trim()
         .trim_start_matches('[')
         .trim_end_matches(']')
         .split(',')
-        .map(|s| s.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
-    let last = items.last()?;
-    let cumulative = items.len() > 1 && last.starts_with(&format!("{}.", items[items.len() - 2]));
-    let path = if cumulative || items.len() == 1 {
-        last.clone()
-    } else {
-        items.join(".")
-    };
-    looks_like_path(&path).then_some(path)
+        .map(|s| s.trim().trim_matches(|c| c == '\'' || c == '"'))
+        .filter(|s| !s.is_empty());
+    let mut path = "";
+    for item in items {
+        if path.is_empty() || item.strip_prefix(path).is_some_and(|r| r.starts_with('.')) {
+            path = item;
+        } else {
+            break;
+        }
+    }
+    (!path.is_empty() && looks_like_path(path)).then(|| path.to_string())
 }
 
 /// `/bert/encoder/layer.0/attention/self/query/MatMul` → `bert.encoder.layer.0.attention.self.query`.

@@ -48,10 +48,7 @@ fn linear_model(weight_dims: Vec<i64>, opset: i64) -> Model {
     ));
     Model {
         ir_version: 8,
-        opset_imports: vec![ir::OpsetImport {
-            domain: String::new(),
-            version: opset,
-        }],
+        opset_imports: vec![ir::OpsetImport::new("", opset)],
         producer_name: "test".into(),
         producer_version: String::new(),
         domain: String::new(),

@@ -52,8 +52,15 @@ impl TractProgram {
     /// Loads `path` and optimises it for the shapes and types of `example` inputs, given by
     /// name; every graph input must be named.
     pub fn load(path: &Path, example: &[(String, HostTensor)]) -> anyhow::Result<TractProgram> {
+        // Read through the compiler's importer (path-safe external data, clear errors) and
+        // legalise for tract's known gaps before handing tract the bytes.
+        let ir = bidora_compiler::load_model(path)?;
+        let ir = bidora_compiler::legalize::for_tract(&ir);
+        let bytes = bidora_compiler::onnx_io::encode_model(
+            &bidora_compiler::ir::convert::model_to_proto(&ir),
+        );
         let mut model = tract_onnx::onnx()
-            .model_for_path(path)
+            .model_for_read(&mut &bytes[..])
             .map_err(|e| anyhow::anyhow!("tract cannot read {}: {e:?}", path.display()))?;
         let input_names: Vec<String> = model
             .input_outlets()?
@@ -65,6 +72,18 @@ impl TractProgram {
                 anyhow::anyhow!("no value given for input '{name}' of {}", path.display())
             })?;
             model.set_input_fact(i, t.fact())?;
+        }
+        // Exporters annotate intermediate values with symbolic shapes (`value_info`); with the
+        // inputs pinned to concrete shapes those symbols no longer unify, so let tract infer
+        // every non-input fact itself.
+        let inputs: Vec<OutletId> = model.input_outlets()?.to_vec();
+        for node in 0..model.nodes().len() {
+            for slot in 0..model.node(node).outputs.len() {
+                let outlet = OutletId::new(node, slot);
+                if !inputs.contains(&outlet) {
+                    model.set_outlet_fact(outlet, InferenceFact::default())?;
+                }
+            }
         }
         let output_names: Vec<String> = model
             .output_outlets()?

@@ -67,6 +67,26 @@ fn import_export_round_trip_is_lossless() {
         let inputs = example_inputs(&model);
         let (o0, o1) = (outputs(&path, &inputs), outputs(&written, &inputs));
         assert_eq!(o0, o1, "{name}: outputs differ after round trip");
+
+        // And tract agrees with the exporter's own model (torch logits saved by the recipe).
+        let reference: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(path.with_extension("ref.json")).unwrap(),
+        )
+        .unwrap();
+        let want: Vec<f32> = reference["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let got: Vec<f32> = o0[0].iter().copied().collect();
+        assert_eq!(got.len(), want.len(), "{name}: logits size");
+        let d = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d <= 1e-4, "{name}: tract differs from torch by {d}");
     }
 }
 

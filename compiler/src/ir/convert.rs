@@ -45,6 +45,7 @@ pub fn model_from_proto(m: pb::ModelProto) -> Result<Model> {
             .map(|o| OpsetImport {
                 domain: o.domain().to_string(),
                 version: o.version(),
+                domain_explicit: o.domain.is_some(),
             })
             .collect(),
         producer_name: m.producer_name.unwrap_or_default(),
@@ -365,7 +366,7 @@ pub fn model_to_proto(m: &Model) -> pb::ModelProto {
             .opset_imports
             .iter()
             .map(|o| pb::OperatorSetIdProto {
-                domain: Some(o.domain.clone()),
+                domain: (o.domain_explicit || !o.domain.is_empty()).then(|| o.domain.clone()),
                 version: Some(o.version),
             })
             .collect(),

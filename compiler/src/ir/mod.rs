@@ -30,6 +30,19 @@ pub const BIDORA_DOMAIN: &str = "ai.bidora";
 pub struct OpsetImport {
     pub domain: String,
     pub version: i64,
+    /// Whether the file spelled out an empty domain (some exporters do, some omit it);
+    /// kept so that export writes the same bytes.
+    pub domain_explicit: bool,
+}
+
+impl OpsetImport {
+    pub fn new(domain: &str, version: i64) -> OpsetImport {
+        OpsetImport {
+            domain: domain.to_string(),
+            version,
+            domain_explicit: true,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

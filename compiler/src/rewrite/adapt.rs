@@ -221,10 +221,9 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
         .iter()
         .any(|o| o.domain == BIDORA_DOMAIN)
     {
-        model.opset_imports.push(crate::ir::OpsetImport {
-            domain: BIDORA_DOMAIN.to_string(),
-            version: 1,
-        });
+        model
+            .opset_imports
+            .push(crate::ir::OpsetImport::new(BIDORA_DOMAIN, 1));
     }
     Ok(Adapted {
         model,

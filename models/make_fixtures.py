@@ -1,0 +1,129 @@
+"""Regenerates the fixture models in this folder with real exporters.
+
+Tiny random-initialised HuggingFace models (2 layers, hidden 64, 4 heads) exported twice
+each: torch.onnx's dynamo exporter at opset 18 and the legacy TorchScript exporter at
+opset 17, with batch and sequence dynamic. Needs torch, transformers, onnx, onnxscript and
+onnxruntime (pinned in requirements-fixtures.txt); the tests and CI do not.
+
+    python3 models/make_fixtures.py            # writes models/*.onnx and models/*.ref.json
+
+Each fixture gets a reference: a fixed input (batch 2, sequence 8, one padded position) and
+the torch logits, checked here against onnxruntime and usable by tests.
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import transformers
+from transformers import (BertConfig, BertForSequenceClassification, EsmConfig,
+                          EsmForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          RobertaConfig, RobertaForSequenceClassification)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEED = 1234
+warnings.filterwarnings("ignore")
+
+
+def tiny(family):
+    common = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=64,
+                  attn_implementation="eager")
+    if family == "bert":
+        cls, cfg = BertForSequenceClassification, BertConfig(vocab_size=1000, num_labels=2, **common)
+    elif family == "roberta":
+        cls, cfg = RobertaForSequenceClassification, RobertaConfig(
+            vocab_size=1000, num_labels=2, pad_token_id=1, **common)
+    elif family == "esm":
+        cls, cfg = EsmForSequenceClassification, EsmConfig(
+            vocab_size=33, num_labels=2, pad_token_id=1, mask_token_id=32,
+            position_embedding_type="rotary", token_dropout=False, **common)
+    elif family == "gpt2":
+        cls, cfg = GPT2LMHeadModel, GPT2Config(
+            vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128,
+            tie_word_embeddings=True, use_cache=False, attn_implementation="eager")
+    else:
+        raise ValueError(family)
+    return logits_only(cls)(cfg)
+
+
+def logits_only(cls):
+    """A subclass whose forward returns just the logits: one graph output, and module paths
+    that read as in peft (bert.encoder.layer.0..., with no wrapper prefix)."""
+
+    def forward(self, input_ids, attention_mask):
+        return cls.forward(self, input_ids=input_ids, attention_mask=attention_mask).logits
+
+    return type(cls.__name__, (cls,), {"forward": forward})
+
+
+def randomise(model):
+    # Non-zero biases: the legacy exporter merges identical (zero) initializers into one.
+    g = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or "ln_" in name or "layer_norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.02 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def example():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 4]])
+    mask = torch.ones_like(ids)
+    mask[1, -1] = 0
+    return ids, mask
+
+
+def export(family, exporter):
+    torch.manual_seed(SEED)
+    model = tiny(family)
+    randomise(model)
+    model.eval()
+    ids, mask = example()
+    with torch.no_grad():
+        ref = model(ids, mask)
+    name = f"{family}_{exporter}.onnx"
+    path = os.path.join(HERE, name)
+    if exporter == "dynamo18":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
+        torch.onnx.export(model, (ids, mask), path, dynamo=True, opset_version=18,
+                          external_data=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                          "attention_mask": {0: batch, 1: seq}})
+    else:
+        axes = {0: "batch", 1: "sequence"}
+        torch.onnx.export(model, (ids, mask), path, dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                        "logits": {0: "batch"}})
+    model.eval()  # the legacy exporter leaves the module in train mode
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    diff = float(np.abs(got - ref.numpy()).max())
+    assert diff <= 1e-4, f"{name}: onnxruntime differs from torch by {diff}"
+    with open(path.replace(".onnx", ".ref.json"), "w") as f:
+        json.dump({"inputs": {"input_ids": ids.tolist(), "attention_mask": mask.tolist()},
+                   "logits_shape": list(ref.shape),
+                   "logits": [round(float(v), 8) for v in ref.flatten()]}, f)
+    print(f"{name}: {os.path.getsize(path) / 1e6:.2f} MB, {len(m.graph.node)} nodes, "
+          f"ir {m.ir_version}, ort-vs-torch {diff:.2e}")
+
+
+def main():
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
+    for family in ["bert", "roberta", "gpt2", "esm"]:
+        for exporter in ["dynamo18", "legacy17"]:
+            export(family, exporter)
+
+
+if __name__ == "__main__":
+    main()
