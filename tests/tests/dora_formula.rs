@@ -175,7 +175,7 @@ fn check(kind: Kind, method: Method) {
     let blk = match method {
         Method::Dora => dora_reference(&x, &w_blk, &a, &b, &m, s),
         Method::Lora => x.dot(&w_blk) + x.dot(&a).dot(&b) * s,
-    } + &bias.slice(s![col0..col0 + OUT]);
+    } + bias.slice(s![col0..col0 + OUT]);
     expected.slice_mut(s![.., col0..col0 + OUT]).assign(&blk);
 
     let dir = tempfile::tempdir().unwrap();
