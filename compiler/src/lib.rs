@@ -16,9 +16,11 @@ pub mod error;
 pub mod ir;
 pub mod legalize;
 pub mod onnx_io;
+pub mod ops;
 pub mod pipeline;
 pub mod proto;
 pub mod rewrite;
+pub mod shape;
 pub mod targets;
 
 pub use error::{Error, Result};

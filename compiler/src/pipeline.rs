@@ -28,6 +28,9 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     let adapted = rewrite::adapt(model, selected, &opts.adapter)?;
     let mut forward = rewrite::lower(&adapted.model)?;
     crate::ir::topo::toposort(&mut forward.graph)?;
+    // Type-check the emitted program: a rewrite bug fails here, naming the node, rather than
+    // in a runtime on another machine.
+    crate::shape::infer(&forward)?;
     Ok(Compiled {
         adapted: adapted.model,
         forward,

@@ -42,6 +42,9 @@ fn minilm_candidates_and_qv_rewrite_at_init() {
         return;
     };
     let model = load_model(&path).unwrap();
+    let facts = bidora_compiler::shape::infer(&model).unwrap();
+    let hidden = facts.get("onnx::Shape_422").unwrap();
+    assert_eq!(hidden.display(), "f32[batch_size, sequence_length, 384]");
     let cands = targets::candidates(&model.graph);
     // 3 layers × (q, k, v, attention output, intermediate, output).
     assert_eq!(cands.len(), 18, "{}", targets::format_candidates(&cands));

@@ -1,0 +1,156 @@
+//! Reductions: `ReduceSum/Mean/Max/Min/Prod/L1/L2/LogSumExp/SumSquare` and `ArgMax/ArgMin`.
+//! Axes come from the attribute before the opset where they became an input (ReduceSum at 13,
+//! the others at 18), and from the constant input after it; `noop_with_empty_axes` is honoured.
+
+use super::{InferCx, OpDef};
+use crate::error::Result;
+use crate::ir::DataType;
+use crate::shape::{DimExpr, Fact};
+
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        op: "ReduceSum",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceMean",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceMax",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceMin",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceProd",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceL1",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceL2",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceLogSumExp",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ReduceSumSquare",
+        infer: reduce,
+    },
+    OpDef {
+        op: "ArgMax",
+        infer: arg,
+    },
+    OpDef {
+        op: "ArgMin",
+        infer: arg,
+    },
+];
+
+/// The opset from which `op` takes its axes as an input.
+fn axes_input_since(op: &str) -> i64 {
+    if op == "ReduceSum" {
+        13
+    } else {
+        18
+    }
+}
+
+fn reduce(cx: &mut InferCx) -> Result<Vec<Fact>> {
+    let x = cx.input(0)?;
+    let rank = x.rank();
+    let keep = cx.node.attr_int("keepdims").unwrap_or(1) != 0;
+    let axes: Vec<i64> = if cx.opset >= axes_input_since(&cx.node.op_type) {
+        match cx.opt_input(1) {
+            Some(_) => cx.input_ints(1)?,
+            None => vec![],
+        }
+    } else {
+        cx.node
+            .attr_ints("axes")
+            .map(<[i64]>::to_vec)
+            .unwrap_or_default()
+    };
+    if axes.is_empty() && cx.node.attr_int("noop_with_empty_axes").unwrap_or(0) != 0 {
+        return Ok(vec![Fact::new(x.dtype, x.shape.clone())]);
+    }
+    let axes: Vec<usize> = if axes.is_empty() {
+        (0..rank).collect()
+    } else {
+        axes.iter()
+            .map(|&a| cx.axis(a, rank))
+            .collect::<Result<_>>()?
+    };
+    let mut out = vec![];
+    for (i, d) in x.shape.iter().enumerate() {
+        if !axes.contains(&i) {
+            out.push(d.clone());
+        } else if keep {
+            out.push(DimExpr::known(1));
+        }
+    }
+    Ok(vec![Fact::new(x.dtype, out)])
+}
+
+fn arg(cx: &mut InferCx) -> Result<Vec<Fact>> {
+    let x = cx.input(0)?;
+    let axis = cx.axis(cx.node.attr_int("axis").unwrap_or(0), x.rank())?;
+    let keep = cx.node.attr_int("keepdims").unwrap_or(1) != 0;
+    let mut out = x.shape.clone();
+    if keep {
+        out[axis] = DimExpr::known(1);
+    } else {
+        out.remove(axis);
+    }
+    Ok(vec![Fact::new(DataType::Int64, out)])
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::{AttrValue, DataType, Dim, Graph, Node, Tensor, ValueInfo, ValueType};
+    use crate::shape::infer_graph;
+
+    #[test]
+    fn reduce_sum_axes_input_and_keepdims() {
+        let mut g = Graph::default();
+        g.inputs.push(ValueInfo::new(
+            "x",
+            ValueType::tensor(
+                DataType::Float,
+                vec![Dim::Sym("b".into()), Dim::Known(3), Dim::Known(5)],
+            ),
+        ));
+        g.initializers
+            .insert("ax".into(), Tensor::from_i64("ax", vec![1], &[-1]));
+        g.nodes.push(Node::new(
+            "ReduceSum",
+            "keep",
+            vec!["x".into(), "ax".into()],
+            vec!["k".into()],
+        ));
+        g.nodes.push(
+            Node::new(
+                "ReduceSum",
+                "drop",
+                vec!["x".into(), "ax".into()],
+                vec!["d".into()],
+            )
+            .with_attr("keepdims", AttrValue::Int(0)),
+        );
+        g.nodes.push(
+            Node::new("ReduceMean", "mean17", vec!["x".into()], vec!["m".into()])
+                .with_attr("axes", AttrValue::Ints(vec![0])),
+        );
+        let f = infer_graph(&g, 17).unwrap();
+        assert_eq!(f.get("k").unwrap().display(), "f32[b, 3, 1]");
+        assert_eq!(f.get("d").unwrap().display(), "f32[b, 3]");
+        assert_eq!(f.get("m").unwrap().display(), "f32[1, 3, 5]");
+    }
+}

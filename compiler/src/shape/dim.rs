@@ -1,0 +1,142 @@
+//! Symbolic dimensions: an integer times a product of named symbols (`2*batch*sequence`).
+//!
+//! Monomials are closed under the operations shape computations in exported transformers use
+//! (products in Reshape/Flatten, exact division for `-1`, equality for broadcasting). Sums
+//! (Concat along a symbolic axis, `sequence + past`) are not monomials: inference gives them a
+//! fresh opaque symbol, which keeps the rank and dtype right and marks the size as unknown.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DimExpr {
+    coef: i64,
+    /// Symbol name → power.
+    syms: BTreeMap<String, u32>,
+}
+
+impl DimExpr {
+    pub fn known(v: i64) -> DimExpr {
+        DimExpr {
+            coef: v,
+            syms: BTreeMap::new(),
+        }
+    }
+
+    pub fn sym(name: &str) -> DimExpr {
+        DimExpr {
+            coef: 1,
+            syms: BTreeMap::from([(name.to_string(), 1)]),
+        }
+    }
+
+    /// The integer value, when the expression has no symbols.
+    pub fn as_known(&self) -> Option<i64> {
+        self.syms.is_empty().then_some(self.coef)
+    }
+
+    pub fn is_symbolic(&self) -> bool {
+        !self.syms.is_empty()
+    }
+
+    pub fn mul(&self, o: &DimExpr) -> DimExpr {
+        let mut syms = self.syms.clone();
+        for (s, p) in &o.syms {
+            *syms.entry(s.clone()).or_default() += p;
+        }
+        let coef = self.coef.saturating_mul(o.coef);
+        if coef == 0 {
+            return DimExpr::known(0);
+        }
+        DimExpr { coef, syms }
+    }
+
+    /// Exact division; `None` when `o` does not divide `self` as a monomial.
+    pub fn div(&self, o: &DimExpr) -> Option<DimExpr> {
+        if o.coef == 0 || self.coef % o.coef != 0 {
+            return None;
+        }
+        let mut syms = self.syms.clone();
+        for (s, p) in &o.syms {
+            let have = syms.get_mut(s)?;
+            if *have < *p {
+                return None;
+            }
+            *have -= p;
+            if *have == 0 {
+                syms.remove(s);
+            }
+        }
+        Some(DimExpr {
+            coef: self.coef / o.coef,
+            syms,
+        })
+    }
+
+    pub fn add(&self, o: &DimExpr) -> Option<DimExpr> {
+        if self.syms == o.syms {
+            let coef = self.coef.checked_add(o.coef)?;
+            return Some(if coef == 0 {
+                DimExpr::known(0)
+            } else {
+                DimExpr {
+                    coef,
+                    syms: self.syms.clone(),
+                }
+            });
+        }
+        match (self.as_known(), o.as_known()) {
+            (Some(0), _) => Some(o.clone()),
+            (_, Some(0)) => Some(self.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn neg(&self) -> DimExpr {
+        DimExpr {
+            coef: -self.coef,
+            syms: self.syms.clone(),
+        }
+    }
+}
+
+impl fmt::Display for DimExpr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.syms.is_empty() {
+            return write!(f, "{}", self.coef);
+        }
+        let mut parts: Vec<String> = vec![];
+        if self.coef != 1 {
+            parts.push(self.coef.to_string());
+        }
+        for (s, p) in &self.syms {
+            for _ in 0..*p {
+                parts.push(s.clone());
+            }
+        }
+        f.write_str(&parts.join("*"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn monomial_arithmetic() {
+        let b = DimExpr::sym("batch");
+        let s = DimExpr::sym("sequence");
+        let bs = b.mul(&s);
+        assert_eq!(bs.to_string(), "batch*sequence");
+        let x = bs.mul(&DimExpr::known(64));
+        assert_eq!(x.to_string(), "64*batch*sequence");
+        assert_eq!(x.div(&DimExpr::known(64)), Some(bs.clone()));
+        assert_eq!(x.div(&b.mul(&DimExpr::known(64))), Some(s.clone()));
+        assert_eq!(b.div(&s), None);
+        assert_eq!(DimExpr::known(7).div(&DimExpr::known(2)), None);
+        assert_eq!(b.add(&b).unwrap().to_string(), "2*batch");
+        assert_eq!(b.add(&s), None);
+        assert_eq!(DimExpr::known(0).add(&s), Some(s.clone()));
+        assert_eq!(s.add(&s.neg()), Some(DimExpr::known(0)));
+    }
+}
