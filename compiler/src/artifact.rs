@@ -169,11 +169,8 @@ pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
         })?;
     for (file, model) in &artifact.programs {
         let proto = convert::model_to_proto(model);
-        onnx_io::write_model(
-            &proto,
-            &tmp.path().join(file),
-            &onnx_io::WriteOptions::default(),
-        )?;
+        // Embedded below protobuf's 2 GiB limit; above it, weights go to `<program>.data`.
+        onnx_io::write_model_auto(&proto, &tmp.path().join(file))?;
     }
     let init = safetensors_bytes(&artifact.init)?;
     let write_file = |name: &str, bytes: &[u8]| {
