@@ -9,6 +9,7 @@
 //! sparse initializers, device configurations) stay as their protobuf messages in `Passthrough`
 //! fields, so a round trip keeps them bit for bit.
 
+pub mod builder;
 pub mod convert;
 pub mod tensor;
 pub mod topo;

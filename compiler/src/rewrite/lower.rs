@@ -15,6 +15,7 @@
 //! f32 values): the adapted model reproduces the original outputs bit for bit up to `+ 0`.
 
 use crate::error::{Error, Result};
+use crate::ir::builder::Builder;
 use crate::ir::{AttrValue, Graph, Model, Node, Tensor, BIDORA_DOMAIN};
 use crate::targets::Layout;
 
@@ -48,72 +49,6 @@ pub fn lower(model: &Model) -> Result<Model> {
     }
     model.opset_imports.retain(|o| o.domain != BIDORA_DOMAIN);
     Ok(model)
-}
-
-/// Small builder that derives value and node names from the composite node's name.
-struct Emit<'g> {
-    g: &'g mut Graph,
-    prefix: String,
-    nodes: Vec<Node>,
-    /// Names handed out but not yet in the graph (the nodes are spliced in at the end).
-    taken: std::collections::HashSet<String>,
-}
-
-impl Emit<'_> {
-    fn fresh(&mut self, tag: &str) -> String {
-        let base = self.g.fresh_name(&format!("{}.{tag}", self.prefix));
-        let mut name = base.clone();
-        let mut k = 1;
-        while self.taken.contains(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        self.taken.insert(name.clone());
-        name
-    }
-
-    fn op(
-        &mut self,
-        op: &str,
-        tag: &str,
-        inputs: &[&str],
-        attrs: Vec<(&str, AttrValue)>,
-    ) -> String {
-        let out = self.fresh(tag);
-        self.output(op, tag, inputs, attrs, out)
-    }
-
-    fn output(
-        &mut self,
-        op: &str,
-        tag: &str,
-        inputs: &[&str],
-        attrs: Vec<(&str, AttrValue)>,
-        out: String,
-    ) -> String {
-        let mut n = Node::new(
-            op,
-            format!("{}.{tag}", self.prefix),
-            inputs.iter().map(|s| s.to_string()).collect(),
-            vec![out.clone()],
-        );
-        for (k, v) in attrs {
-            n = n.with_attr(k, v);
-        }
-        self.nodes.push(n);
-        out
-    }
-
-    fn constant(&mut self, tag: &str, mut t: Tensor) -> String {
-        let name = self.fresh(tag);
-        t.name = name.clone();
-        self.g.initializers.insert(name.clone(), t);
-        name
-    }
-
-    fn finish(self) -> Vec<Node> {
-        self.nodes
-    }
 }
 
 /// Finds the constant weight behind a composite node's `W` operand (directly, or through the
@@ -167,12 +102,7 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
         None
     };
     let out = node.outputs[0].clone();
-    let mut e = Emit {
-        g,
-        prefix: node.name.clone(),
-        nodes: vec![],
-        taken: Default::default(),
-    };
+    let mut e = Builder::new(g, node.name.clone());
     let scale = e.constant("scale", Tensor::from_f32("", vec![], &[s]));
     let base = if transposed {
         e.op("Gemm", "base", &[x, w], vec![("transB", AttrValue::Int(1))])
@@ -183,7 +113,7 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     let xab = e.op("MatMul", "xAB", &[&xa, b], vec![]);
     let delta = e.op("Mul", "delta", &[&xab, &scale], vec![]);
     let Some(sqnorm) = sqnorm else {
-        e.output("Add", "sum", &[&base, &delta], vec![], out);
+        e.op_into("Add", "sum", &[&base, &delta], vec![], out);
         return Ok(e.finish());
     };
     let m = &ins[4];
@@ -216,6 +146,6 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     let n2 = e.op("Add", "n2", &[&n2a, &quad_s], vec![]);
     let n = e.op("Sqrt", "norm", &[&n2], vec![]);
     let ratio = e.op("Div", "ratio", &[m, &n], vec![]);
-    e.output("Mul", "out", &[&sum, &ratio], vec![], out);
+    e.op_into("Mul", "out", &[&sum, &ratio], vec![], out);
     Ok(e.finish())
 }
