@@ -6,12 +6,18 @@ opset 17, with batch and sequence dynamic. Needs torch, transformers, onnx, onnx
 onnxruntime (pinned in requirements-fixtures.txt); the tests and CI do not.
 
     python3 models/make_fixtures.py            # writes models/*.onnx and models/*.ref.json
+    python3 models/make_fixtures.py /tmp/x     # the same into another folder (to compare)
+
+Weights, graphs and references are reproducible. The dynamo files are not byte-identical
+across checkouts: their `pkg.torch.onnx.stack_trace` node metadata holds the absolute paths
+of this script and of site-packages.
 
 Each fixture gets a reference: a fixed input (batch 2, sequence 8, one padded position) and
 the torch logits, checked here against onnxruntime and usable by tests.
 """
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -24,6 +30,7 @@ from transformers import (BertConfig, BertForSequenceClassification, EsmConfig,
                           RobertaConfig, RobertaForSequenceClassification)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = HERE
 SEED = 1234
 warnings.filterwarnings("ignore")
 
@@ -88,7 +95,7 @@ def export(family, exporter):
     with torch.no_grad():
         ref = model(ids, mask)
     name = f"{family}_{exporter}.onnx"
-    path = os.path.join(HERE, name)
+    path = os.path.join(OUT, name)
     if exporter == "dynamo18":
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
         torch.onnx.export(model, (ids, mask), path, dynamo=True, opset_version=18,
@@ -118,6 +125,10 @@ def export(family, exporter):
 
 
 def main():
+    global OUT
+    if len(sys.argv) > 1:
+        OUT = os.path.abspath(sys.argv[1])
+        os.makedirs(OUT, exist_ok=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
     for family in ["bert", "roberta", "gpt2", "esm"]:
