@@ -11,6 +11,7 @@
 //! - [`dump`]: the readable text form of a graph.
 
 pub mod artifact;
+pub mod autodiff;
 pub mod dump;
 pub mod error;
 pub mod ir;

@@ -26,7 +26,7 @@ pub struct Compiled {
 pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     let selected = targets::select(&model.graph, &opts.targets)?;
     let adapted = rewrite::adapt(model, selected, &opts.adapter)?;
-    let mut forward = rewrite::lower(&adapted.model)?;
+    let mut forward = rewrite::strip_markers(&rewrite::lower(&adapted.model)?);
     crate::ir::topo::toposort(&mut forward.graph)?;
     // Type-check the emitted program: a rewrite bug fails here, naming the node, rather than
     // in a runtime on another machine.

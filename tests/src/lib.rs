@@ -1,5 +1,7 @@
 //! Shared helpers of the end-to-end tests: fixture discovery, example inputs, building small
-//! synthetic models, and running programs with tract.
+//! synthetic models, running programs with tract, and the gradient-check harness.
+
+pub mod gradcheck;
 
 use std::path::{Path, PathBuf};
 

@@ -12,6 +12,8 @@ pub struct Builder<'g> {
     pub nodes: Vec<Node>,
     /// Names handed out but not yet in the graph (the nodes are spliced in at the end).
     taken: HashSet<String>,
+    /// Node names handed out (runtimes such as tract require unique node names).
+    node_names: HashSet<String>,
 }
 
 impl<'g> Builder<'g> {
@@ -21,6 +23,7 @@ impl<'g> Builder<'g> {
             prefix: prefix.into(),
             nodes: vec![],
             taken: HashSet::new(),
+            node_names: HashSet::new(),
         }
     }
 
@@ -57,9 +60,10 @@ impl<'g> Builder<'g> {
         attrs: Vec<(&str, AttrValue)>,
         out: String,
     ) -> String {
+        let name = self.node_name(tag);
         let mut n = Node::new(
             op,
-            format!("{}.{tag}", self.prefix),
+            name,
             inputs.iter().map(|s| s.to_string()).collect(),
             vec![out.clone()],
         );
@@ -67,6 +71,28 @@ impl<'g> Builder<'g> {
             n = n.with_attr(k, v);
         }
         self.nodes.push(n);
+        out
+    }
+
+    /// A node name `{prefix}.{tag}` not used in the graph or by this builder.
+    fn node_name(&mut self, tag: &str) -> String {
+        let base = format!("{}.{tag}", self.prefix);
+        let used =
+            |b: &Self, n: &str| b.node_names.contains(n) || b.g.nodes.iter().any(|x| x.name == n);
+        let mut name = base.clone();
+        let mut k = 1;
+        while used(self, &name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.node_names.insert(name.clone());
+        name
+    }
+
+    /// Emits an op of a non-default domain (the compiler's own `ai.bidora` markers).
+    pub fn op_in(&mut self, domain: &str, op: &str, tag: &str, inputs: &[&str]) -> String {
+        let out = self.op(op, tag, inputs, vec![]);
+        self.nodes.last_mut().expect("just pushed").domain = domain.to_string();
         out
     }
 

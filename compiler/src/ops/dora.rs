@@ -7,13 +7,21 @@ use crate::error::Result;
 use crate::shape::Fact;
 
 pub const OPS: &[OpDef] = &[
+    // Identity forward; the autodiff driver gives it a zero gradient (DoRA's detach_norm).
+    OpDef {
+        op: crate::autodiff::STOP_GRADIENT,
+        infer: same,
+        grad: None,
+    },
     OpDef {
         op: "DoRA",
         infer: adapter,
+        grad: None,
     },
     OpDef {
         op: "LoRA",
         infer: adapter,
+        grad: None,
     },
 ];
 
@@ -30,4 +38,9 @@ fn adapter(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let mut out = x.shape.clone();
     *out.last_mut().unwrap() = b.shape[1].clone();
     Ok(vec![Fact::new(x.dtype, out)])
+}
+
+fn same(cx: &mut InferCx) -> Result<Vec<Fact>> {
+    let x = cx.input(0)?;
+    Ok(vec![Fact::new(x.dtype, x.shape.clone())])
 }

@@ -12,17 +12,17 @@ use crate::shape::{DimExpr, Fact};
 
 pub const OPS: &[OpDef] = &[
     // Same type and shape as input 0.
-    unary("Neg"),
-    unary("Sqrt"),
-    unary("Reciprocal"),
-    unary("Exp"),
-    unary("Log"),
-    unary("Erf"),
-    unary("Tanh"),
-    unary("Sigmoid"),
-    unary("Relu"),
-    unary("Sin"),
-    unary("Cos"),
+    unary_g("Neg", grads::neg),
+    unary_g("Sqrt", grads::sqrt),
+    unary_g("Reciprocal", grads::reciprocal),
+    unary_g("Exp", grads::exp),
+    unary_g("Log", grads::log),
+    unary_g("Erf", grads::erf),
+    unary_g("Tanh", grads::tanh),
+    unary_g("Sigmoid", grads::sigmoid),
+    unary_g("Relu", grads::relu),
+    unary_g("Sin", grads::sin),
+    unary_g("Cos", grads::cos),
     unary("Abs"),
     unary("Floor"),
     unary("Ceil"),
@@ -33,120 +33,154 @@ pub const OPS: &[OpDef] = &[
     unary("Elu"),
     unary("Gelu"),
     unary("HardSigmoid"),
-    unary("Softmax"),
-    unary("LogSoftmax"),
-    unary("Identity"),
+    unary_g("Softmax", grads::softmax),
+    unary_g("LogSoftmax", grads::log_softmax),
+    unary_g("Identity", grads::identity),
     unary("Clip"),
     unary("CumSum"),
     unary("Trilu"),
     OpDef {
         op: "Not",
         infer: not,
+        grad: None,
     },
     OpDef {
         op: "IsNaN",
         infer: to_bool,
+        grad: None,
     },
     OpDef {
         op: "IsInf",
         infer: to_bool,
+        grad: None,
     },
     OpDef {
         op: "Dropout",
         infer: dropout,
+        grad: None,
     },
     OpDef {
         op: "Cast",
         infer: cast,
+        grad: Some(grads::cast),
     },
     OpDef {
         op: "CastLike",
         infer: cast_like,
+        grad: None,
     },
     // Broadcasting, type of input 0.
     OpDef {
         op: "Add",
         infer: arith,
+        grad: Some(grads::add),
     },
     OpDef {
         op: "Sub",
         infer: arith,
+        grad: Some(grads::sub),
     },
     OpDef {
         op: "Mul",
         infer: arith,
+        grad: Some(grads::mul),
     },
     OpDef {
         op: "Div",
         infer: arith,
+        grad: Some(grads::div),
     },
     OpDef {
         op: "Pow",
         infer: arith,
+        grad: Some(grads::pow),
     },
     OpDef {
         op: "Mod",
         infer: arith,
+        grad: None,
     },
     OpDef {
         op: "Max",
         infer: arith,
+        grad: Some(grads::max_min),
     },
     OpDef {
         op: "Min",
         infer: arith,
+        grad: Some(grads::max_min),
     },
     OpDef {
         op: "Sum",
         infer: arith,
+        grad: None,
     },
     OpDef {
         op: "Mean",
         infer: arith,
+        grad: None,
     },
     // Broadcasting, boolean result.
     OpDef {
         op: "Equal",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "Less",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "Greater",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "LessOrEqual",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "GreaterOrEqual",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "And",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "Or",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "Xor",
         infer: compare,
+        grad: None,
     },
     OpDef {
         op: "Where",
         infer: where_,
+        grad: Some(grads::where_),
     },
 ];
+
+const fn unary_g(op: &'static str, grad: super::GradFn) -> OpDef {
+    OpDef {
+        op,
+        infer: same_as_first,
+        grad: Some(grad),
+    }
+}
 
 const fn unary(op: &'static str) -> OpDef {
     OpDef {
         op,
         infer: same_as_first,
+        grad: None,
     }
 }
 
@@ -234,11 +268,12 @@ fn arith(cx: &mut InferCx) -> Result<Vec<Fact>> {
                 .map(|(x, y)| {
                     let r = match op {
                         "Add" => x.add(y),
-                        "Sub" => x.add(&y.neg()),
+                        "Sub" => x.sub(y),
                         "Mul" => Some(x.mul(y)),
-                        // Integer division floors; exact monomial division is the common case.
+                        // Integer Div truncates toward zero (ONNX Runtime, the reference);
+                        // exact monomial division is the common case.
                         "Div" => match (x.as_known(), y.as_known()) {
-                            (Some(p), Some(q)) if q != 0 => Some(DimExpr::known(p.div_euclid(q))),
+                            (Some(p), Some(q)) => p.checked_div(q).map(DimExpr::known),
                             _ => x.div(y),
                         },
                         "Max" | "Min" => match (x.as_known(), y.as_known()) {
@@ -378,5 +413,309 @@ mod tests {
         ));
         let e = infer_graph(&g, 18).unwrap_err().to_string();
         assert!(e.contains("bad_add") && e.contains("broadcast"), "{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient rules. `g` is the output gradient, `y` the output; broadcasting is undone by
+// `GradCx::unbroadcast`. Each rule emits only standard, differentiable ONNX ops.
+
+pub(crate) mod grads {
+    use crate::autodiff::GradCx;
+    use crate::error::Result;
+    use crate::ir::AttrValue;
+
+    type Out = Result<Vec<Option<String>>>;
+
+    /// `f(g, x, y)` for a unary op whose input gradient is a pointwise expression.
+    fn unary(
+        cx: &mut GradCx,
+        f: impl FnOnce(&mut GradCx, &str, &str, &str) -> Result<String>,
+    ) -> Out {
+        let (g, x, y) = (cx.gy(0)?, cx.x(0), cx.y(0));
+        Ok(vec![Some(f(cx, &g, &x, &y)?)])
+    }
+
+    pub fn identity(cx: &mut GradCx) -> Out {
+        Ok(vec![Some(cx.gy(0)?)])
+    }
+
+    pub fn neg(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, _, _| Ok(cx.op("Neg", "dx", &[g])))
+    }
+
+    /// d sqrt(x) = g / (2 y)
+    pub fn sqrt(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, _, y| {
+            let half = cx.scalar(0.5, y)?;
+            let hg = cx.op("Mul", "half_g", &[g, &half]);
+            Ok(cx.op("Div", "dx", &[&hg, y]))
+        })
+    }
+
+    /// d exp(x) = g · y
+    pub fn exp(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, _, y| Ok(cx.op("Mul", "dx", &[g, y])))
+    }
+
+    /// d log(x) = g / x
+    pub fn log(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, x, _| Ok(cx.op("Div", "dx", &[g, x])))
+    }
+
+    /// d (1/x) = -g · y²
+    pub fn reciprocal(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, _, y| {
+            let y2 = cx.op("Mul", "y2", &[y, y]);
+            let gy2 = cx.op("Mul", "g_y2", &[g, &y2]);
+            Ok(cx.op("Neg", "dx", &[&gy2]))
+        })
+    }
+
+    /// d tanh(x) = g · (1 - y²)
+    pub fn tanh(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, _, y| {
+            let one = cx.scalar(1.0, y)?;
+            let y2 = cx.op("Mul", "y2", &[y, y]);
+            let d = cx.op("Sub", "one_minus_y2", &[&one, &y2]);
+            Ok(cx.op("Mul", "dx", &[g, &d]))
+        })
+    }
+
+    /// d sigmoid(x) = g · y · (1 - y)
+    pub fn sigmoid(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, _, y| {
+            let one = cx.scalar(1.0, y)?;
+            let om = cx.op("Sub", "one_minus_y", &[&one, y]);
+            let d = cx.op("Mul", "dsig", &[y, &om]);
+            Ok(cx.op("Mul", "dx", &[g, &d]))
+        })
+    }
+
+    /// d relu(x) = g where x > 0, else 0
+    pub fn relu(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, x, _| {
+            let zero = cx.scalar(0.0, x)?;
+            let pos = cx.op("Greater", "pos", &[x, &zero]);
+            Ok(cx.op("Where", "dx", &[&pos, g, &zero]))
+        })
+    }
+
+    /// d erf(x) = g · 2/√π · exp(-x²)
+    pub fn erf(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, x, _| {
+            let k = cx.scalar(std::f64::consts::FRAC_2_SQRT_PI, x)?;
+            let x2 = cx.op("Mul", "x2", &[x, x]);
+            let nx2 = cx.op("Neg", "neg_x2", &[&x2]);
+            let e = cx.op("Exp", "exp", &[&nx2]);
+            let ke = cx.op("Mul", "derf", &[&e, &k]);
+            Ok(cx.op("Mul", "dx", &[g, &ke]))
+        })
+    }
+
+    pub fn sin(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, x, _| {
+            let c = cx.op("Cos", "cos", &[x]);
+            Ok(cx.op("Mul", "dx", &[g, &c]))
+        })
+    }
+
+    pub fn cos(cx: &mut GradCx) -> Out {
+        unary(cx, |cx, g, x, _| {
+            let s = cx.op("Sin", "sin", &[x]);
+            let gs = cx.op("Mul", "g_sin", &[g, &s]);
+            Ok(cx.op("Neg", "dx", &[&gs]))
+        })
+    }
+
+    /// Softmax along `axis`: dx = y ⊙ (g - Σ_axis g ⊙ y)
+    pub fn softmax(cx: &mut GradCx) -> Out {
+        let (g, y) = (cx.gy(0)?, cx.y(0));
+        let axis = cx.node.attr_int("axis").unwrap_or(-1);
+        let ax = cx.b.ints("axis", &[axis]);
+        let gy = cx.op("Mul", "g_y", &[&g, &y]);
+        let s = cx.op_attrs(
+            "ReduceSum",
+            "sum_gy",
+            &[&gy, &ax],
+            vec![("keepdims", AttrValue::Int(1))],
+        );
+        let d = cx.op("Sub", "g_minus", &[&g, &s]);
+        Ok(vec![Some(cx.op("Mul", "dx", &[&y, &d]))])
+    }
+
+    /// LogSoftmax along `axis`: dx = g - exp(y) ⊙ Σ_axis g
+    pub fn log_softmax(cx: &mut GradCx) -> Out {
+        let (g, y) = (cx.gy(0)?, cx.y(0));
+        let axis = cx.node.attr_int("axis").unwrap_or(-1);
+        let ax = cx.b.ints("axis", &[axis]);
+        let s = cx.op_attrs(
+            "ReduceSum",
+            "sum_g",
+            &[&g, &ax],
+            vec![("keepdims", AttrValue::Int(1))],
+        );
+        let p = cx.op("Exp", "p", &[&y]);
+        let ps = cx.op("Mul", "p_sum", &[&p, &s]);
+        Ok(vec![Some(cx.op("Sub", "dx", &[&g, &ps]))])
+    }
+
+    /// Cast between float types: cast the gradient back.
+    pub fn cast(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        let to = cx.fact(&cx.x(0))?.dtype;
+        Ok(vec![Some(cx.op_attrs(
+            "Cast",
+            "dx",
+            &[&g],
+            vec![("to", AttrValue::Int(to as i64))],
+        ))])
+    }
+
+    pub fn add(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        let a = if cx.needs(0) {
+            Some(cx.unbroadcast(&g, 0)?)
+        } else {
+            None
+        };
+        let b = if cx.needs(1) {
+            Some(cx.unbroadcast(&g, 1)?)
+        } else {
+            None
+        };
+        Ok(vec![a, b])
+    }
+
+    pub fn sub(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        let a = if cx.needs(0) {
+            Some(cx.unbroadcast(&g, 0)?)
+        } else {
+            None
+        };
+        let b = if cx.needs(1) {
+            let ng = cx.op("Neg", "neg_g", &[&g]);
+            Some(cx.unbroadcast(&ng, 1)?)
+        } else {
+            None
+        };
+        Ok(vec![a, b])
+    }
+
+    pub fn mul(cx: &mut GradCx) -> Out {
+        let (g, a, b) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let da = if cx.needs(0) {
+            let t = cx.op("Mul", "g_b", &[&g, &b]);
+            Some(cx.unbroadcast(&t, 0)?)
+        } else {
+            None
+        };
+        let db = if cx.needs(1) {
+            let t = cx.op("Mul", "g_a", &[&g, &a]);
+            Some(cx.unbroadcast(&t, 1)?)
+        } else {
+            None
+        };
+        Ok(vec![da, db])
+    }
+
+    /// y = a / b: da = g / b, db = -g · y / b
+    pub fn div(cx: &mut GradCx) -> Out {
+        let (g, b, y) = (cx.gy(0)?, cx.x(1), cx.y(0));
+        let da = if cx.needs(0) {
+            let t = cx.op("Div", "g_over_b", &[&g, &b]);
+            Some(cx.unbroadcast(&t, 0)?)
+        } else {
+            None
+        };
+        let db = if cx.needs(1) {
+            let gy = cx.op("Mul", "g_y", &[&g, &y]);
+            let q = cx.op("Div", "g_y_over_b", &[&gy, &b]);
+            let n = cx.op("Neg", "neg", &[&q]);
+            Some(cx.unbroadcast(&n, 1)?)
+        } else {
+            None
+        };
+        Ok(vec![da, db])
+    }
+
+    /// y = a^p: da = g · p · a^(p-1); dp = g · y · ln a
+    pub fn pow(cx: &mut GradCx) -> Out {
+        let (g, a, p, y) = (cx.gy(0)?, cx.x(0), cx.x(1), cx.y(0));
+        let da = if cx.needs(0) {
+            let p_a = {
+                let pf = if cx.fact(&p)?.dtype != cx.fact(&a)?.dtype {
+                    let to = cx.fact(&a)?.dtype as i64;
+                    cx.op_attrs("Cast", "p", &[&p], vec![("to", AttrValue::Int(to))])
+                } else {
+                    p.clone()
+                };
+                let one = cx.scalar(1.0, &a)?;
+                let pm1 = cx.op("Sub", "p_minus_1", &[&pf, &one]);
+                let apm1 = cx.op("Pow", "a_pow", &[&a, &pm1]);
+                cx.op("Mul", "p_a_pow", &[&pf, &apm1])
+            };
+            let t = cx.op("Mul", "da", &[&g, &p_a]);
+            Some(cx.unbroadcast(&t, 0)?)
+        } else {
+            None
+        };
+        let dp = if cx.needs(1) {
+            let la = cx.op("Log", "log_a", &[&a]);
+            let gy = cx.op("Mul", "g_y", &[&g, &y]);
+            let t = cx.op("Mul", "dp", &[&gy, &la]);
+            Some(cx.unbroadcast(&t, 1)?)
+        } else {
+            None
+        };
+        Ok(vec![da, dp])
+    }
+
+    /// Max/Min of two inputs: the gradient goes to the selected input (ties to the first).
+    pub fn max_min(cx: &mut GradCx) -> Out {
+        if cx.node.inputs.len() != 2 {
+            return Err(cx.err("gradient only for two inputs"));
+        }
+        let (g, a, b) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let cmp = if cx.node.op_type == "Max" {
+            "GreaterOrEqual"
+        } else {
+            "LessOrEqual"
+        };
+        let pick_a = cx.op(cmp, "pick_a", &[&a, &b]);
+        let zero = cx.scalar(0.0, &a)?;
+        let ga = cx.op("Where", "g_a", &[&pick_a, &g, &zero]);
+        let gb = cx.op("Where", "g_b", &[&pick_a, &zero, &g]);
+        let da = if cx.needs(0) {
+            Some(cx.unbroadcast(&ga, 0)?)
+        } else {
+            None
+        };
+        let db = if cx.needs(1) {
+            Some(cx.unbroadcast(&gb, 1)?)
+        } else {
+            None
+        };
+        Ok(vec![da, db])
+    }
+
+    /// Where(c, a, b): the gradient flows to the chosen branch.
+    pub fn where_(cx: &mut GradCx) -> Out {
+        let (g, c) = (cx.gy(0)?, cx.x(0));
+        let zero = cx.scalar(0.0, &cx.y(0))?;
+        let da = if cx.needs(1) {
+            let t = cx.op("Where", "g_a", &[&c, &g, &zero]);
+            Some(cx.unbroadcast(&t, 1)?)
+        } else {
+            None
+        };
+        let db = if cx.needs(2) {
+            let t = cx.op("Where", "g_b", &[&c, &zero, &g]);
+            Some(cx.unbroadcast(&t, 2)?)
+        } else {
+            None
+        };
+        Ok(vec![None, da, db])
     }
 }

@@ -9,10 +9,12 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "MatMul",
         infer: matmul,
+        grad: Some(grads::matmul),
     },
     OpDef {
         op: "Gemm",
         infer: gemm,
+        grad: Some(grads::gemm),
     },
 ];
 
@@ -145,5 +147,158 @@ mod tests {
             e.contains("/enc/q/MatMul") && e.contains("inner dimensions"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn wrong_ranks_name_the_node() {
+        let mut g = Graph::default();
+        g.inputs.push(input("s", vec![]));
+        g.inputs.push(input(
+            "x3",
+            vec![Dim::Known(2), Dim::Known(3), Dim::Known(4)],
+        ));
+        g.inputs
+            .push(input("w", vec![Dim::Known(4), Dim::Known(5)]));
+        let cases = [
+            ("MatMul", "/enc/k/MatMul", "s"),
+            ("Gemm", "/pool/Gemm", "x3"),
+        ];
+        for (op, name, a) in cases {
+            let mut g = g.clone();
+            g.nodes.push(Node::new(
+                op,
+                name,
+                vec![a.into(), "w".into()],
+                vec!["y".into()],
+            ));
+            let e = infer_graph(&g, 18).unwrap_err().to_string();
+            assert!(
+                e.contains(name) && (e.contains("rank") || e.contains("2-D")),
+                "{e}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient rules.
+
+pub(crate) mod grads {
+    use crate::autodiff::GradCx;
+    use crate::error::Result;
+    use crate::ir::AttrValue;
+
+    type Out = Result<Vec<Option<String>>>;
+
+    /// y = a·b (numpy semantics, rank ≥ 2 for both, or a weight b of rank 2).
+    /// da = g·bᵀ (reduced over broadcast batch dims); db = aᵀ·g summed over a's batch dims.
+    pub fn matmul(cx: &mut GradCx) -> Out {
+        let (g, a, b) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let (ra, rb) = (cx.fact(&a)?.rank(), cx.fact(&b)?.rank());
+        if ra < 2 || rb < 2 {
+            return Err(cx.err("gradient of MatMul with a 1-D operand is not supported"));
+        }
+        let da = if cx.needs(0) {
+            let bt = cx.swap_last_two(&b, rb);
+            let t = cx.op("MatMul", "da", &[&g, &bt]);
+            Some(cx.unbroadcast(&t, 0)?)
+        } else {
+            None
+        };
+        let db = if !cx.needs(1) {
+            None
+        } else if rb == 2 {
+            // Weight of rank 2 under a batched input: flatten the batch dims into rows, then
+            // one [in, rows]·[rows, out] product (no per-batch products to sum afterwards).
+            let a_shape = cx.op("Shape", "a_shape", &[&a]);
+            let last = cx.b.ints("last", &[-1]);
+            let in_dim = cx.op_attrs(
+                "Gather",
+                "in_dim",
+                &[&a_shape, &last],
+                vec![("axis", AttrValue::Int(0))],
+            );
+            let minus1 = cx.b.ints("minus1", &[-1]);
+            let a2_shape = cx.op_attrs(
+                "Concat",
+                "a2_shape",
+                &[&minus1, &in_dim],
+                vec![("axis", AttrValue::Int(0))],
+            );
+            let a2 = cx.op("Reshape", "a2", &[&a, &a2_shape]);
+            let g_shape = cx.op("Shape", "g_shape", &[&g]);
+            let out_dim = cx.op_attrs(
+                "Gather",
+                "out_dim",
+                &[&g_shape, &last],
+                vec![("axis", AttrValue::Int(0))],
+            );
+            let g2_shape = cx.op_attrs(
+                "Concat",
+                "g2_shape",
+                &[&minus1, &out_dim],
+                vec![("axis", AttrValue::Int(0))],
+            );
+            let g2 = cx.op("Reshape", "g2", &[&g, &g2_shape]);
+            Some(cx.op_attrs(
+                "Gemm",
+                "db",
+                &[&a2, &g2],
+                vec![("transA", AttrValue::Int(1))],
+            ))
+        } else {
+            let at = cx.swap_last_two(&a, ra);
+            let t = cx.op("MatMul", "db", &[&at, &g]);
+            Some(cx.unbroadcast(&t, 1)?)
+        };
+        Ok(vec![da, db])
+    }
+
+    /// y = α·op(a)·op(b) + β·c.
+    pub fn gemm(cx: &mut GradCx) -> Out {
+        let (g, a, b) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let ta = cx.node.attr_int("transA").unwrap_or(0) != 0;
+        let tb = cx.node.attr_int("transB").unwrap_or(0) != 0;
+        let alpha = cx.node.attr_float("alpha").unwrap_or(1.0);
+        let beta = cx.node.attr_float("beta").unwrap_or(1.0);
+        let flags = |t_a: bool, t_b: bool| {
+            vec![
+                ("transA", AttrValue::Int(t_a as i64)),
+                ("transB", AttrValue::Int(t_b as i64)),
+                ("alpha", AttrValue::Float(alpha)),
+            ]
+        };
+        let da = if cx.needs(0) {
+            // ta=0: g·op(b)ᵀ; ta=1: op(b)·gᵀ
+            Some(if !ta {
+                cx.op_attrs("Gemm", "da", &[&g, &b], flags(false, !tb))
+            } else {
+                cx.op_attrs("Gemm", "da", &[&b, &g], flags(tb, true))
+            })
+        } else {
+            None
+        };
+        let db = if cx.needs(1) {
+            // tb=0: op(a)ᵀ·g; tb=1: gᵀ·op(a)
+            Some(if !tb {
+                cx.op_attrs("Gemm", "db", &[&a, &g], flags(!ta, false))
+            } else {
+                cx.op_attrs("Gemm", "db", &[&g, &a], flags(true, ta))
+            })
+        } else {
+            None
+        };
+        let dc = if cx.needs(2) {
+            let t = if beta != 1.0 {
+                let k = cx.scalar(beta as f64, &cx.y(0))?;
+                cx.op("Mul", "beta_g", &[&g, &k])
+            } else {
+                g.clone()
+            };
+            Some(cx.unbroadcast(&t, 2)?)
+        } else {
+            None
+        };
+        Ok(vec![da, db, dc])
     }
 }

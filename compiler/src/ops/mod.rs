@@ -22,6 +22,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use crate::autodiff::GradCx;
 use crate::error::{Error, Result};
 use crate::ir::{DataType, Node, BIDORA_DOMAIN};
 use crate::shape::{DimExpr, Fact};
@@ -37,10 +38,16 @@ pub struct InferCx<'a> {
 
 pub type InferFn = fn(&mut InferCx) -> Result<Vec<Fact>>;
 
+/// A gradient rule: given the output gradients in `cx`, the gradient of each input (None
+/// where the input needs none or is not differentiable, e.g. indices and shapes).
+pub type GradFn = fn(&mut GradCx) -> Result<Vec<Option<String>>>;
+
 /// Everything the compiler knows about one op.
 pub struct OpDef {
     pub op: &'static str,
     pub infer: InferFn,
+    /// None: not differentiable (the driver reports it if it lies on a gradient path).
+    pub grad: Option<GradFn>,
 }
 
 /// A new opaque symbol, for sizes that are not monomials of the known symbols.

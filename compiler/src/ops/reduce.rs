@@ -11,46 +11,57 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "ReduceSum",
         infer: reduce,
+        grad: Some(grads::sum),
     },
     OpDef {
         op: "ReduceMean",
         infer: reduce,
+        grad: Some(grads::mean),
     },
     OpDef {
         op: "ReduceMax",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ReduceMin",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ReduceProd",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ReduceL1",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ReduceL2",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ReduceLogSumExp",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ReduceSumSquare",
         infer: reduce,
+        grad: None,
     },
     OpDef {
         op: "ArgMax",
         infer: arg,
+        grad: None,
     },
     OpDef {
         op: "ArgMin",
         infer: arg,
+        grad: None,
     },
 ];
 
@@ -152,5 +163,78 @@ mod tests {
         assert_eq!(f.get("k").unwrap().display(), "f32[b, 3, 1]");
         assert_eq!(f.get("d").unwrap().display(), "f32[b, 3]");
         assert_eq!(f.get("m").unwrap().display(), "f32[1, 3, 5]");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient rules: the output gradient is put back into the reduced axes (Unsqueeze when
+// keepdims=0) and expanded to the input's runtime shape; ReduceMean divides by the count.
+
+pub(crate) mod grads {
+    use crate::autodiff::GradCx;
+    use crate::error::Result;
+    use crate::ir::AttrValue;
+
+    type Out = Result<Vec<Option<String>>>;
+
+    fn spread(cx: &mut GradCx) -> Result<String> {
+        let (g, x) = (cx.gy(0)?, cx.x(0));
+        let rank = cx.fact(&x)?.rank() as i64;
+        let keep = cx.node.attr_int("keepdims").unwrap_or(1) != 0;
+        let axes: Vec<i64> = if cx.opset >= super::axes_input_since(&cx.node.op_type) {
+            match cx.node.input(1) {
+                Some(a) => cx
+                    .fact(a)?
+                    .known_ints()
+                    .ok_or_else(|| cx.err("axes must be constant"))?,
+                None => vec![],
+            }
+        } else {
+            cx.node
+                .attr_ints("axes")
+                .map(<[i64]>::to_vec)
+                .unwrap_or_default()
+        };
+        let axes: Vec<i64> = if axes.is_empty() {
+            (0..rank).collect()
+        } else {
+            axes.iter()
+                .map(|&a| if a < 0 { a + rank } else { a })
+                .collect()
+        };
+        let kept = if keep {
+            g
+        } else {
+            let ax = cx.b.ints("axes", &axes);
+            cx.op("Unsqueeze", "kept", &[&g, &ax])
+        };
+        let shape = cx.op("Shape", "x_shape", &[&x]);
+        Ok(cx.op("Expand", "spread", &[&kept, &shape]))
+    }
+
+    pub fn sum(cx: &mut GradCx) -> Out {
+        Ok(vec![Some(spread(cx)?), None])
+    }
+
+    pub fn mean(cx: &mut GradCx) -> Out {
+        let s = spread(cx)?;
+        let (x, y) = (cx.x(0), cx.y(0));
+        let dtype = cx.fact(&x)?.dtype as i64;
+        let nx = cx.op("Size", "n_in", &[&x]);
+        let ny = cx.op("Size", "n_out", &[&y]);
+        let fx = cx.op_attrs(
+            "Cast",
+            "n_in.f",
+            &[&nx],
+            vec![("to", AttrValue::Int(dtype))],
+        );
+        let fy = cx.op_attrs(
+            "Cast",
+            "n_out.f",
+            &[&ny],
+            vec![("to", AttrValue::Int(dtype))],
+        );
+        let count = cx.op("Div", "count", &[&fx, &fy]);
+        Ok(vec![Some(cx.op("Div", "dx", &[&s, &count])), None])
     }
 }

@@ -8,7 +8,7 @@
 //! computations built from `Shape` stay symbolic. Not covered: GatherND with batch_dims > 0
 //! on symbolic shapes (falls back to fresh dims), Pad with negative pads on symbolic dims.
 
-use super::{dims_str, dtype_attr, InferCx, OpDef};
+use super::{dims_str, InferCx, OpDef};
 use crate::error::Result;
 use crate::ir::{AttrValue, DataType};
 use crate::shape::{tensor_fact, DimExpr, Fact, MAX_TRACKED_VALUES};
@@ -17,78 +17,97 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "Shape",
         infer: shape,
+        grad: None,
     },
     OpDef {
         op: "Size",
         infer: size,
+        grad: None,
     },
     OpDef {
         op: "Reshape",
         infer: reshape,
+        grad: Some(grads::reshape_back),
     },
     OpDef {
         op: "Flatten",
         infer: flatten,
+        grad: Some(grads::reshape_back),
     },
     OpDef {
         op: "Squeeze",
         infer: squeeze,
+        grad: Some(grads::reshape_back),
     },
     OpDef {
         op: "Unsqueeze",
         infer: unsqueeze,
+        grad: Some(grads::reshape_back),
     },
     OpDef {
         op: "Transpose",
         infer: transpose,
+        grad: Some(grads::transpose),
     },
     OpDef {
         op: "Concat",
         infer: concat,
+        grad: Some(grads::concat),
     },
     OpDef {
         op: "Split",
         infer: split,
+        grad: Some(grads::split),
     },
     OpDef {
         op: "Slice",
         infer: slice,
+        grad: Some(grads::slice),
     },
     OpDef {
         op: "Gather",
         infer: gather,
+        grad: None,
     },
     OpDef {
         op: "GatherElements",
         infer: gather_elements,
+        grad: None,
     },
     OpDef {
         op: "GatherND",
         infer: gather_nd,
+        grad: None,
     },
     OpDef {
         op: "Expand",
         infer: expand,
+        grad: Some(grads::expand),
     },
     OpDef {
         op: "Tile",
         infer: tile,
+        grad: None,
     },
     OpDef {
         op: "Range",
         infer: range,
+        grad: None,
     },
     OpDef {
         op: "ConstantOfShape",
         infer: constant_of_shape,
+        grad: None,
     },
     OpDef {
         op: "Constant",
         infer: constant,
+        grad: None,
     },
     OpDef {
         op: "Pad",
         infer: pad,
+        grad: None,
     },
 ];
 
@@ -157,11 +176,21 @@ fn reshape(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let fill = if holes == 1 {
         Some(total.div(&known).unwrap_or_else(|| cx.fresh()))
     } else {
+        // Only two known counts can be proved different; symbols may hide anything.
+        if let (Some(a), Some(b)) = (total.as_known(), known.as_known()) {
+            if a != b {
+                return Err(cx.err(format!(
+                    "cannot reshape {} ({a} elements) to {}",
+                    dims_str(&x.shape),
+                    dims_str(&target)
+                )));
+            }
+        }
         None
     };
     let shape = out
         .into_iter()
-        .map(|d| d.unwrap_or_else(|| fill.clone().unwrap()))
+        .map(|d| d.or_else(|| fill.clone()).unwrap_or_else(|| cx.fresh()))
         .collect();
     let mut f = Fact::new(x.dtype, shape);
     f.value = x.value.clone();
@@ -204,6 +233,16 @@ fn squeeze(cx: &mut InferCx) -> Result<Vec<Fact>> {
             .collect::<Result<_>>()?,
         None => (0..x.rank()).filter(|&i| x.shape[i] == k(1)).collect(),
     };
+    if let Some(&a) = axes
+        .iter()
+        .find(|&&a| x.shape[a].as_known().is_some_and(|d| d != 1))
+    {
+        return Err(cx.err(format!(
+            "cannot squeeze axis {a} of size {} in {}",
+            x.shape[a],
+            dims_str(&x.shape)
+        )));
+    }
     let shape = x
         .shape
         .iter()
@@ -243,10 +282,11 @@ fn transpose(cx: &mut InferCx) -> Result<Vec<Fact>> {
             .collect::<Result<_>>()?,
         None => (0..x.rank()).rev().collect(),
     };
-    if perm.len() != x.rank() {
+    let mut seen = vec![false; x.rank()];
+    if perm.len() != x.rank() || perm.iter().any(|&p| std::mem::replace(&mut seen[p], true)) {
         return Err(cx.err(format!(
-            "perm of length {} for rank {}",
-            perm.len(),
+            "perm {:?} is not a permutation of rank {}",
+            cx.node.attr_ints("perm").unwrap_or_default(),
             x.rank()
         )));
     }
@@ -271,6 +311,17 @@ fn concat(cx: &mut InferCx) -> Result<Vec<Fact>> {
                 dims_str(&f.shape)
             )));
         }
+        let clash = (0..f.rank()).find(|&d| {
+            d != axis
+                && matches!((shape[d].as_known(), f.shape[d].as_known()), (Some(p), Some(q)) if p != q)
+        });
+        if let Some(d) = clash {
+            return Err(cx.err(format!(
+                "inputs differ on axis {d}, which is not the concat axis: {} and {}",
+                dims_str(&first.shape),
+                dims_str(&f.shape)
+            )));
+        }
         total = total.and_then(|t| t.add(&f.shape[axis]));
         values = match (values, &f.value) {
             (Some(mut a), Some(b)) if first.rank() <= 1 => {
@@ -291,7 +342,11 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let axis = cx.axis(cx.node.attr_int("axis").unwrap_or(0), x.rank())?;
     let n = cx.node.outputs.len();
     let sizes: Vec<DimExpr> = if cx.opset >= 13 && cx.opt_input(1).is_some() {
-        cx.input_ints(1)?.into_iter().map(k).collect()
+        // Sizes may be symbolic (computed from a Shape), so take the contents, not just ints.
+        cx.input(1)?
+            .value
+            .clone()
+            .ok_or_else(|| cx.err("the split sizes are not known at compile time"))?
     } else if let Some(s) = cx.node.attr_ints("split") {
         s.iter().map(|&v| k(v)).collect()
     } else {
@@ -300,6 +355,9 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
             .attr_int("num_outputs")
             .map(|v| v as usize)
             .unwrap_or(n);
+        if parts == 0 {
+            return Err(cx.err("Split into 0 outputs"));
+        }
         let d = &x.shape[axis];
         match d.as_known() {
             Some(len) => {
@@ -318,6 +376,15 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
     if sizes.len() != n {
         return Err(cx.err(format!("{} split sizes for {n} outputs", sizes.len())));
     }
+    let known: Option<Vec<i64>> = sizes.iter().map(DimExpr::as_known).collect();
+    if let (Some(len), Some(known)) = (x.shape[axis].as_known(), known) {
+        let sum = known.iter().try_fold(0i64, |a, &v| a.checked_add(v));
+        if known.iter().any(|&v| v < 0) || sum != Some(len) {
+            return Err(cx.err(format!(
+                "split sizes {known:?} do not add up to {len}, the size of axis {axis}"
+            )));
+        }
+    }
     Ok(sizes
         .into_iter()
         .map(|s| {
@@ -333,24 +400,25 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
 fn slice_len(dim: &DimExpr, start: &DimExpr, end: &DimExpr, step: i64) -> Option<DimExpr> {
     match (dim.as_known(), start.as_known(), end.as_known()) {
         (Some(d), Some(s), Some(e)) => {
-            let clamp = |v: i64, lo: i64, hi: i64| v.clamp(lo, hi);
+            // i128: bounds like INT64_MIN and steps like INT64_MAX must not overflow.
+            if d <= 0 {
+                // Empty axis (and `clamp` below needs d ≥ 1 for a negative step).
+                return Some(k(0));
+            }
+            let (d, s, e, step) = (d as i128, s as i128, e as i128, step as i128);
+            let wrap = |v: i128| if v < 0 { v + d } else { v };
+            // ONNX: for a negative step, starts clamp to [0, d-1] and ends to [-1, d-1].
             let (s, e) = if step > 0 {
-                (
-                    clamp(if s < 0 { s + d } else { s }, 0, d),
-                    clamp(if e < 0 { e + d } else { e }, 0, d),
-                )
+                (wrap(s).clamp(0, d), wrap(e).clamp(0, d))
             } else {
-                (
-                    clamp(if s < 0 { s + d } else { s }, -1, d - 1),
-                    clamp(if e < 0 { e + d } else { e }, -1, d - 1),
-                )
+                (wrap(s).clamp(0, d - 1), wrap(e).clamp(-1, d - 1))
             };
             let n = if step > 0 {
                 (e - s + step - 1).div_euclid(step)
             } else {
-                (s - e + (-step) - 1).div_euclid(-step)
+                (s - e - step - 1).div_euclid(-step)
             };
-            Some(k(n.max(0)))
+            Some(k(n.max(0) as i64))
         }
         // The whole symbolic axis: `0..INT_MAX` (exporters' "to the end").
         (None, Some(0), Some(e)) if step == 1 && e >= i32::MAX as i64 => Some(dim.clone()),
@@ -485,7 +553,11 @@ fn range(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let len = match (&s, &l, &d) {
         (Some(s), Some(l), Some(d)) => match (s.as_known(), l.as_known(), d.as_known()) {
             (Some(s), Some(l), Some(d)) if d != 0 => {
-                Some(k(((l - s) as f64 / d as f64).ceil().max(0.0) as i64))
+                // ceil((l - s) / d) in i128: no overflow, no float rounding.
+                let (a, d) = (l as i128 - s as i128, d as i128);
+                let (a, d) = if d < 0 { (-a, -d) } else { (a, d) };
+                let n = (a + d - 1).div_euclid(d);
+                Some(k(n.clamp(0, i64::MAX as i128) as i64))
             }
             (Some(0), None, Some(1)) => Some(l.clone()),
             _ => None,
@@ -500,7 +572,12 @@ fn range(cx: &mut InferCx) -> Result<Vec<Fact>> {
         d.as_ref().and_then(DimExpr::as_known),
     ) {
         if start.dtype.is_integer() && n as usize <= MAX_TRACKED_VALUES {
-            f.value = Some((0..n).map(|i| k(s + i * d)).collect());
+            // Every element lies between start and limit, so none overflows.
+            f.value = Some(
+                (0..n)
+                    .map(|i| k(s.wrapping_add(i.wrapping_mul(d))))
+                    .collect(),
+            );
         }
     }
     Ok(vec![f])
@@ -512,6 +589,12 @@ fn constant_of_shape(cx: &mut InferCx) -> Result<Vec<Fact>> {
         .value
         .clone()
         .ok_or_else(|| cx.err("the shape is not known at compile time"))?;
+    if let Some(d) = shape.iter().find(|d| d.as_known().is_some_and(|v| v < 0)) {
+        return Err(cx.err(format!(
+            "negative dim {d} in the shape {}",
+            dims_str(&shape)
+        )));
+    }
     let value = cx.node.attr_tensor("value");
     let dtype = value.map(|t| t.dtype).unwrap_or(DataType::Float);
     let mut f = Fact::new(dtype, shape);
@@ -570,7 +653,6 @@ fn pad(cx: &mut InferCx) -> Result<Vec<Fact>> {
         let extra = k(pads[j] + pads[j + axes.len()]);
         shape[a] = shape[a].add(&extra).unwrap_or_else(|| cx.fresh());
     }
-    let _ = dtype_attr;
     Ok(vec![Fact::new(x.dtype, shape)])
 }
 
@@ -663,5 +745,144 @@ mod tests {
         assert_eq!(f.get("a").unwrap().display(), "f32[batch, seq, 16]");
         assert_eq!(f.get("b").unwrap().display(), "f32[batch, seq, 48]");
         assert_eq!(f.get("t").unwrap().display(), "f32[batch, 64, seq]");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient rules. Data-movement ops move the gradient back: reshaping ops reshape it to the
+// input's runtime shape, Transpose inverts its permutation, Concat slices, Split concatenates,
+// Slice pads, Expand sums over the broadcast axes.
+
+pub(crate) mod grads {
+    use crate::autodiff::GradCx;
+    use crate::error::Result;
+    use crate::ir::AttrValue;
+
+    type Out = Result<Vec<Option<String>>>;
+
+    /// Reshape, Flatten, Squeeze, Unsqueeze: the gradient takes the input's shape back.
+    pub fn reshape_back(cx: &mut GradCx) -> Out {
+        let (g, x) = (cx.gy(0)?, cx.x(0));
+        let shape = cx.op("Shape", "x_shape", &[&x]);
+        let mut out = vec![Some(cx.op("Reshape", "dx", &[&g, &shape]))];
+        out.resize(cx.node.inputs.len(), None);
+        Ok(out)
+    }
+
+    pub fn transpose(cx: &mut GradCx) -> Out {
+        let (g, x) = (cx.gy(0)?, cx.x(0));
+        let rank = cx.fact(&x)?.rank();
+        let perm: Vec<i64> = match cx.node.attr_ints("perm") {
+            Some(p) => p
+                .iter()
+                .map(|&a| if a < 0 { a + rank as i64 } else { a })
+                .collect(),
+            None => (0..rank as i64).rev().collect(),
+        };
+        let mut inv = vec![0i64; rank];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p as usize] = i as i64;
+        }
+        Ok(vec![Some(cx.op_attrs(
+            "Transpose",
+            "dx",
+            &[&g],
+            vec![("perm", AttrValue::Ints(inv))],
+        ))])
+    }
+
+    pub fn expand(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        Ok(vec![Some(cx.unbroadcast(&g, 0)?), None])
+    }
+
+    /// Concat: each input's gradient is its slice of g along the axis; offsets are computed
+    /// from the inputs' runtime shapes, so symbolic sizes work.
+    pub fn concat(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        let rank = cx.fact(&cx.x(0))?.rank() as i64;
+        let a = cx.node.attr_int("axis").unwrap_or(0);
+        let a = if a < 0 { a + rank } else { a };
+        let axes = cx.b.ints("axis", &[a]);
+        let mut start = cx.b.ints("zero", &[0]);
+        let mut out = vec![];
+        for i in 0..cx.node.inputs.len() {
+            let x = cx.x(i);
+            let shape = cx.op("Shape", "x_shape", &[&x]);
+            let size = cx.op_attrs(
+                "Gather",
+                "size",
+                &[&shape, &axes],
+                vec![("axis", AttrValue::Int(0))],
+            );
+            let end = cx.op("Add", "end", &[&start, &size]);
+            out.push(if cx.needs(i) {
+                Some(cx.op("Slice", "dx", &[&g, &start, &end, &axes]))
+            } else {
+                None
+            });
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Split: concatenate the outputs' gradients (zeros for outputs off the path).
+    pub fn split(cx: &mut GradCx) -> Out {
+        let rank = cx.fact(&cx.x(0))?.rank() as i64;
+        let a = cx.node.attr_int("axis").unwrap_or(0);
+        let a = if a < 0 { a + rank } else { a };
+        let gs: Vec<String> = (0..cx.node.outputs.len())
+            .map(|i| cx.gy(i))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&str> = gs.iter().map(String::as_str).collect();
+        let mut out = vec![Some(cx.op_attrs(
+            "Concat",
+            "dx",
+            &refs,
+            vec![("axis", AttrValue::Int(a))],
+        ))];
+        out.resize(cx.node.inputs.len(), None);
+        Ok(out)
+    }
+
+    /// Slice with unit steps over known dims: pad the gradient back with zeros.
+    pub fn slice(cx: &mut GradCx) -> Out {
+        let (g, x) = (cx.gy(0)?, cx.x(0));
+        let xs = cx.fact(&x)?.shape.clone();
+        let ints = |cx: &GradCx, i: usize| -> Result<Option<Vec<i64>>> {
+            match cx.node.input(i) {
+                Some(n) => Ok(Some(
+                    cx.fact(n)?
+                        .known_ints()
+                        .ok_or_else(|| cx.err("non-constant slice bounds"))?,
+                )),
+                None => Ok(None),
+            }
+        };
+        let starts = ints(cx, 1)?.unwrap_or_default();
+        let ends = ints(cx, 2)?.unwrap_or_default();
+        let r = xs.len() as i64;
+        let axes: Vec<i64> = ints(cx, 3)?
+            .unwrap_or_else(|| (0..starts.len() as i64).collect())
+            .into_iter()
+            .map(|a| if a < 0 { a + r } else { a })
+            .collect();
+        if ints(cx, 4)?.is_some_and(|s| s.iter().any(|&v| v != 1)) {
+            return Err(cx.err("gradient of Slice with steps other than 1 is not supported"));
+        }
+        let mut pads = vec![0i64; 2 * xs.len()];
+        for (j, &ax) in axes.iter().enumerate() {
+            let d = xs[ax as usize].as_known().ok_or_else(|| {
+                cx.err("gradient of Slice along a symbolic axis is not supported")
+            })?;
+            let norm = |v: i64| (if v < 0 { v + d } else { v }).clamp(0, d);
+            let (s, e) = (norm(starts[j]), norm(ends[j]).max(norm(starts[j])));
+            pads[ax as usize] = s;
+            pads[ax as usize + xs.len()] = d - e;
+        }
+        let p = cx.b.ints("pads", &pads);
+        let mut out = vec![Some(cx.op("Pad", "dx", &[&g, &p]))];
+        out.resize(cx.node.inputs.len(), None);
+        Ok(out)
     }
 }

@@ -21,7 +21,8 @@ use crate::targets::Layout;
 
 use super::out_feature_sqnorms;
 
-/// Replaces every composite node by standard ops; the result imports no `ai.bidora` opset.
+/// Replaces every composite node by standard ops, except `ai.bidora.StopGradient` markers
+/// (DoRA's `detach_norm`) that autodiff needs; [`strip_markers`] turns those into Identity.
 pub fn lower(model: &Model) -> Result<Model> {
     let mut model = model.clone();
     let g = &mut model.graph;
@@ -47,8 +48,21 @@ pub fn lower(model: &Model) -> Result<Model> {
         g.nodes.splice(i..=i, new);
         i += n;
     }
-    model.opset_imports.retain(|o| o.domain != BIDORA_DOMAIN);
     Ok(model)
+}
+
+/// Makes a lowered model plain ONNX: `StopGradient` markers become `Identity` and the
+/// `ai.bidora` opset import goes.
+pub fn strip_markers(model: &Model) -> Model {
+    let mut model = model.clone();
+    for n in &mut model.graph.nodes {
+        if n.domain == BIDORA_DOMAIN && n.op_type == crate::autodiff::STOP_GRADIENT {
+            n.domain.clear();
+            n.op_type = "Identity".into();
+        }
+    }
+    model.opset_imports.retain(|o| o.domain != BIDORA_DOMAIN);
+    model
 }
 
 /// Finds the constant weight behind a composite node's `W` operand (directly, or through the
@@ -144,7 +158,16 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     let quad_s = e.op("Mul", "quad.scaled", &[&quad, &s2], vec![]);
     let n2a = e.op("Add", "n2.partial", &[&wsq, &cross_s], vec![]);
     let n2 = e.op("Add", "n2", &[&n2a, &quad_s], vec![]);
-    let n = e.op("Sqrt", "norm", &[&n2], vec![]);
+    let mut n = e.op("Sqrt", "norm", &[&n2], vec![]);
+    if node.attr_int("detach_norm").unwrap_or(0) != 0 {
+        // DoRA §4.3: the norm is a constant for the backward pass.
+        n = e.op_in(
+            BIDORA_DOMAIN,
+            crate::autodiff::STOP_GRADIENT,
+            "norm.detached",
+            &[&n],
+        );
+    }
     let ratio = e.op("Div", "ratio", &[m, &n], vec![]);
     e.op_into("Mul", "out", &[&sum, &ratio], vec![], out);
     Ok(e.finish())

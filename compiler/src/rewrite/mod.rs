@@ -14,7 +14,7 @@ pub mod lower;
 pub mod split_fused;
 
 pub use adapt::{adapt, Adapted, AdapterConfig, AdapterRecord, Method};
-pub use lower::lower;
+pub use lower::{lower, strip_markers};
 pub use split_fused::split_fused;
 
 use crate::ir::Tensor;

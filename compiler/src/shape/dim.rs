@@ -53,7 +53,8 @@ impl DimExpr {
 
     /// Exact division; `None` when `o` does not divide `self` as a monomial.
     pub fn div(&self, o: &DimExpr) -> Option<DimExpr> {
-        if o.coef == 0 || self.coef % o.coef != 0 {
+        // checked_rem: `i64::MIN % -1` overflows (and 0 divides nothing).
+        if self.coef.checked_rem(o.coef)? != 0 {
             return None;
         }
         let mut syms = self.syms.clone();
@@ -68,7 +69,7 @@ impl DimExpr {
             }
         }
         Some(DimExpr {
-            coef: self.coef / o.coef,
+            coef: self.coef.checked_div(o.coef)?,
             syms,
         })
     }
@@ -92,11 +93,20 @@ impl DimExpr {
         }
     }
 
+    /// `-self`; saturates at `i64::MIN` rather than overflow (no real dim comes near it).
     pub fn neg(&self) -> DimExpr {
         DimExpr {
-            coef: -self.coef,
+            coef: self.coef.saturating_neg(),
             syms: self.syms.clone(),
         }
+    }
+
+    /// `self - o` when it is a monomial (same symbols, or either side 0), without overflow.
+    pub fn sub(&self, o: &DimExpr) -> Option<DimExpr> {
+        self.add(&DimExpr {
+            coef: o.coef.checked_neg()?,
+            syms: o.syms.clone(),
+        })
     }
 }
 
@@ -138,5 +148,20 @@ mod tests {
         assert_eq!(b.add(&s), None);
         assert_eq!(DimExpr::known(0).add(&s), Some(s.clone()));
         assert_eq!(s.add(&s.neg()), Some(DimExpr::known(0)));
+        assert_eq!(
+            b.mul(&DimExpr::known(3)).sub(&b).unwrap().to_string(),
+            "2*batch"
+        );
+        assert_eq!(b.sub(&s), None);
+    }
+
+    #[test]
+    fn overflowing_arithmetic_gives_none_not_a_panic() {
+        let min = DimExpr::known(i64::MIN);
+        assert_eq!(min.div(&DimExpr::known(-1)), None);
+        assert_eq!(min.div(&DimExpr::known(0)), None);
+        assert_eq!(DimExpr::known(0).sub(&min), None);
+        assert_eq!(DimExpr::known(i64::MAX).add(&DimExpr::known(1)), None);
+        assert_eq!(min.neg(), DimExpr::known(i64::MAX));
     }
 }

@@ -168,6 +168,20 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
             fresh: &fresh,
         };
         let outs = (rule.infer)(&mut cx)?;
+        // A named output the op does not have would otherwise stay without a fact and fail
+        // later at some consumer, far from its cause.
+        if let Some(last) = node.outputs.iter().rposition(|o| !o.is_empty()) {
+            if last >= outs.len() {
+                return Err(Error::Shape {
+                    node: node.label(),
+                    msg: format!(
+                        "the node has {} outputs, the op at most {}",
+                        last + 1,
+                        outs.len()
+                    ),
+                });
+            }
+        }
         for (name, fact) in node.outputs.iter().zip(outs) {
             if !name.is_empty() {
                 facts.insert(name.clone(), fact);
@@ -175,4 +189,218 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
         }
     }
     Ok(facts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{AttrValue, Node, ValueInfo};
+
+    /// A graph with `x: f32[batch, 8]` and the given i64 initializers.
+    fn graph(consts: &[(&str, &[i64])], nodes: Vec<Node>) -> Graph {
+        let mut g = Graph::default();
+        g.inputs.push(ValueInfo::new(
+            "x",
+            ValueType::tensor(
+                DataType::Float,
+                vec![Dim::Sym("batch".into()), Dim::Known(8)],
+            ),
+        ));
+        for (name, v) in consts {
+            // One element: a scalar (Range, Gather indices); more: a 1-D vector.
+            let dims = if v.len() == 1 {
+                vec![]
+            } else {
+                vec![v.len() as i64]
+            };
+            g.initializers
+                .insert(name.to_string(), Tensor::from_i64(*name, dims, v));
+        }
+        g.nodes = nodes;
+        g
+    }
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        Node::new(op, format!("the_{op}"), s(inputs), s(outputs))
+    }
+
+    #[test]
+    fn unknown_op_and_missing_input_name_the_node() {
+        let e = infer_graph(&graph(&[], vec![node("Frobnicate", &["x"], &["y"])]), 18)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Frobnicate") && e.contains("the_Frobnicate"),
+            "{e}"
+        );
+        let e = infer_graph(&graph(&[], vec![node("Relu", &["nowhere"], &["y"])]), 18)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the_Relu") && e.contains("nowhere"), "{e}");
+    }
+
+    #[test]
+    fn an_output_the_op_lacks_is_an_error_at_the_node() {
+        let e = infer_graph(&graph(&[], vec![node("Relu", &["x"], &["y", "extra"])]), 18)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the_Relu") && e.contains("2 outputs"), "{e}");
+        // Omitted trailing outputs are fine.
+        let f = infer_graph(&graph(&[], vec![node("Dropout", &["x"], &["y", ""])]), 18).unwrap();
+        assert_eq!(f.get("y").unwrap().display(), "f32[batch, 8]");
+    }
+
+    #[test]
+    fn range_split_slice_and_constants_propagate_contents() {
+        let c = [
+            ("zero", &[0i64][..]),
+            ("five", &[5]),
+            ("two", &[2]),
+            ("mone", &[-1]),
+            ("big", &[i64::MAX]),
+            ("rev", &[8]),
+            ("shape", &[2, 3]),
+        ];
+        let mut g = graph(
+            &c,
+            vec![
+                node("Range", &["zero", "five", "two"], &["r"]),
+                node("Range", &["five", "zero", "mone"], &["down"]),
+                // A whole axis backwards: x[:, ::-1].
+                node("Slice", &["x", "mone", "big", "one_ax", "mone"], &["flip"]),
+                node("Split", &["x"], &["a", "b", "c"])
+                    .with_attr("axis", AttrValue::Int(1))
+                    .with_attr("num_outputs", AttrValue::Int(3)),
+                node("ConstantOfShape", &["shape"], &["z"]),
+                node("Constant", &[], &["ints"])
+                    .with_attr("value_ints", AttrValue::Ints(vec![4, -1])),
+            ],
+        );
+        g.initializers
+            .insert("one_ax".into(), Tensor::from_i64("one_ax", vec![1], &[1]));
+        // Slice's starts/ends/steps are 1-D.
+        for n in ["mone", "big"] {
+            let t = g.initializers.get_mut(n).unwrap();
+            t.dims = vec![1];
+        }
+        let f = infer_graph(&g, 18).unwrap();
+        assert_eq!(f.get("r").unwrap().display(), "i64[3]");
+        assert_eq!(f.get("r").unwrap().known_ints(), Some(vec![0, 2, 4]));
+        assert_eq!(
+            f.get("down").unwrap().known_ints(),
+            Some(vec![5, 4, 3, 2, 1])
+        );
+        // Start -1 → 7, end INT64_MAX clamps to 7 for a negative step: empty.
+        assert_eq!(f.get("flip").unwrap().display(), "f32[batch, 0]");
+        // Opset 18 num_outputs: 8 = 3 + 3 + 2.
+        let sizes: Vec<String> = ["a", "b", "c"]
+            .iter()
+            .map(|n| f.get(n).unwrap().display())
+            .collect();
+        assert_eq!(sizes, ["f32[batch, 3]", "f32[batch, 3]", "f32[batch, 2]"]);
+        assert_eq!(f.get("z").unwrap().display(), "f32[2, 3]");
+        assert_eq!(f.get("ints").unwrap().known_ints(), Some(vec![4, -1]));
+    }
+
+    #[test]
+    fn negative_step_slices_follow_the_onnx_clamping() {
+        let mut g = graph(&[], vec![]);
+        let v = |name: &str, vals: &[i64]| Tensor::from_i64(name, vec![vals.len() as i64], vals);
+        for t in [
+            v("s", &[-1]),
+            v("e", &[i64::MIN]),
+            v("ax", &[1]),
+            v("st", &[-1]),
+            v("s2", &[-100]),
+            v("e2", &[-200]),
+            v("st2", &[-3]),
+        ] {
+            g.initializers.insert(t.name.clone(), t);
+        }
+        g.nodes = vec![
+            // x[:, ::-1]: all 8.
+            node("Slice", &["x", "s", "e", "ax", "st"], &["all"]),
+            // Start below the axis clamps to 0, end to -1: one element (index 0).
+            node("Slice", &["x", "s2", "e2", "ax", "st"], &["one"]),
+            // x[:, 7::-3]: indices 7, 4, 1.
+            node("Slice", &["x", "s", "e", "ax", "st2"], &["three"]),
+        ];
+        let f = infer_graph(&g, 18).unwrap();
+        assert_eq!(f.get("all").unwrap().display(), "f32[batch, 8]");
+        assert_eq!(f.get("one").unwrap().display(), "f32[batch, 1]");
+        assert_eq!(f.get("three").unwrap().display(), "f32[batch, 3]");
+    }
+
+    /// Malformed graphs must give an error (or a fact), never a panic.
+    #[test]
+    fn hostile_inputs_are_errors_not_panics() {
+        let c: &[(&str, &[i64])] = &[
+            ("min", &[i64::MIN]),
+            ("max", &[i64::MAX]),
+            ("mone", &[-1]),
+            ("zero", &[0]),
+            ("ax1", &[1, 1]),
+            ("bad_shape", &[3, 5]),
+            ("neg_shape", &[-2, 3]),
+        ];
+        let attr = |n: Node, k: &str, v: AttrValue| n.with_attr(k, v);
+        let cases: Vec<(Vec<Node>, bool)> = vec![
+            (vec![node("Div", &["min", "mone"], &["y"])], true),
+            (vec![node("Sub", &["zero", "min"], &["y"])], true),
+            (vec![node("Range", &["min", "max", "max"], &["y"])], true),
+            (vec![node("Range", &["max", "min", "min"], &["y"])], true),
+            (vec![node("Range", &["zero", "max", "zero"], &["y"])], true),
+            (
+                vec![node(
+                    "Slice",
+                    &["ax1", "zero", "max", "zero", "max"],
+                    &["y"],
+                )],
+                true,
+            ),
+            (
+                vec![node("Slice", &["ax1", "max", "min", "zero", "min"], &["y"])],
+                true,
+            ),
+            (vec![node("Split", &["x"], &[])], false),
+            (
+                vec![attr(
+                    node("Split", &["x"], &[]),
+                    "num_outputs",
+                    AttrValue::Int(0),
+                )],
+                false,
+            ),
+            (vec![node("Reshape", &["ax1", "bad_shape"], &["y"])], false),
+            (vec![node("ConstantOfShape", &["neg_shape"], &["y"])], false),
+            (
+                vec![attr(
+                    node("Transpose", &["x"], &["y"]),
+                    "perm",
+                    AttrValue::Ints(vec![0, 0]),
+                )],
+                false,
+            ),
+            (
+                vec![attr(
+                    node("Transpose", &["x"], &["y"]),
+                    "perm",
+                    AttrValue::Ints(vec![5, 0]),
+                )],
+                false,
+            ),
+            (vec![node("Squeeze", &["x", "ax1"], &["y"])], false),
+            (vec![node("Gather", &["min", "zero"], &["y"])], false),
+            (vec![node("MatMul", &["min", "x"], &["y"])], false),
+            (vec![node("Concat", &[], &["y"])], false),
+            (vec![node("Constant", &[], &["y"])], false),
+            (vec![node("Cast", &["x"], &["y"])], false),
+        ];
+        for (nodes, ok) in cases {
+            let label = nodes[0].label();
+            let r = infer_graph(&graph(c, nodes), 18);
+            assert_eq!(r.is_ok(), ok, "{label}: {:?}", r.err());
+        }
+    }
 }

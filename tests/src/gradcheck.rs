@@ -1,0 +1,126 @@
+//! The gradient-check harness every rule and program is held to: JAX's `check_grads` idea.
+//! For random directions `t` (one per differentiated input), the emitted gradient's
+//! directional derivative `Σ ⟨∇L, t⟩` must match the central difference
+//! `(L(x + h·t) − L(x − h·t)) / 2h` of the emitted loss, to a stated relative tolerance.
+
+use std::path::Path;
+
+use bidora_compiler::autodiff;
+use bidora_compiler::ir::Model;
+use bidora_runtime::tract_exec::{HostTensor, TractProgram};
+use ndarray::ArrayD;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// The result of one check.
+#[derive(Debug)]
+pub struct Check {
+    pub analytic: f64,
+    pub numeric: f64,
+    pub rel_err: f64,
+}
+
+fn as_f64(t: &HostTensor) -> ArrayD<f64> {
+    match t {
+        HostTensor::F64(a) => a.clone(),
+        HostTensor::F32(a) => a.mapv(|v| v as f64),
+        HostTensor::I64(a) => a.mapv(|v| v as f64),
+    }
+}
+
+fn perturbed(t: &HostTensor, dir: &ArrayD<f64>, h: f64) -> HostTensor {
+    match t {
+        HostTensor::F64(a) => HostTensor::F64(a + &(dir * h)),
+        HostTensor::F32(a) => HostTensor::F32(a + &dir.mapv(|v| (v * h) as f32)),
+        HostTensor::I64(_) => panic!("cannot perturb an integer input"),
+    }
+}
+
+/// Differentiates `model`'s scalar `loss` w.r.t. `wrt` (graph inputs) and checks the result
+/// at `inputs` along a random direction with step `h`.
+pub fn check(
+    model: &Model,
+    loss: &str,
+    wrt: &[&str],
+    inputs: &[(String, HostTensor)],
+    h: f64,
+    seed: u64,
+) -> Check {
+    check_against(model, None, loss, wrt, inputs, h, seed)
+}
+
+/// Like [`check`], with the finite differences taken on `reference` (same inputs, same loss
+/// output) when the runtime's own kernel for an op is less precise than the op's definition
+/// (tract's LayerNormalization uses an approximate reciprocal square root).
+pub fn check_against(
+    model: &Model,
+    reference: Option<&Model>,
+    loss: &str,
+    wrt: &[&str],
+    inputs: &[(String, HostTensor)],
+    h: f64,
+    seed: u64,
+) -> Check {
+    let wrt: Vec<String> = wrt.iter().map(|s| s.to_string()).collect();
+    let grads =
+        autodiff::backward(model, loss, &wrt).unwrap_or_else(|e| panic!("backward failed: {e}"));
+    let model = bidora_compiler::rewrite::strip_markers(&grads.model);
+    let dir = tempfile::tempdir().unwrap();
+    let path = crate::save(&model, dir.path(), "grad.onnx");
+    if let Ok(d) = std::env::var("BIDORA_DUMP_GRAD") {
+        std::fs::copy(&path, Path::new(&d).join("grad.onnx")).unwrap();
+    }
+    let prog = TractProgram::load(Path::new(&path), inputs).unwrap_or_else(|e| panic!("{e:#}"));
+    let outs = prog.run(inputs).unwrap();
+    let names = prog.output_names().to_vec();
+    let find = |outs: &[HostTensor], name: &str| -> ArrayD<f64> {
+        let i = names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("no output {name} in {names:?}"));
+        as_f64(&outs[i])
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut analytic = 0.0;
+    let mut dirs = vec![];
+    for (w, gname) in &grads.grads {
+        let x = &inputs.iter().find(|(n, _)| n == w).unwrap().1;
+        let g = find(&outs, gname);
+        let t = as_f64(x).mapv(|_| rng.random_range(-1.0..1.0));
+        assert_eq!(
+            g.shape(),
+            t.shape(),
+            "gradient of '{w}' has the wrong shape"
+        );
+        analytic += (&g * &t).sum();
+        dirs.push((w.clone(), t));
+    }
+    let ref_prog = reference.map(|r| {
+        let p = crate::save(r, dir.path(), "reference.onnx");
+        TractProgram::load(Path::new(&p), inputs).unwrap_or_else(|e| panic!("{e:#}"))
+    });
+    let numeric_prog = ref_prog.as_ref().unwrap_or(&prog);
+    let numeric_names = numeric_prog.output_names().to_vec();
+    let loss_at = |sign: f64| -> f64 {
+        let moved: Vec<(String, HostTensor)> = inputs
+            .iter()
+            .map(|(n, t)| match dirs.iter().find(|(w, _)| w == n) {
+                Some((_, d)) => (n.clone(), perturbed(t, d, sign * h)),
+                None => (n.clone(), t.clone()),
+            })
+            .collect();
+        let outs = numeric_prog.run(&moved).unwrap();
+        let i = numeric_names
+            .iter()
+            .position(|n| n == loss)
+            .expect("loss output");
+        as_f64(&outs[i]).sum()
+    };
+    let numeric = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * h);
+    let rel_err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(1e-12);
+    Check {
+        analytic,
+        numeric,
+        rel_err,
+    }
+}
