@@ -481,6 +481,13 @@ fn data_movement() {
             .outputs(2),
         87,
     );
+    let mut c = case("Gather", vec![x(&[3, 6, 5])]).attr("axis", AttrValue::Int(1));
+    c.consts.push(Tensor::from_i64("idx", vec![], &[2]));
+    assert_case(c, 89);
+    let mut c = case("Gather", vec![x(&[3, 6, 5])]).attr("axis", AttrValue::Int(-1));
+    c.consts
+        .push(Tensor::from_i64("idx", vec![4], &[0, 4, -1, 4]));
+    assert_case(c, 90);
     let c = case("Slice", vec![x(&[3, 6, 5])])
         .ints("starts", &[1, -4])
         .ints("ends", &[5, i64::MAX])

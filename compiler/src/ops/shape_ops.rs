@@ -67,7 +67,7 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "Gather",
         infer: gather,
-        grad: None,
+        grad: Some(grads::gather),
     },
     OpDef {
         op: "GatherElements",
@@ -756,7 +756,7 @@ mod tests {
 pub(crate) mod grads {
     use crate::autodiff::GradCx;
     use crate::error::Result;
-    use crate::ir::AttrValue;
+    use crate::ir::{AttrValue, DataType};
 
     type Out = Result<Vec<Option<String>>>;
 
@@ -843,6 +843,90 @@ pub(crate) mod grads {
         ))];
         out.resize(cx.node.inputs.len(), None);
         Ok(out)
+    }
+
+    /// Gather w.r.t. the data, for scalar or 1-D indices (token selection such as BERT's pooler
+    /// taking position 0): a one-hot matrix `O[k, d] = (indices[k] == d)` built at run time
+    /// from the axis' size, then `dx = g · O` along the axis, which also sums repeated
+    /// indices. Indices of higher rank (embedding lookups) are not supported: embedding tables
+    /// are frozen in PEFT, so they never need this.
+    pub fn gather(cx: &mut GradCx) -> Out {
+        let (g, x, idx) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let xf = cx.fact(&x)?.clone();
+        let ir = cx.fact(&idx)?.rank();
+        if ir > 1 {
+            return Err(cx.err("gradient of Gather w.r.t. data needs scalar or 1-D indices"));
+        }
+        let r = xf.rank() as i64;
+        let a = cx.node.attr_int("axis").unwrap_or(0);
+        let a = if a < 0 { a + r } else { a };
+        let axes = cx.b.ints("axis", &[a]);
+        // g with the gathered axis present: [.., k, ..].
+        let gk = if ir == 0 {
+            cx.op("Unsqueeze", "g_k", &[&g, &axes])
+        } else {
+            g
+        };
+        let shape = cx.op("Shape", "x_shape", &[&x]);
+        let dim = cx.op_attrs(
+            "Gather",
+            "dim",
+            &[&shape, &axes],
+            vec![("axis", AttrValue::Int(0))],
+        );
+        let dim0 = cx.b.ints("zero", &[0]);
+        let squeeze0 = cx.b.ints("ax0", &[0]);
+        let dim_s = cx.op("Squeeze", "dim_s", &[&dim, &squeeze0]);
+        let start = cx.op("Squeeze", "start", &[&dim0, &squeeze0]);
+        let one = cx.b.ints("one", &[1]);
+        let step = cx.op("Squeeze", "step", &[&one, &squeeze0]);
+        let range = cx.op("Range", "positions", &[&start, &dim_s, &step]);
+        let idx64 = cx.op_attrs(
+            "Cast",
+            "idx",
+            &[&idx],
+            vec![("to", AttrValue::Int(DataType::Int64 as i64))],
+        );
+        // Negative indices count from the end.
+        let zero = cx.op("Squeeze", "zero_s", &[&dim0, &squeeze0]);
+        let neg = cx.op("Less", "neg", &[&idx64, &zero]);
+        let wrapped = cx.op("Add", "wrapped", &[&idx64, &dim_s]);
+        let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
+        let col = if ir == 0 {
+            cx.op("Unsqueeze", "idx_k", &[&fixed, &squeeze0])
+        } else {
+            fixed
+        };
+        let col = cx.op("Unsqueeze", "idx_col", &[&col, &one]);
+        let hot = cx.op("Equal", "onehot_b", &[&col, &range]);
+        let dtype = xf.dtype as i64;
+        let onehot = cx.op_attrs(
+            "Cast",
+            "onehot",
+            &[&hot],
+            vec![("to", AttrValue::Int(dtype))],
+        );
+        // Move the axis last, contract with the one-hot matrix, move it back.
+        let mut perm: Vec<i64> = (0..r).filter(|&i| i != a).collect();
+        perm.push(a);
+        let mut inv = vec![0i64; r as usize];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p as usize] = i as i64;
+        }
+        let gt = cx.op_attrs(
+            "Transpose",
+            "g_last",
+            &[&gk],
+            vec![("perm", AttrValue::Ints(perm))],
+        );
+        let dx_last = cx.op("MatMul", "dx_last", &[&gt, &onehot]);
+        let dx = cx.op_attrs(
+            "Transpose",
+            "dx",
+            &[&dx_last],
+            vec![("perm", AttrValue::Ints(inv))],
+        );
+        Ok(vec![Some(dx), None])
     }
 
     /// Slice with unit steps over known dims: pad the gradient back with zeros.

@@ -1,0 +1,155 @@
+//! Whole-model gradients: DoRA adapters of real fixture graphs differentiated through the
+//! exported transformer (attention, softmax, LayerNorm, GELU), against finite differences.
+
+use bidora_compiler::autodiff;
+use bidora_compiler::ir::{AttrValue, DataType, Dim, Node, ValueInfo, ValueType};
+use bidora_compiler::load_model;
+use bidora_compiler::rewrite::{self, Method};
+use bidora_runtime::tract_exec::HostTensor;
+use bidora_tests::gradcheck::check;
+use bidora_tests::*;
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Lowered DoRA model (StopGradient markers kept) with `loss = Σ value ⊙ c` appended.
+fn with_loss(
+    path: &std::path::Path,
+    value: &str,
+    value_shape: &[usize],
+) -> (
+    bidora_compiler::ir::Model,
+    Vec<(String, HostTensor)>,
+    Vec<String>,
+) {
+    let model = load_model(path).unwrap();
+    let c = compile(&model, &options(qv_targets(&family(path)), Method::Dora));
+    let mut m = rewrite::lower(&c.adapted).unwrap();
+    let g = &mut m.graph;
+    let dims: Vec<Dim> = value_shape.iter().map(|&d| Dim::Known(d as i64)).collect();
+    g.inputs.push(ValueInfo::new(
+        "c",
+        ValueType::tensor(DataType::Float, dims),
+    ));
+    g.nodes.push(Node::new(
+        "Mul",
+        "loss.mul",
+        vec![value.into(), "c".into()],
+        vec!["loss.p".into()],
+    ));
+    g.nodes.push(
+        Node::new(
+            "ReduceSum",
+            "loss.sum",
+            vec!["loss.p".into()],
+            vec!["loss".into()],
+        )
+        .with_attr("keepdims", AttrValue::Int(0)),
+    );
+    g.outputs.push(ValueInfo::new(
+        "loss",
+        ValueType::tensor(DataType::Float, vec![]),
+    ));
+    // Random non-zero adapters (B = 0 at initialisation would hide half the gradient).
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut inputs = example_inputs(&model);
+    for (name, t) in &c.init {
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        let v: Vec<f32> = t
+            .to_f32_vec()
+            .unwrap()
+            .iter()
+            .map(|x| x + rng.random_range(-0.2..0.2))
+            .collect();
+        inputs.push((
+            name.clone(),
+            HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()),
+        ));
+    }
+    let n: usize = value_shape.iter().product();
+    let cv: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    inputs.push((
+        "c".into(),
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(value_shape), cv).unwrap()),
+    ));
+    let wrt = c.init.keys().cloned().collect();
+    (m, inputs, wrt)
+}
+
+#[test]
+fn an_op_without_a_rule_names_the_op_node_and_path() {
+    // Softplus has a shape rule but no gradient rule: put it between an adapter and the loss.
+    let path = repo_root().join("models/bert_legacy17.onnx");
+    let (mut m, _, wrt) = with_loss(&path, "logits", &[2, 2]);
+    let g = &mut m.graph;
+    let at = g.nodes.iter().position(|n| n.name == "loss.mul").unwrap();
+    g.nodes.insert(
+        at,
+        Node::new(
+            "Softplus",
+            "/head/softplus",
+            vec!["logits".into()],
+            vec!["logits.sp".into()],
+        ),
+    );
+    g.nodes[at + 1].inputs[0] = "logits.sp".into();
+    let err = autodiff::backward(&m, "loss", &wrt)
+        .err()
+        .expect("Softplus has no rule")
+        .to_string();
+    assert!(
+        err.contains("Softplus")
+            && err.contains("/head/softplus")
+            && err.contains("no gradient rule"),
+        "{err}"
+    );
+    assert!(
+        err.contains("lora_"),
+        "the path starts at an adapter: {err}"
+    );
+    assert!(
+        err.contains("logits → [Softplus") && err.ends_with("loss"),
+        "the path runs through the op to the loss: {err}"
+    );
+}
+
+#[test]
+fn dora_adapter_gradients_of_the_classifier_logits() {
+    // Through both layers and the classification head (pooler token selection, Tanh, Gemm).
+    let path = repo_root().join("models/bert_legacy17.onnx");
+    let (m, inputs, wrt) = with_loss(&path, "logits", &[2, 2]);
+    let wrt: Vec<&str> = wrt.iter().map(String::as_str).collect();
+    let r = check(&m, "loss", &wrt, &inputs, 1e-2, 12);
+    eprintln!(
+        "logits: analytic {} numeric {} rel {:.2e}",
+        r.analytic, r.numeric, r.rel_err
+    );
+    assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
+}
+
+#[test]
+fn dora_adapter_gradients_through_two_encoder_layers() {
+    // The last encoder layer's output: both layers' attention (q and v adapted), softmax,
+    // LayerNorm and the GELU (Erf) MLP lie between the adapters and this value.
+    let path = repo_root().join("models/bert_legacy17.onnx");
+    let model = load_model(&path).unwrap();
+    let last = model
+        .graph
+        .nodes
+        .iter()
+        .rev()
+        .find(|n| n.op_type == "LayerNormalization" && n.name.contains("layer.1/output"))
+        .unwrap()
+        .outputs[0]
+        .clone();
+    let (m, inputs, wrt) = with_loss(&path, &last, &[2, 8, 64]);
+    let wrt: Vec<&str> = wrt.iter().map(String::as_str).collect();
+    // f32 program (the fixture is f32): central differences with h = 1e-2 on a loss of ~100
+    // terms; the stated tolerance covers f32 rounding of the differences.
+    let r = check(&m, "loss", &wrt, &inputs, 1e-2, 11);
+    eprintln!(
+        "analytic {} numeric {} rel {:.2e}",
+        r.analytic, r.numeric, r.rel_err
+    );
+    assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
+}
