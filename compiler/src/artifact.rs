@@ -17,6 +17,8 @@ use crate::rewrite::{AdapterConfig, AdapterRecord};
 pub const MANIFEST: &str = "manifest.json";
 pub const INIT: &str = "init.safetensors";
 pub const FORWARD: &str = "forward.onnx";
+pub const TRAIN_STEP: &str = "train_step.onnx";
+pub const EVAL: &str = "eval.onnx";
 
 /// What a program input or output is for, so runtimes can bind it without guessing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -30,6 +32,12 @@ pub enum Role {
     Magnitude,
     /// A model output (logits).
     Output,
+    /// Labels read by the loss head.
+    Label,
+    /// The scalar loss.
+    Loss,
+    /// The gradient of the loss w.r.t. the trainable tensor named in `of`.
+    Gradient,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -39,6 +47,9 @@ pub struct TensorSig {
     /// Each dim a number or a symbol name (`null` when unknown).
     pub shape: Option<Vec<serde_json::Value>>,
     pub role: Role,
+    /// For a gradient: the trainable tensor it belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub of: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -57,6 +68,8 @@ pub struct Manifest {
     pub source_model: String,
     pub opset: i64,
     pub config: AdapterConfig,
+    /// The loss head, when the artifact has training programs.
+    pub task: Option<crate::heads::Head>,
     pub adapters: Vec<AdapterRecord>,
     pub programs: IndexMap<String, ProgramSig>,
 }
@@ -79,8 +92,14 @@ fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) 
     }
 }
 
-/// The signature of a program graph, with roles taken from the adapter records.
-pub fn program_sig(file: &str, graph: &Graph, adapters: &[AdapterRecord]) -> ProgramSig {
+/// The signature of a program graph, with roles taken from the adapter records and, for the
+/// training programs, the loss head and gradient list.
+pub fn program_sig(
+    file: &str,
+    graph: &Graph,
+    adapters: &[AdapterRecord],
+    training: Option<&crate::pipeline::TrainPrograms>,
+) -> ProgramSig {
     let role_of = |name: &str| {
         if adapters
             .iter()
@@ -92,17 +111,30 @@ pub fn program_sig(file: &str, graph: &Graph, adapters: &[AdapterRecord]) -> Pro
             .any(|a| a.lora_a == name || a.lora_b == name)
         {
             Role::Adapter
+        } else if training.is_some_and(|t| t.head.labels.iter().any(|l| l == name)) {
+            Role::Label
         } else {
             Role::Data
         }
     };
-    let sig = |v: &crate::ir::ValueInfo, role: Role| {
+    let out_role = |name: &str| -> (Role, Option<String>) {
+        match training {
+            Some(t) if t.head.loss == name => (Role::Loss, None),
+            Some(t) => match t.grads.iter().find(|(_, g)| g == name) {
+                Some((w, _)) => (Role::Gradient, Some(w.clone())),
+                None => (Role::Output, None),
+            },
+            None => (Role::Output, None),
+        }
+    };
+    let sig = |v: &crate::ir::ValueInfo, (role, of): (Role, Option<String>)| {
         let (dtype, shape) = dims_json(&v.ty);
         TensorSig {
             name: v.name.clone(),
             dtype,
             shape,
             role,
+            of,
         }
     };
     ProgramSig {
@@ -110,9 +142,13 @@ pub fn program_sig(file: &str, graph: &Graph, adapters: &[AdapterRecord]) -> Pro
         inputs: graph
             .inputs
             .iter()
-            .map(|v| sig(v, role_of(&v.name)))
+            .map(|v| sig(v, (role_of(&v.name), None)))
             .collect(),
-        outputs: graph.outputs.iter().map(|v| sig(v, Role::Output)).collect(),
+        outputs: graph
+            .outputs
+            .iter()
+            .map(|v| sig(v, out_role(&v.name)))
+            .collect(),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod artifact;
 pub mod autodiff;
 pub mod dump;
 pub mod error;
+pub mod heads;
 pub mod ir;
 pub mod legalize;
 pub mod onnx_io;

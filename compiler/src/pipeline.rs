@@ -3,7 +3,9 @@
 use indexmap::IndexMap;
 
 use crate::artifact::{self, Artifact, Manifest};
+use crate::autodiff;
 use crate::error::Result;
+use crate::heads::{self, Head, Task};
 use crate::ir::{Model, Tensor};
 use crate::rewrite::{self, AdapterConfig, AdapterRecord};
 use crate::targets::{self, TargetSpec};
@@ -11,6 +13,19 @@ use crate::targets::{self, TargetSpec};
 pub struct CompileOptions {
     pub targets: TargetSpec,
     pub adapter: AdapterConfig,
+    /// With a task, the loss head is attached and `train_step`/`eval` programs are emitted.
+    pub task: Option<Task>,
+}
+
+/// The single-level training programs (see `ARCHITECTURE.md`).
+pub struct TrainPrograms {
+    pub head: Head,
+    /// Batch + trainable tensors → loss, every gradient, logits.
+    pub train_step: Model,
+    /// Batch + trainable tensors → logits, loss.
+    pub eval: Model,
+    /// Trainable tensor → its gradient output in `train_step`.
+    pub grads: Vec<(String, String)>,
 }
 
 /// Every stage's result, kept so that tools and tests can look at any of them.
@@ -21,31 +36,72 @@ pub struct Compiled {
     pub forward: Model,
     pub adapters: Vec<AdapterRecord>,
     pub init: IndexMap<String, Tensor>,
+    pub training: Option<TrainPrograms>,
 }
 
 pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     let selected = targets::select(&model.graph, &opts.targets)?;
     let adapted = rewrite::adapt(model, selected, &opts.adapter)?;
-    let mut forward = rewrite::strip_markers(&rewrite::lower(&adapted.model)?);
+    let lowered = rewrite::lower(&adapted.model)?;
+    let mut forward = rewrite::strip_markers(&lowered);
     crate::ir::topo::toposort(&mut forward.graph)?;
     // Type-check the emitted program: a rewrite bug fails here, naming the node, rather than
     // in a runtime on another machine.
     crate::shape::infer(&forward)?;
+    let training = match opts.task {
+        None => None,
+        Some(task) => {
+            let (with_loss, head) = heads::attach(&lowered, task)?;
+            let trainable: Vec<String> = adapted.init.keys().cloned().collect();
+            let grads = autodiff::backward(&with_loss, &head.loss, &trainable)?;
+            let mut train_step = rewrite::strip_markers(&grads.model);
+            // Outputs: loss first, then the gradients, then the logits.
+            let outs = std::mem::take(&mut train_step.graph.outputs);
+            let pick = |name: &str| outs.iter().find(|o| o.name == name).cloned();
+            train_step.graph.outputs = std::iter::once(pick(&head.loss))
+                .chain(grads.grads.iter().map(|(_, g)| pick(g)))
+                .chain(std::iter::once(pick(&head.logits)))
+                .flatten()
+                .collect();
+            let eval = rewrite::strip_markers(&with_loss);
+            crate::shape::infer(&train_step)?;
+            Some(TrainPrograms {
+                head,
+                train_step,
+                eval,
+                grads: grads.grads,
+            })
+        }
+    };
     Ok(Compiled {
         adapted: adapted.model,
         forward,
         adapters: adapted.adapters,
         init: adapted.init,
+        training,
     })
 }
 
 /// Packs a compilation into the artifact folder's contents.
 pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Artifact {
     let mut programs = IndexMap::new();
+    let mut files = vec![(artifact::FORWARD.to_string(), c.forward.clone())];
     programs.insert(
         "forward".to_string(),
-        artifact::program_sig(artifact::FORWARD, &c.forward.graph, &c.adapters),
+        artifact::program_sig(artifact::FORWARD, &c.forward.graph, &c.adapters, None),
     );
+    if let Some(t) = &c.training {
+        for (key, file, model) in [
+            ("train_step", artifact::TRAIN_STEP, &t.train_step),
+            ("eval", artifact::EVAL, &t.eval),
+        ] {
+            programs.insert(
+                key.to_string(),
+                artifact::program_sig(file, &model.graph, &c.adapters, Some(t)),
+            );
+            files.push((file.to_string(), model.clone()));
+        }
+    }
     Artifact {
         manifest: Manifest {
             format: "bidora-artifact",
@@ -54,10 +110,11 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             source_model: source_model.to_string(),
             opset: c.forward.onnx_opset().unwrap_or(0),
             config: opts.adapter.clone(),
+            task: c.training.as_ref().map(|t| t.head.clone()),
             adapters: c.adapters.clone(),
             programs,
         },
-        programs: vec![(artifact::FORWARD.to_string(), c.forward.clone())],
+        programs: files,
         init: c.init.clone(),
     }
 }

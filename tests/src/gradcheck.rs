@@ -12,6 +12,28 @@ use ndarray::ArrayD;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Which direction the directional derivative is taken along.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Direction {
+    /// Uniform in [-1, 1] per element (independent of the gradient).
+    Random,
+    /// The emitted gradient itself, scaled to a largest element of 1: the derivative is then
+    /// ‖g‖²/max|g|, the largest signal there is, which f32 whole-model checks need when the
+    /// random-direction derivative is as small as the f32 rounding of the differences.
+    Gradient,
+}
+
+/// How a check is taken.
+#[derive(Clone, Copy)]
+pub struct CheckOpts<'a> {
+    /// Finite differences on this model instead (same inputs and loss output).
+    pub reference: Option<&'a Model>,
+    /// Step along the direction.
+    pub h: f64,
+    pub seed: u64,
+    pub direction: Direction,
+}
+
 /// The result of one check.
 #[derive(Debug)]
 pub struct Check {
@@ -51,7 +73,7 @@ pub fn check(
 
 /// Like [`check`], with the finite differences taken on `reference` (same inputs, same loss
 /// output) when the runtime's own kernel for an op is less precise than the op's definition
-/// (tract's LayerNormalization uses an approximate reciprocal square root).
+/// (tract's LayerNormalization is not exact in f64).
 pub fn check_against(
     model: &Model,
     reference: Option<&Model>,
@@ -65,8 +87,32 @@ pub fn check_against(
     let grads =
         autodiff::backward(model, loss, &wrt).unwrap_or_else(|e| panic!("backward failed: {e}"));
     let model = bidora_compiler::rewrite::strip_markers(&grads.model);
+    let opts = CheckOpts {
+        reference,
+        h,
+        seed,
+        direction: Direction::Random,
+    };
+    check_emitted(&model, loss, &grads.grads, inputs, &opts)
+}
+
+/// Checks a program that already outputs gradients (`grads`: input → gradient output name)
+/// against finite differences of its own `loss` output (or of `reference`'s).
+pub fn check_emitted(
+    model: &Model,
+    loss: &str,
+    grads: &[(String, String)],
+    inputs: &[(String, HostTensor)],
+    opts: &CheckOpts,
+) -> Check {
+    let CheckOpts {
+        reference,
+        h,
+        seed,
+        direction,
+    } = *opts;
     let dir = tempfile::tempdir().unwrap();
-    let path = crate::save(&model, dir.path(), "grad.onnx");
+    let path = crate::save(model, dir.path(), "grad.onnx");
     if let Ok(d) = std::env::var("BIDORA_DUMP_GRAD") {
         std::fs::copy(&path, Path::new(&d).join("grad.onnx")).unwrap();
     }
@@ -82,11 +128,20 @@ pub fn check_against(
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut analytic = 0.0;
+    let _ = &mut rng;
     let mut dirs = vec![];
-    for (w, gname) in &grads.grads {
+    let gmax = grads
+        .iter()
+        .map(|(_, gname)| find(&outs, gname).iter().fold(0f64, |m, v| m.max(v.abs())))
+        .fold(0f64, f64::max)
+        .max(1e-30);
+    for (w, gname) in grads {
         let x = &inputs.iter().find(|(n, _)| n == w).unwrap().1;
         let g = find(&outs, gname);
-        let t = as_f64(x).mapv(|_| rng.random_range(-1.0..1.0));
+        let t = match direction {
+            Direction::Random => as_f64(x).mapv(|_| rng.random_range(-1.0..1.0)),
+            Direction::Gradient => g.mapv(|v| v / gmax),
+        };
         assert_eq!(
             g.shape(),
             t.shape(),

@@ -56,6 +56,7 @@ pub fn options(targets: Vec<String>, method: Method) -> CompileOptions {
             detach_norm: false,
             seed: 7,
         },
+        task: None,
     }
 }
 

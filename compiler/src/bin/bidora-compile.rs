@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use bidora_compiler::heads::Task;
 use bidora_compiler::pipeline::{self, CompileOptions};
 use bidora_compiler::rewrite::{AdapterConfig, Method};
 use bidora_compiler::targets::{self, TargetSpec};
@@ -14,6 +15,20 @@ use clap::{Parser, ValueEnum};
 enum MethodArg {
     Dora,
     Lora,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TaskArg {
+    /// Sequence classification, cross-entropy; labels i64[batch].
+    SeqCls,
+    /// Regression, mean squared error; labels f32[batch], logits [batch, 1].
+    Regression,
+    /// Multi-label classification, binary cross-entropy with logits; labels f32[batch, n].
+    MultiLabel,
+    /// Token classification, cross-entropy ignoring label -100; labels i64[batch, seq].
+    TokenCls,
+    /// Causal language modelling: next-token cross-entropy on input_ids, padding ignored.
+    CausalLm,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
@@ -27,7 +42,8 @@ enum DumpStage {
 }
 
 /// Compile an ONNX model into BiDoRA programs: rewrite target linear ops into DoRA (or LoRA)
-/// nodes and write an artifact folder (forward.onnx, init.safetensors, manifest.json).
+/// nodes and write an artifact folder (forward.onnx, init.safetensors, manifest.json; with
+/// --task also train_step.onnx and eval.onnx).
 #[derive(Parser, Debug)]
 #[command(
     name = "bidora-compile",
@@ -37,6 +53,8 @@ enum DumpStage {
     bidora-compile model.onnx --list-targets
   DoRA on the attention query and value projections, rank 8:
     bidora-compile model.onnx --target query,value --rank 8 --alpha 16 -o run/artifact
+  The same with a classification loss and the training programs:
+    bidora-compile model.onnx --target query,value --task seq-cls -o run/artifact
   GPT-2's fused c_attn, adapting only its q and v blocks:
     bidora-compile gpt2.onnx --target c_attn:q,v -o run/gpt2
   Modules chosen by a regular expression over module paths, plain LoRA:
@@ -90,6 +108,11 @@ struct Cli {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 
+    /// Attach a loss head and emit the training programs train_step.onnx (loss and the
+    /// gradient of every adapter tensor) and eval.onnx. Example: `--task seq-cls`.
+    #[arg(long, value_enum)]
+    task: Option<TaskArg>,
+
     /// Output artifact folder; written atomically. Example: `-o run/artifact`.
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
@@ -134,6 +157,13 @@ fn run(cli: Cli) -> Result<()> {
             detach_norm: cli.detach_norm,
             seed: cli.seed,
         },
+        task: cli.task.map(|t| match t {
+            TaskArg::SeqCls => Task::SeqCls,
+            TaskArg::Regression => Task::Regression,
+            TaskArg::MultiLabel => Task::MultiLabel,
+            TaskArg::TokenCls => Task::TokenCls,
+            TaskArg::CausalLm => Task::CausalLm,
+        }),
     };
     let compiled = pipeline::compile(&model, &opts)
         .with_context(|| format!("cannot compile {}", cli.model.display()))?;
@@ -158,9 +188,10 @@ fn run(cli: Cli) -> Result<()> {
         .unwrap_or_default();
     let art = pipeline::artifact(&compiled, &source, &opts);
     artifact::write(&art, &out, cli.force)?;
+    let files: Vec<&str> = art.programs.iter().map(|(f, _)| f.as_str()).collect();
     eprintln!(
         "wrote {} ({} adapters, {:?}, rank {}) to {}",
-        artifact::FORWARD,
+        files.join(", "),
         compiled.adapters.len(),
         opts.adapter.method,
         opts.adapter.rank,

@@ -1,0 +1,334 @@
+//! Loss heads the compiler appends to a model's logits, chosen with `--task`.
+//!
+//! Every loss is built from ops that tract and stock ONNX Runtime both run and that have
+//! gradient rules here: no SoftmaxCrossEntropyLoss/NegativeLogLikelihoodLoss (tract lacks
+//! them), no GatherElements on the logits (cross-entropy picks the label's log-probability
+//! with a one-hot product instead). Losses are means over the counted elements.
+//!
+//! | task | labels input | loss |
+//! |---|---|---|
+//! | `seq-cls` | `labels: i64[batch]` | mean cross-entropy |
+//! | `regression` | `labels: f32[batch]` (logits `[batch, 1]`) | mean squared error |
+//! | `multi-label` | `labels: f32[batch, n]` in {0, 1} | mean binary cross-entropy with logits |
+//! | `token-cls` | `labels: i64[batch, seq]`, -100 ignored | cross-entropy over labelled tokens |
+//! | `causal-lm` | none: `input_ids` shifted, `attention_mask` masks padding | shifted cross-entropy |
+
+use crate::error::{Error, Result};
+use crate::ir::builder::Builder;
+use crate::ir::{AttrValue, DataType, Dim, Model, Tensor, ValueInfo, ValueType};
+use crate::shape;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    SeqCls,
+    Regression,
+    MultiLabel,
+    TokenCls,
+    CausalLm,
+}
+
+/// The label value peft and transformers ignore in token-level losses.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// What the head added: the loss value and the label inputs it reads.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Head {
+    pub task: Task,
+    pub logits: String,
+    pub loss: String,
+    pub labels: Vec<String>,
+}
+
+/// Appends the loss for `task` to `model` (whose first output is the logits) and makes the
+/// loss a graph output after the logits.
+pub fn attach(model: &Model, task: Task) -> Result<(Model, Head)> {
+    let facts = shape::infer(model)?;
+    let mut m = model.clone();
+    let logits = m
+        .graph
+        .outputs
+        .first()
+        .ok_or_else(|| Error::Other("the model has no output to put a loss on".into()))?
+        .name
+        .clone();
+    let lf = facts.get(&logits).unwrap().clone();
+    if lf.dtype != DataType::Float {
+        return Err(Error::Other(format!(
+            "logits '{logits}' are {}, not f32",
+            lf.dtype.short_name()
+        )));
+    }
+    let sym = |d: &shape::DimExpr| match d.as_known() {
+        Some(v) => Dim::Known(v),
+        None => Dim::Sym(d.to_string()),
+    };
+    let vocab = lf.shape.last().and_then(|d| d.as_known());
+    let g = &mut m.graph;
+    let mut labels = vec![];
+    let mut b = Builder::new(g, "loss");
+    let loss = match task {
+        Task::SeqCls | Task::TokenCls | Task::CausalLm => {
+            let v = vocab.ok_or_else(|| {
+                Error::Other("the logits' last dim (classes) must be known".into())
+            })?;
+            let (label, mask) = match task {
+                Task::SeqCls => {
+                    if lf.rank() != 2 {
+                        return Err(Error::Other(format!(
+                            "seq-cls needs logits [batch, classes], got {}",
+                            lf.display()
+                        )));
+                    }
+                    labels.push((
+                        "labels".to_string(),
+                        DataType::Int64,
+                        vec![sym(&lf.shape[0])],
+                    ));
+                    ("labels".to_string(), None)
+                }
+                Task::TokenCls => {
+                    if lf.rank() != 3 {
+                        return Err(Error::Other(format!(
+                            "token-cls needs logits [batch, seq, classes], got {}",
+                            lf.display()
+                        )));
+                    }
+                    labels.push((
+                        "labels".to_string(),
+                        DataType::Int64,
+                        vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
+                    ));
+                    let ignore =
+                        b.constant("ignore", Tensor::from_i64("", vec![], &[IGNORE_INDEX]));
+                    let is_ignored = b.op("Equal", "is_ignored", &["labels", &ignore], vec![]);
+                    let keep = b.op("Not", "keep", &[&is_ignored], vec![]);
+                    let zero = b.constant("zero_i", Tensor::from_i64("", vec![], &[0]));
+                    let safe = b.op("Where", "safe_labels", &[&keep, "labels", &zero], vec![]);
+                    (safe, Some(keep))
+                }
+                _ => causal_lm_labels(&mut b, model, &lf)?,
+            };
+            let lsm = b.op(
+                "LogSoftmax",
+                "log_probs",
+                &[&logits],
+                vec![("axis", AttrValue::Int(-1))],
+            );
+            let classes: Vec<i64> = (0..v).collect();
+            let range = b.constant("classes", Tensor::from_i64("", vec![v], &classes));
+            let last = b.ints("last", &[-1]);
+            let col = b.op("Unsqueeze", "label_col", &[&label, &last], vec![]);
+            let hot = b.op("Equal", "onehot_b", &[&col, &range], vec![]);
+            let onehot = b.op(
+                "Cast",
+                "onehot",
+                &[&hot],
+                vec![("to", AttrValue::Int(DataType::Float as i64))],
+            );
+            let picked = b.op("Mul", "picked", &[&lsm, &onehot], vec![]);
+            let ll = b.op(
+                "ReduceSum",
+                "log_lik",
+                &[&picked, &last],
+                vec![("keepdims", AttrValue::Int(0))],
+            );
+            let nll = b.op("Neg", "nll", &[&ll], vec![]);
+            match mask {
+                None => b.op(
+                    "ReduceMean",
+                    "mean",
+                    &[&nll],
+                    vec![("keepdims", AttrValue::Int(0))],
+                ),
+                Some(keep) => masked_mean(&mut b, &nll, &keep),
+            }
+        }
+        Task::Regression => {
+            if lf.rank() != 2 || lf.shape[1].as_known() != Some(1) {
+                return Err(Error::Other(format!(
+                    "regression needs logits [batch, 1], got {}",
+                    lf.display()
+                )));
+            }
+            labels.push((
+                "labels".to_string(),
+                DataType::Float,
+                vec![sym(&lf.shape[0])],
+            ));
+            let last = b.ints("last", &[-1]);
+            let pred = b.op("Squeeze", "pred", &[&logits, &last], vec![]);
+            let d = b.op("Sub", "err", &[&pred, "labels"], vec![]);
+            let d2 = b.op("Mul", "sq_err", &[&d, &d], vec![]);
+            b.op(
+                "ReduceMean",
+                "mean",
+                &[&d2],
+                vec![("keepdims", AttrValue::Int(0))],
+            )
+        }
+        Task::MultiLabel => {
+            if lf.rank() != 2 {
+                return Err(Error::Other(format!(
+                    "multi-label needs logits [batch, labels], got {}",
+                    lf.display()
+                )));
+            }
+            labels.push((
+                "labels".to_string(),
+                DataType::Float,
+                vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
+            ));
+            // BCE with logits, stable form: relu(x) − x·y + log(1 + exp(−|x|)), |x| = relu(x) + relu(−x).
+            let pos = b.op("Relu", "relu", &[&logits], vec![]);
+            let neg_x = b.op("Neg", "neg", &[&logits], vec![]);
+            let negp = b.op("Relu", "relu_neg", &[&neg_x], vec![]);
+            let abs = b.op("Add", "abs", &[&pos, &negp], vec![]);
+            let nabs = b.op("Neg", "neg_abs", &[&abs], vec![]);
+            let e = b.op("Exp", "exp", &[&nabs], vec![]);
+            let one = b.constant("one", Tensor::from_f32("", vec![], &[1.0]));
+            let ope = b.op("Add", "one_plus", &[&one, &e], vec![]);
+            let log = b.op("Log", "softplus_tail", &[&ope], vec![]);
+            let xy = b.op("Mul", "x_y", &[&logits, "labels"], vec![]);
+            let t = b.op("Sub", "t", &[&pos, &xy], vec![]);
+            let bce = b.op("Add", "bce", &[&t, &log], vec![]);
+            b.op(
+                "ReduceMean",
+                "mean",
+                &[&bce],
+                vec![("keepdims", AttrValue::Int(0))],
+            )
+        }
+    };
+    let nodes = b.finish();
+    g.nodes.extend(nodes);
+    for (name, dtype, dims) in &labels {
+        g.inputs.push(ValueInfo::new(
+            name.clone(),
+            ValueType::tensor(*dtype, dims.clone()),
+        ));
+    }
+    // ReduceMean without axes reduces everything (all opsets); keepdims=0 gives a scalar.
+    let loss_name = g.fresh_name("loss");
+    g.nodes.push(crate::ir::Node::new(
+        "Identity",
+        "loss",
+        vec![loss],
+        vec![loss_name.clone()],
+    ));
+    g.outputs.push(ValueInfo::new(
+        loss_name.clone(),
+        ValueType::tensor(DataType::Float, vec![]),
+    ));
+    crate::ir::topo::toposort(g)?;
+    Ok((
+        m,
+        Head {
+            task,
+            logits,
+            loss: loss_name,
+            labels: labels.into_iter().map(|l| l.0).collect(),
+        },
+    ))
+}
+
+/// Σ(v ⊙ keep) / max(Σ keep, 1): the mean over the kept (labelled, non-padding) positions.
+fn masked_mean(b: &mut Builder, v: &str, keep: &str) -> String {
+    let keepf = b.op(
+        "Cast",
+        "keep_f",
+        &[keep],
+        vec![("to", AttrValue::Int(DataType::Float as i64))],
+    );
+    let kept = b.op("Mul", "kept", &[v, &keepf], vec![]);
+    let num = b.op(
+        "ReduceSum",
+        "sum",
+        &[&kept],
+        vec![("keepdims", AttrValue::Int(0))],
+    );
+    let den0 = b.op(
+        "ReduceSum",
+        "count",
+        &[&keepf],
+        vec![("keepdims", AttrValue::Int(0))],
+    );
+    let one = b.constant("one", Tensor::from_f32("", vec![], &[1.0]));
+    let den = b.op("Max", "count_at_least_1", &[&den0, &one], vec![]);
+    b.op("Div", "mean", &[&num, &den], vec![])
+}
+
+/// Labels for next-token prediction without slicing the logits: position t is scored against
+/// token t+1; the last position and padding (attention_mask 0) are masked out.
+fn causal_lm_labels(
+    b: &mut Builder,
+    model: &Model,
+    lf: &shape::Fact,
+) -> Result<(String, Option<String>)> {
+    if lf.rank() != 3 {
+        return Err(Error::Other(format!(
+            "causal-lm needs logits [batch, seq, vocab], got {}",
+            lf.display()
+        )));
+    }
+    let has = |n: &str| model.graph.inputs.iter().any(|i| i.name == n);
+    if !has("input_ids") || !has("attention_mask") {
+        return Err(Error::Other(
+            "causal-lm needs graph inputs input_ids and attention_mask".into(),
+        ));
+    }
+    let one = b.ints("one", &[1]);
+    let axis1 = b.ints("axis1", &[1]);
+    let big = b.ints("end", &[i64::MAX]);
+    let ids_next = b.op(
+        "Slice",
+        "ids_next",
+        &["input_ids", &one, &big, &axis1],
+        vec![],
+    );
+    let mask_next = b.op(
+        "Slice",
+        "mask_next",
+        &["attention_mask", &one, &big, &axis1],
+        vec![],
+    );
+    // One zero column at the end, shaped [batch, 1] from the ids' runtime shape.
+    let shape = b.op("Shape", "ids_shape", &["input_ids"], vec![]);
+    let zero_i = b.ints("zero", &[0]);
+    let batch = b.op(
+        "Gather",
+        "batch",
+        &[&shape, &zero_i],
+        vec![("axis", AttrValue::Int(0))],
+    );
+    let col_shape = b.op(
+        "Concat",
+        "col_shape",
+        &[&batch, &one],
+        vec![("axis", AttrValue::Int(0))],
+    );
+    let zeros = b.op(
+        "ConstantOfShape",
+        "zero_col",
+        &[&col_shape],
+        vec![(
+            "value",
+            AttrValue::Tensor(Tensor::from_i64("", vec![1], &[0])),
+        )],
+    );
+    let labels = b.op(
+        "Concat",
+        "shifted_ids",
+        &[&ids_next, &zeros],
+        vec![("axis", AttrValue::Int(1))],
+    );
+    let mask = b.op(
+        "Concat",
+        "shifted_mask",
+        &[&mask_next, &zeros],
+        vec![("axis", AttrValue::Int(1))],
+    );
+    let zero_s = b.constant("zero_s", Tensor::from_i64("", vec![], &[0]));
+    let keep = b.op("Greater", "keep", &[&mask, &zero_s], vec![]);
+    Ok((labels, Some(keep)))
+}

@@ -1,0 +1,150 @@
+//! The emitted training programs on every fixture family, for LoRA and DoRA and each task head
+//! that fits the fixture: train_step's gradients of all trainable tensors agree with finite
+//! differences of the emitted eval loss, and the manifest lists
+//! each program's inputs and outputs with their roles.
+
+use bidora_compiler::heads::Task;
+use bidora_compiler::load_model;
+use bidora_compiler::pipeline;
+use bidora_compiler::rewrite::Method;
+use bidora_runtime::tract_exec::HostTensor;
+use bidora_tests::gradcheck::{check_emitted, CheckOpts, Direction};
+use bidora_tests::*;
+use ndarray::{ArrayD, IxDyn};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn tasks_for(family: &str) -> Vec<Task> {
+    match family {
+        "gpt2" => vec![Task::CausalLm, Task::TokenCls],
+        _ => vec![Task::SeqCls, Task::MultiLabel],
+    }
+}
+
+fn labels(task: Task) -> Vec<(String, HostTensor)> {
+    let a = |shape: &[usize], v: Vec<i64>| {
+        HostTensor::I64(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+    };
+    let f = |shape: &[usize], v: Vec<f32>| {
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+    };
+    match task {
+        Task::SeqCls => vec![("labels".into(), a(&[2], vec![1, 0]))],
+        Task::MultiLabel => vec![("labels".into(), f(&[2, 2], vec![1.0, 0.0, 1.0, 1.0]))],
+        Task::TokenCls => {
+            let v: Vec<i64> = (0..16)
+                .map(|k| {
+                    if k % 5 == 0 {
+                        -100
+                    } else {
+                        (k * 37 % 1000) as i64
+                    }
+                })
+                .collect();
+            vec![("labels".into(), a(&[2, 8], v))]
+        }
+        Task::CausalLm | Task::Regression => vec![],
+    }
+}
+
+/// The fixtures are f32 programs: central differences along the gradient (largest element
+/// moved by h = 2e-3) with a relative tolerance of 5e-3 for f32 rounding over a whole
+/// transformer. The per-rule checks (grad_rules.rs) hold every rule to 1e-6 in f64.
+#[test]
+fn train_step_gradients_match_finite_differences_of_eval() {
+    let mut worst: f64 = 0.0;
+    for path in fixtures() {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let fam = family(&path);
+        let model = load_model(&path).unwrap();
+        for method in [Method::Lora, Method::Dora] {
+            for task in tasks_for(&fam) {
+                let mut opts = options(qv_targets(&fam), method);
+                opts.task = Some(task);
+                let c = pipeline::compile(&model, &opts)
+                    .unwrap_or_else(|e| panic!("{name} {task:?}: {e}"));
+                let t = c.training.as_ref().unwrap();
+                let mut rng = ChaCha8Rng::seed_from_u64(5);
+                let mut inputs = example_inputs(&model);
+                inputs.extend(labels(task));
+                for (n, tensor) in &c.init {
+                    let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
+                    let v: Vec<f32> = tensor
+                        .to_f32_vec()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x + rng.random_range(-0.2..0.2))
+                        .collect();
+                    inputs.push((
+                        n.clone(),
+                        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()),
+                    ));
+                }
+                let opts = CheckOpts {
+                    reference: Some(&t.eval),
+                    h: 2e-3,
+                    seed: 9,
+                    direction: Direction::Gradient,
+                };
+                let r = check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts);
+                eprintln!(
+                    "{name} {method:?} {task:?}: analytic {:.6e} numeric {:.6e} rel {:.2e}",
+                    r.analytic, r.numeric, r.rel_err
+                );
+                assert!(
+                    r.rel_err <= 5e-3,
+                    "{name} {method:?} {task:?}: relative error {:.3e}",
+                    r.rel_err
+                );
+                worst = worst.max(r.rel_err);
+            }
+        }
+    }
+    eprintln!("worst relative error {worst:.2e}");
+}
+
+#[test]
+fn manifest_lists_program_roles() {
+    let path = repo_root().join("models/roberta_legacy17.onnx");
+    let model = load_model(&path).unwrap();
+    let mut opts = options(qv_targets("roberta"), Method::Dora);
+    opts.task = Some(Task::SeqCls);
+    let c = pipeline::compile(&model, &opts).unwrap();
+    let art = pipeline::artifact(&c, "roberta_legacy17.onnx", &opts);
+    let json = serde_json::to_value(&art.manifest).unwrap();
+    let ts = &json["programs"]["train_step"];
+    assert_eq!(ts["file"], "train_step.onnx");
+    let roles = |key: &str| -> Vec<String> {
+        ts[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["role"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let ins = roles("inputs");
+    assert_eq!(ins.iter().filter(|r| *r == "adapter").count(), 8, "{ins:?}");
+    assert_eq!(ins.iter().filter(|r| *r == "magnitude").count(), 4);
+    assert!(ins.contains(&"label".to_string()) && ins.contains(&"data".to_string()));
+    let outs = roles("outputs");
+    assert_eq!(outs[0], "loss");
+    assert_eq!(outs.iter().filter(|r| *r == "gradient").count(), 12);
+    assert_eq!(outs.last().unwrap(), "output");
+    // Every gradient names its tensor.
+    for o in ts["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["role"] == "gradient")
+    {
+        assert!(c.init.contains_key(o["of"].as_str().unwrap()));
+    }
+    assert_eq!(json["task"]["task"], "seq-cls");
+    assert!(
+        json["programs"]["eval"]["outputs"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    );
+}
