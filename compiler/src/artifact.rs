@@ -30,6 +30,8 @@ pub enum Role {
     Adapter,
     /// A DoRA magnitude vector: the upper level's variables.
     Magnitude,
+    /// A classifier-head weight or bias trained with the adapters (`--train-head`).
+    Head,
     /// A model output (logits).
     Output,
     /// Labels read by the loss head.
@@ -68,6 +70,9 @@ pub struct Manifest {
     pub source_model: String,
     pub opset: i64,
     pub config: AdapterConfig,
+    /// Classifier-head tensors made trainable (`--train-head`), with the adapters in
+    /// `init.safetensors`.
+    pub head_params: Vec<String>,
     /// The loss head, when the artifact has training programs.
     pub task: Option<crate::heads::Head>,
     pub adapters: Vec<AdapterRecord>,
@@ -92,43 +97,15 @@ fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) 
     }
 }
 
-/// The signature of a program graph, with roles taken from the adapter records and, for the
-/// training programs, the loss head and gradient list.
-pub fn program_sig(
-    file: &str,
-    graph: &Graph,
-    adapters: &[AdapterRecord],
-    training: Option<&crate::pipeline::TrainPrograms>,
-) -> ProgramSig {
-    let role_of = |name: &str| {
-        if adapters
-            .iter()
-            .any(|a| a.magnitude.as_deref() == Some(name))
-        {
-            Role::Magnitude
-        } else if adapters
-            .iter()
-            .any(|a| a.lora_a == name || a.lora_b == name)
-        {
-            Role::Adapter
-        } else if training.is_some_and(|t| t.head.labels.iter().any(|l| l == name)) {
-            Role::Label
-        } else {
-            Role::Data
-        }
-    };
-    let out_role = |name: &str| -> (Role, Option<String>) {
-        match training {
-            Some(t) if t.head.loss == name => (Role::Loss, None),
-            Some(t) => match t.grads.iter().find(|(_, g)| g == name) {
-                Some((w, _)) => (Role::Gradient, Some(w.clone())),
-                None => (Role::Output, None),
-            },
-            None => (Role::Output, None),
-        }
-    };
-    let sig = |v: &crate::ir::ValueInfo, (role, of): (Role, Option<String>)| {
+/// The role of every named program input and output that is not plain data or output.
+pub type Roles = std::collections::HashMap<String, (Role, Option<String>)>;
+
+/// The signature of a program graph; names absent from `roles` are data (inputs) or plain
+/// outputs (outputs).
+pub fn program_sig(file: &str, graph: &Graph, roles: &Roles) -> ProgramSig {
+    let sig = |v: &crate::ir::ValueInfo, default: Role| {
         let (dtype, shape) = dims_json(&v.ty);
+        let (role, of) = roles.get(&v.name).cloned().unwrap_or((default, None));
         TensorSig {
             name: v.name.clone(),
             dtype,
@@ -139,16 +116,8 @@ pub fn program_sig(
     };
     ProgramSig {
         file: file.to_string(),
-        inputs: graph
-            .inputs
-            .iter()
-            .map(|v| sig(v, (role_of(&v.name), None)))
-            .collect(),
-        outputs: graph
-            .outputs
-            .iter()
-            .map(|v| sig(v, out_role(&v.name)))
-            .collect(),
+        inputs: graph.inputs.iter().map(|v| sig(v, Role::Data)).collect(),
+        outputs: graph.outputs.iter().map(|v| sig(v, Role::Output)).collect(),
     }
 }
 

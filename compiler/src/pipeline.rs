@@ -15,6 +15,8 @@ pub struct CompileOptions {
     pub adapter: AdapterConfig,
     /// With a task, the loss head is attached and `train_step`/`eval` programs are emitted.
     pub task: Option<Task>,
+    /// Train the classifier head's weights and biases too (peft's `modules_to_save`).
+    pub train_head: bool,
 }
 
 /// The single-level training programs (see `ARCHITECTURE.md`).
@@ -35,13 +37,23 @@ pub struct Compiled {
     /// The forward program: standard ONNX only.
     pub forward: Model,
     pub adapters: Vec<AdapterRecord>,
+    /// Initial values of every trainable tensor: adapters, then head parameters.
     pub init: IndexMap<String, Tensor>,
+    /// The head parameters among `init` (`--train-head`).
+    pub head_params: Vec<String>,
     pub training: Option<TrainPrograms>,
 }
 
 pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     let selected = targets::select(&model.graph, &opts.targets)?;
-    let adapted = rewrite::adapt(model, selected, &opts.adapter)?;
+    let mut adapted = rewrite::adapt(model, selected, &opts.adapter)?;
+    let mut head_params = vec![];
+    if opts.train_head {
+        let (m, params) = rewrite::head::make_trainable(&adapted.model)?;
+        adapted.model = m;
+        head_params = params.keys().cloned().collect();
+        adapted.init.extend(params);
+    }
     let lowered = rewrite::lower(&adapted.model)?;
     let mut forward = rewrite::strip_markers(&lowered);
     crate::ir::topo::toposort(&mut forward.graph)?;
@@ -78,17 +90,19 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
         forward,
         adapters: adapted.adapters,
         init: adapted.init,
+        head_params,
         training,
     })
 }
 
 /// Packs a compilation into the artifact folder's contents.
 pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Artifact {
+    let roles = roles(c);
     let mut programs = IndexMap::new();
     let mut files = vec![(artifact::FORWARD.to_string(), c.forward.clone())];
     programs.insert(
         "forward".to_string(),
-        artifact::program_sig(artifact::FORWARD, &c.forward.graph, &c.adapters, None),
+        artifact::program_sig(artifact::FORWARD, &c.forward.graph, &roles),
     );
     if let Some(t) = &c.training {
         for (key, file, model) in [
@@ -97,7 +111,7 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
         ] {
             programs.insert(
                 key.to_string(),
-                artifact::program_sig(file, &model.graph, &c.adapters, Some(t)),
+                artifact::program_sig(file, &model.graph, &roles),
             );
             files.push((file.to_string(), model.clone()));
         }
@@ -110,6 +124,7 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             source_model: source_model.to_string(),
             opset: c.forward.onnx_opset().unwrap_or(0),
             config: opts.adapter.clone(),
+            head_params: c.head_params.clone(),
             task: c.training.as_ref().map(|t| t.head.clone()),
             adapters: c.adapters.clone(),
             programs,
@@ -117,4 +132,30 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
         programs: files,
         init: c.init.clone(),
     }
+}
+
+/// What each program input and output is for, for the manifest.
+fn roles(c: &Compiled) -> artifact::Roles {
+    use artifact::Role;
+    let mut r = artifact::Roles::new();
+    for a in &c.adapters {
+        r.insert(a.lora_a.clone(), (Role::Adapter, None));
+        r.insert(a.lora_b.clone(), (Role::Adapter, None));
+        if let Some(m) = &a.magnitude {
+            r.insert(m.clone(), (Role::Magnitude, None));
+        }
+    }
+    for h in &c.head_params {
+        r.insert(h.clone(), (Role::Head, None));
+    }
+    if let Some(t) = &c.training {
+        for l in &t.head.labels {
+            r.insert(l.clone(), (Role::Label, None));
+        }
+        r.insert(t.head.loss.clone(), (Role::Loss, None));
+        for (w, g) in &t.grads {
+            r.insert(g.clone(), (Role::Gradient, Some(w.clone())));
+        }
+    }
+    r
 }

@@ -57,6 +57,7 @@ pub fn options(targets: Vec<String>, method: Method) -> CompileOptions {
             seed: 7,
         },
         task: None,
+        train_head: false,
     }
 }
 

@@ -104,6 +104,33 @@ fn train_step_gradients_match_finite_differences_of_eval() {
 }
 
 #[test]
+fn head_gradients_with_train_head() {
+    let model = load_model(&repo_root().join("models/roberta_dynamo18.onnx")).unwrap();
+    let mut opts = options(qv_targets("roberta"), Method::Dora);
+    opts.task = Some(Task::SeqCls);
+    opts.train_head = true;
+    let c = pipeline::compile(&model, &opts).unwrap();
+    assert_eq!(c.head_params.len(), 4, "{:?}", c.head_params);
+    let t = c.training.as_ref().unwrap();
+    assert_eq!(
+        t.grads.len(),
+        c.init.len(),
+        "one gradient per trainable tensor"
+    );
+    let mut inputs = example_inputs(&model);
+    inputs.extend(labels(Task::SeqCls));
+    inputs.extend(init_inputs(&c));
+    let opts = CheckOpts {
+        reference: Some(&t.eval),
+        h: 2e-3,
+        seed: 4,
+        direction: Direction::Gradient,
+    };
+    let r = check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts);
+    assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
+}
+
+#[test]
 fn manifest_lists_program_roles() {
     let path = repo_root().join("models/roberta_legacy17.onnx");
     let model = load_model(&path).unwrap();

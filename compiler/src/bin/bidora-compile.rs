@@ -113,6 +113,11 @@ struct Cli {
     #[arg(long, value_enum)]
     task: Option<TaskArg>,
 
+    /// Also train the classifier head (modules named `classifier` or `score`), as peft's
+    /// modules_to_save does; its weights become trainable inputs. Example: `--train-head`.
+    #[arg(long)]
+    train_head: bool,
+
     /// Output artifact folder; written atomically. Example: `-o run/artifact`.
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
@@ -164,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             TaskArg::TokenCls => Task::TokenCls,
             TaskArg::CausalLm => Task::CausalLm,
         }),
+        train_head: cli.train_head,
     };
     let compiled = pipeline::compile(&model, &opts)
         .with_context(|| format!("cannot compile {}", cli.model.display()))?;

@@ -10,6 +10,7 @@
 //! adapter with one gradient rule, and `detach_norm` is an attribute rather than a graph shape.
 
 pub mod adapt;
+pub mod head;
 pub mod lower;
 pub mod split_fused;
 

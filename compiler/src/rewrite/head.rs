@@ -1,0 +1,66 @@
+//! `--train-head`: the classifier head's weights and biases become trainable graph inputs,
+//! like peft's `modules_to_save`. The head is every linear op whose module path has a
+//! `classifier` or `score` component (BERT's `classifier`, RoBERTa's and ESM's
+//! `classifier.dense` and `classifier.out_proj`, `score` in causal-LM classifiers).
+
+use indexmap::IndexMap;
+
+use crate::error::{Error, Result};
+use crate::ir::{Dim, Model, Tensor, ValueInfo, ValueType};
+use crate::targets;
+
+fn is_head(module: &str) -> bool {
+    module.split('.').any(|c| c == "classifier" || c == "score")
+}
+
+/// Returns the model with the head's weights and biases as graph inputs, and their values.
+pub fn make_trainable(model: &Model) -> Result<(Model, IndexMap<String, Tensor>)> {
+    let mut m = model.clone();
+    let g = &mut m.graph;
+    let cands = targets::candidates(g);
+    let head: Vec<&targets::Candidate> = cands.iter().filter(|c| is_head(&c.module)).collect();
+    if head.is_empty() {
+        return Err(Error::Target {
+            msg: format!(
+                "--train-head: no linear op belongs to a `classifier` or `score` module. Candidates:\n{}",
+                targets::format_candidates(&cands)
+            ),
+        });
+    }
+    let consumers = g.consumers();
+    let mut names: Vec<String> = vec![];
+    for c in head {
+        names.push(c.weight.clone());
+        // The bias: Gemm's C, or the 1-D constant added right after a MatMul.
+        let node = &g.nodes[c.node_index];
+        let bias = if node.op_type == "Gemm" {
+            node.input(2).map(str::to_string)
+        } else {
+            consumers
+                .get(node.outputs[0].as_str())
+                .and_then(|users| match users.as_slice() {
+                    [u] if g.nodes[*u].op_type == "Add" => g.nodes[*u]
+                        .inputs
+                        .iter()
+                        .find(|v| g.constant(v).is_some_and(|t| t.dims.len() == 1))
+                        .cloned(),
+                    _ => None,
+                })
+        };
+        names.extend(bias);
+    }
+    names.dedup();
+    let mut values = IndexMap::new();
+    for n in names {
+        let t = g
+            .initializers
+            .shift_remove(&n)
+            .expect("a candidate's constant");
+        g.inputs.push(ValueInfo::new(
+            n.clone(),
+            ValueType::tensor(t.dtype, t.dims.iter().map(|&d| Dim::Known(d)).collect()),
+        ));
+        values.insert(n, t);
+    }
+    Ok((m, values))
+}
