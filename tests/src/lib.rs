@@ -2,6 +2,7 @@
 //! synthetic models, running programs with tract, and the gradient-check harness.
 
 pub mod gradcheck;
+pub mod ort;
 
 use std::path::{Path, PathBuf};
 

@@ -55,6 +55,15 @@ fn lowering_of_one_dora_and_one_lora_adapter() {
         .with_attr("transB", AttrValue::Int(1)),
     );
     let model = model_of(g);
+    // The training program of the DoRA model with a classification loss: forward, loss head
+    // and the backward graph of every adapter tensor.
+    let mut opts = options(vec!["query".into()], Method::Dora);
+    opts.task = Some(bidora_compiler::heads::Task::SeqCls);
+    let c = compile(&model, &opts);
+    insta::assert_snapshot!(
+        "one_linear.Dora.train_step",
+        dump::graph(&c.training.unwrap().train_step.graph)
+    );
     for method in [Method::Dora, Method::Lora] {
         let c = compile(&model, &options(vec!["query".into()], method));
         insta::assert_snapshot!(
