@@ -153,3 +153,134 @@ fn dora_adapter_gradients_through_two_encoder_layers() {
     );
     assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
 }
+
+/// DoRA with `detach_norm`: the emitted gradients are those of the model in which the column
+/// norm is a constant (held at its current value), and they differ from the full gradients.
+#[test]
+fn detach_norm_gradients_treat_the_norm_as_a_constant() {
+    use bidora_compiler::ir::{Graph, Tensor};
+    use bidora_compiler::pipeline::CompileOptions;
+    use bidora_runtime::tract_exec::run_once;
+
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let mut g = Graph {
+        name: "lin".into(),
+        ..Default::default()
+    };
+    g.inputs
+        .push(f32_input("x", &[Dim::Known(4), Dim::Known(6)]));
+    g.outputs
+        .push(f32_input("y", &[Dim::Known(4), Dim::Known(5)]));
+    let w: Vec<f32> = (0..30).map(|_| rng.random_range(-1.0..1.0)).collect();
+    g.initializers.insert(
+        "enc.query.weight".into(),
+        Tensor::from_f32("enc.query.weight", vec![6, 5], &w),
+    );
+    g.nodes.push(Node::new(
+        "MatMul",
+        "/enc/query/MatMul",
+        vec!["x".into(), "enc.query.weight".into()],
+        vec!["y".into()],
+    ));
+    let model = model_of(g);
+    let grads_for = |detach: bool| {
+        let mut opts: CompileOptions = options(vec!["query".into()], Method::Dora);
+        opts.adapter.detach_norm = detach;
+        let c = compile(&model, &opts);
+        let mut m = rewrite::lower(&c.adapted).unwrap();
+        let gr = &mut m.graph;
+        gr.inputs
+            .push(f32_input("c", &[Dim::Known(4), Dim::Known(5)]));
+        gr.nodes.push(Node::new(
+            "Mul",
+            "loss.mul",
+            vec!["y".into(), "c".into()],
+            vec!["loss.p".into()],
+        ));
+        gr.nodes.push(
+            Node::new(
+                "ReduceSum",
+                "loss.sum",
+                vec!["loss.p".into()],
+                vec!["loss".into()],
+            )
+            .with_attr("keepdims", AttrValue::Int(0)),
+        );
+        gr.outputs.push(ValueInfo::new(
+            "loss",
+            ValueType::tensor(DataType::Float, vec![]),
+        ));
+        (c, m)
+    };
+    let (c, m) = grads_for(true);
+    let mut inputs = vec![];
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    let mut rnd = |shape: &[usize], lo: f32, hi: f32| {
+        let n: usize = shape.iter().product();
+        HostTensor::F32(
+            ArrayD::from_shape_vec(
+                IxDyn(shape),
+                (0..n).map(|_| rng.random_range(lo..hi)).collect(),
+            )
+            .unwrap(),
+        )
+    };
+    inputs.push(("x".to_string(), rnd(&[4, 6], -1.0, 1.0)));
+    inputs.push(("c".to_string(), rnd(&[4, 5], -1.0, 1.0)));
+    for (n, t) in &c.init {
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        inputs.push((n.clone(), rnd(&dims, 0.2, 0.8)));
+    }
+    // The norm's value at this point, from the model itself.
+    let stop = m
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.op_type == autodiff::STOP_GRADIENT)
+        .unwrap()
+        .clone();
+    let mut probe = rewrite::strip_markers(&m);
+    probe.graph.outputs.push(ValueInfo::new(
+        stop.outputs[0].clone(),
+        ValueType::tensor(DataType::Float, vec![Dim::Known(5)]),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let pp = save(&probe, dir.path(), "probe.onnx");
+    let norm = run_once(&pp, &inputs).unwrap().pop().unwrap();
+    // Reference: the norm as an input held at that value.
+    let mut reference = rewrite::strip_markers(&m);
+    reference.graph.nodes.retain(|n| n.name != stop.name);
+    reference.graph.inputs.push(ValueInfo::new(
+        stop.outputs[0].clone(),
+        ValueType::tensor(DataType::Float, vec![Dim::Known(5)]),
+    ));
+    inputs.push((stop.outputs[0].clone(), norm));
+    let wrt: Vec<String> = c.init.keys().cloned().collect();
+    let detached = autodiff::backward(&m, "loss", &wrt).unwrap();
+    let prog = rewrite::strip_markers(&detached.model);
+    let opts = bidora_tests::gradcheck::CheckOpts {
+        reference: Some(&reference),
+        h: 1e-2,
+        seed: 23,
+        direction: bidora_tests::gradcheck::Direction::Random,
+    };
+    let r = bidora_tests::gradcheck::check_emitted(&prog, "loss", &detached.grads, &inputs, &opts);
+    assert!(
+        r.rel_err <= 1e-3,
+        "detached gradients vs constant-norm model: {:.3e}",
+        r.rel_err
+    );
+    // And against the full model (norm differentiated) they differ.
+    let (_, full) = grads_for(false);
+    let opts = bidora_tests::gradcheck::CheckOpts {
+        reference: Some(&rewrite::strip_markers(&full)),
+        ..opts
+    };
+    let r_full =
+        bidora_tests::gradcheck::check_emitted(&prog, "loss", &detached.grads, &inputs, &opts);
+    assert!(
+        r_full.rel_err > 1e-2,
+        "detach_norm changed nothing: {:.3e}",
+        r_full.rel_err
+    );
+}

@@ -488,6 +488,10 @@ fn data_movement() {
     c.consts
         .push(Tensor::from_i64("idx", vec![4], &[0, 4, -1, 4]));
     assert_case(c, 90);
+    let mut c = case("GatherElements", vec![x(&[3, 6, 5])]).attr("axis", AttrValue::Int(1));
+    let idx: Vec<i64> = (0..3 * 4 * 5).map(|k| [0, 5, -1, 2, 2][k % 5]).collect();
+    c.consts.push(Tensor::from_i64("idx", vec![3, 4, 5], &idx));
+    assert_case(c, 91);
     let c = case("Slice", vec![x(&[3, 6, 5])])
         .ints("starts", &[1, -4])
         .ints("ends", &[5, i64::MAX])

