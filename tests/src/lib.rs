@@ -104,6 +104,23 @@ pub fn init_inputs(c: &Compiled) -> Vec<(String, HostTensor)> {
         .collect()
 }
 
+/// The trainable tensors' initial values moved by uniform noise in ±0.2, seeded: B and the
+/// magnitudes away from their initialisation, so no gradient term vanishes.
+pub fn perturbed_init(c: &Compiled, seed: u64) -> Vec<(String, HostTensor)> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    init_inputs(c)
+        .into_iter()
+        .map(|(n, t)| {
+            let a = t
+                .as_f32()
+                .unwrap()
+                .mapv(|x| x + rng.random_range(-0.2..0.2));
+            (n, HostTensor::F32(a))
+        })
+        .collect()
+}
+
 /// Writes a model to `dir/name` with the compiler's own writer.
 pub fn save(model: &Model, dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);

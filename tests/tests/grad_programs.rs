@@ -53,19 +53,7 @@ fn with_loss(
     // Random non-zero adapters (B = 0 at initialisation would hide half the gradient).
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut inputs = example_inputs(&model);
-    for (name, t) in &c.init {
-        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        let v: Vec<f32> = t
-            .to_f32_vec()
-            .unwrap()
-            .iter()
-            .map(|x| x + rng.random_range(-0.2..0.2))
-            .collect();
-        inputs.push((
-            name.clone(),
-            HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()),
-        ));
-    }
+    inputs.extend(perturbed_init(&c, 3));
     let n: usize = value_shape.iter().product();
     let cv: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
     inputs.push((

@@ -9,8 +9,6 @@ use bidora_compiler::rewrite::Method;
 use bidora_runtime::tract_exec::{run_once, HostTensor};
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 /// Relative agreement: max |tract − ort| over max |ort| per output.
 const TOL: f64 = 1e-5;
@@ -32,7 +30,6 @@ fn train_step_and_eval_agree_between_tract_and_onnxruntime() {
             opts.task = Some(task);
             let c = pipeline::compile(&model, &opts).unwrap();
             let t = c.training.as_ref().unwrap();
-            let mut rng = ChaCha8Rng::seed_from_u64(2);
             let mut inputs = example_inputs(&model);
             if task == Task::SeqCls {
                 inputs.push((
@@ -40,19 +37,7 @@ fn train_step_and_eval_agree_between_tract_and_onnxruntime() {
                     HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[2]), vec![0, 1]).unwrap()),
                 ));
             }
-            for (n, tensor) in &c.init {
-                let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
-                let v: Vec<f32> = tensor
-                    .to_f32_vec()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x + rng.random_range(-0.2..0.2))
-                    .collect();
-                inputs.push((
-                    n.clone(),
-                    HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()),
-                ));
-            }
+            inputs.extend(perturbed_init(&c, 2));
             let dir = tempfile::tempdir().unwrap();
             for (file, prog) in [("train_step.onnx", &t.train_step), ("eval.onnx", &t.eval)] {
                 let p = save(prog, dir.path(), file);

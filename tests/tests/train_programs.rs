@@ -11,8 +11,6 @@ use bidora_runtime::tract_exec::HostTensor;
 use bidora_tests::gradcheck::{check_emitted, CheckOpts, Direction};
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 fn tasks_for(family: &str) -> Vec<Task> {
     match family {
@@ -64,22 +62,9 @@ fn train_step_gradients_match_finite_differences_of_eval() {
                 let c = pipeline::compile(&model, &opts)
                     .unwrap_or_else(|e| panic!("{name} {task:?}: {e}"));
                 let t = c.training.as_ref().unwrap();
-                let mut rng = ChaCha8Rng::seed_from_u64(5);
                 let mut inputs = example_inputs(&model);
                 inputs.extend(labels(task));
-                for (n, tensor) in &c.init {
-                    let dims: Vec<usize> = tensor.dims.iter().map(|&d| d as usize).collect();
-                    let v: Vec<f32> = tensor
-                        .to_f32_vec()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x + rng.random_range(-0.2..0.2))
-                        .collect();
-                    inputs.push((
-                        n.clone(),
-                        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&dims), v).unwrap()),
-                    ));
-                }
+                inputs.extend(perturbed_init(&c, 5));
                 let opts = CheckOpts {
                     reference: Some(&t.eval),
                     h: 2e-3,

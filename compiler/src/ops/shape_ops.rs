@@ -845,6 +845,32 @@ pub(crate) mod grads {
         Ok(out)
     }
 
+    /// For the Gather gradients: `Range(0, dim)` over the data's `axis`, and the indices as
+    /// int64 with negative values counted from the end.
+    fn positions_and_index(cx: &mut GradCx, x: &str, idx: &str, axis: i64) -> (String, String) {
+        let ax = cx.b.ints("axis", &[axis]);
+        let ax0 = cx.b.ints("ax0", &[0]);
+        let shape = cx.op("Shape", "x_shape", &[x]);
+        let dim = cx.op_attrs(
+            "Gather",
+            "dim",
+            &[&shape, &ax],
+            vec![("axis", AttrValue::Int(0))],
+        );
+        let dim_s = cx.op("Squeeze", "dim_s", &[&dim, &ax0]);
+        let zero =
+            cx.b.constant("zero", crate::ir::Tensor::from_i64("", vec![], &[0]));
+        let one =
+            cx.b.constant("one", crate::ir::Tensor::from_i64("", vec![], &[1]));
+        let range = cx.op("Range", "positions", &[&zero, &dim_s, &one]);
+        let to_i64 = vec![("to", AttrValue::Int(DataType::Int64 as i64))];
+        let idx64 = cx.op_attrs("Cast", "idx", &[idx], to_i64);
+        let neg = cx.op("Less", "neg", &[&idx64, &zero]);
+        let wrapped = cx.op("Add", "wrapped", &[&idx64, &dim_s]);
+        let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
+        (range, fixed)
+    }
+
     /// Gather w.r.t. the data, for scalar or 1-D indices (token selection such as BERT's pooler
     /// taking position 0): a one-hot matrix `O[k, d] = (indices[k] == d)` built at run time
     /// from the axis' size, then `dx = g · O` along the axis, which also sums repeated
@@ -867,31 +893,9 @@ pub(crate) mod grads {
         } else {
             g
         };
-        let shape = cx.op("Shape", "x_shape", &[&x]);
-        let dim = cx.op_attrs(
-            "Gather",
-            "dim",
-            &[&shape, &axes],
-            vec![("axis", AttrValue::Int(0))],
-        );
-        let dim0 = cx.b.ints("zero", &[0]);
+        let (range, fixed) = positions_and_index(cx, &x, &idx, a);
         let squeeze0 = cx.b.ints("ax0", &[0]);
-        let dim_s = cx.op("Squeeze", "dim_s", &[&dim, &squeeze0]);
-        let start = cx.op("Squeeze", "start", &[&dim0, &squeeze0]);
         let one = cx.b.ints("one", &[1]);
-        let step = cx.op("Squeeze", "step", &[&one, &squeeze0]);
-        let range = cx.op("Range", "positions", &[&start, &dim_s, &step]);
-        let idx64 = cx.op_attrs(
-            "Cast",
-            "idx",
-            &[&idx],
-            vec![("to", AttrValue::Int(DataType::Int64 as i64))],
-        );
-        // Negative indices count from the end.
-        let zero = cx.op("Squeeze", "zero_s", &[&dim0, &squeeze0]);
-        let neg = cx.op("Less", "neg", &[&idx64, &zero]);
-        let wrapped = cx.op("Add", "wrapped", &[&idx64, &dim_s]);
-        let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
         let col = if ir == 0 {
             cx.op("Unsqueeze", "idx_k", &[&fixed, &squeeze0])
         } else {
@@ -941,29 +945,7 @@ pub(crate) mod grads {
         let a = if a < 0 { a + r } else { a };
         let last = cx.b.ints("new_last", &[r]);
         let ax = cx.b.ints("axis", &[a]);
-        let ax0 = cx.b.ints("ax0", &[0]);
-        let shape = cx.op("Shape", "x_shape", &[&x]);
-        let dim = cx.op_attrs(
-            "Gather",
-            "dim",
-            &[&shape, &ax],
-            vec![("axis", AttrValue::Int(0))],
-        );
-        let dim_s = cx.op("Squeeze", "dim_s", &[&dim, &ax0]);
-        let zero =
-            cx.b.constant("zero", crate::ir::Tensor::from_i64("", vec![], &[0]));
-        let one =
-            cx.b.constant("one", crate::ir::Tensor::from_i64("", vec![], &[1]));
-        let range = cx.op("Range", "positions", &[&zero, &dim_s, &one]);
-        let idx64 = cx.op_attrs(
-            "Cast",
-            "idx",
-            &[&idx],
-            vec![("to", AttrValue::Int(DataType::Int64 as i64))],
-        );
-        let neg = cx.op("Less", "neg", &[&idx64, &zero]);
-        let wrapped = cx.op("Add", "wrapped", &[&idx64, &dim_s]);
-        let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
+        let (range, fixed) = positions_and_index(cx, &x, &idx, a);
         let idx_u = cx.op("Unsqueeze", "idx_u", &[&fixed, &last]);
         let hot_b = cx.op("Equal", "onehot_b", &[&idx_u, &range]);
         let hot = cx.op_attrs(
