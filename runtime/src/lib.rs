@@ -3,5 +3,6 @@
 //! Today it holds the tract execution path used by the tests and the CLI; the `Backend` trait
 //! with the ONNX Runtime implementation and the trainer come with the runtime issue.
 
+pub mod artifact;
 pub mod optim;
 pub mod tract_exec;

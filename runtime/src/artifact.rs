@@ -1,0 +1,136 @@
+//! Reading an artifact folder written by `bidora-compile`: the manifest's program signatures
+//! and the initial values of the trainable tensors.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ndarray::{ArrayD, IxDyn};
+use serde::Deserialize;
+
+use crate::tract_exec::HostTensor;
+
+#[derive(Debug, Deserialize)]
+pub struct TensorSig {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Option<Vec<serde_json::Value>>,
+    pub role: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ProgramSig {
+    pub file: String,
+    pub inputs: Vec<TensorSig>,
+    pub outputs: Vec<TensorSig>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub source_model: String,
+    pub programs: indexmap::IndexMap<String, ProgramSig>,
+}
+
+pub struct Artifact {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    /// Initial values of the trainable tensors, by name, in file order.
+    pub init: Vec<(String, ArrayD<f32>)>,
+}
+
+impl Artifact {
+    pub fn open(dir: &Path) -> Result<Artifact> {
+        let mpath = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&mpath)
+            .with_context(|| format!("cannot read {}", mpath.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a bidora manifest", mpath.display()))?;
+        if manifest.format != "bidora-artifact" || manifest.format_version != 1 {
+            bail!(
+                "{}: unsupported artifact format {} v{}",
+                mpath.display(),
+                manifest.format,
+                manifest.format_version
+            );
+        }
+        let ipath = dir.join("init.safetensors");
+        let bytes =
+            std::fs::read(&ipath).with_context(|| format!("cannot read {}", ipath.display()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{} is not a safetensors file", ipath.display()))?;
+        let mut init = vec![];
+        for (name, view) in st.iter() {
+            if view.dtype() != safetensors::Dtype::F32 {
+                bail!(
+                    "{}: tensor '{name}' is {:?}, expected F32",
+                    ipath.display(),
+                    view.dtype()
+                );
+            }
+            let data: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            init.push((
+                name.to_string(),
+                ArrayD::from_shape_vec(IxDyn(view.shape()), data)?,
+            ));
+        }
+        // safetensors stores tensors sorted by name; keep the manifest's order for display.
+        Ok(Artifact {
+            dir: dir.to_path_buf(),
+            manifest,
+            init,
+        })
+    }
+
+    /// Inputs for one run of `program` on a synthetic batch: token ids and masks of
+    /// `batch × seq`, zero labels, and the trainable tensors' initial values.
+    pub fn example_inputs(
+        &self,
+        program: &ProgramSig,
+        batch: usize,
+        seq: usize,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let mut out = vec![];
+        for sig in &program.inputs {
+            if let Some((_, a)) = self.init.iter().find(|(n, _)| *n == sig.name) {
+                out.push((sig.name.clone(), HostTensor::F32(a.clone())));
+                continue;
+            }
+            let dims: Vec<usize> = sig
+                .shape
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d.as_u64() {
+                    Some(v) => v as usize,
+                    None if i == 0 => batch,
+                    None => seq,
+                })
+                .collect();
+            let n: usize = dims.iter().product();
+            let t = match (sig.dtype.as_str(), sig.name.as_str()) {
+                ("i64", name) if name.contains("mask") => vec![1i64; n],
+                ("i64", "labels") => vec![0i64; n],
+                ("i64", _) => (0..n).map(|k| 3 + (k as i64 * 7) % 20).collect(),
+                ("f32", _) => {
+                    out.push((
+                        sig.name.clone(),
+                        HostTensor::F32(ArrayD::zeros(IxDyn(&dims))),
+                    ));
+                    continue;
+                }
+                (other, name) => bail!("input '{name}' has unsupported type {other}"),
+            };
+            out.push((
+                sig.name.clone(),
+                HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&dims), t)?),
+            ));
+        }
+        Ok(out)
+    }
+}
