@@ -72,18 +72,10 @@ fn row(
             HostTensor::I64(ArrayD::zeros(IxDyn(&[batch]))),
         )),
         Task::MultiLabel => {
-            let n = model.graph.outputs[0].ty.clone();
-            let width = match n {
-                Some(bidora_compiler::ir::ValueType::Tensor { shape: Some(s), .. }) => match s[1] {
-                    bidora_compiler::ir::Dim::Known(v) => v as usize,
-                    _ => unreachable!(),
-                },
-                _ => unreachable!(),
-            };
-            inputs.push((
-                "labels".into(),
-                HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width]))),
-            ));
+            let facts = bidora_compiler::shape::infer(model).unwrap();
+            let out = facts.get(&model.graph.outputs[0].name).unwrap();
+            let width = out.shape[1].as_known().expect("known label count") as usize;
+            inputs.push(("labels".into(), HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width])))));
         }
         _ => {}
     }
@@ -125,11 +117,11 @@ fn main() {
         };
         for method in [Method::Lora, Method::Dora] {
             row(
-                &format!("{name} (8 × 64)"),
+                &format!("{name} (8 × 32)"),
                 &model,
                 task,
                 method,
-                ids(8, 64, vocab),
+                ids(8, 32, vocab),
                 20,
             );
         }
@@ -160,7 +152,7 @@ fn main() {
                     Task::MultiLabel,
                     method,
                     ids(8, 128, 30522),
-                    5,
+                    11,
                 );
             }
         }
