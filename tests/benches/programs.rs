@@ -75,7 +75,10 @@ fn row(
             let facts = bidora_compiler::shape::infer(model).unwrap();
             let out = facts.get(&model.graph.outputs[0].name).unwrap();
             let width = out.shape[1].as_known().expect("known label count") as usize;
-            inputs.push(("labels".into(), HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width])))));
+            inputs.push((
+                "labels".into(),
+                HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width]))),
+            ));
         }
         _ => {}
     }

@@ -32,6 +32,9 @@ pub struct CheckOpts<'a> {
     pub h: f64,
     pub seed: u64,
     pub direction: Direction,
+    /// Take the finite differences in ONNX Runtime (f64 kernels exact where tract's are not);
+    /// `check_emitted` returns None when onnxruntime is not installed.
+    pub numeric_in_ort: bool,
 }
 
 /// The result of one check.
@@ -72,8 +75,7 @@ pub fn check(
 }
 
 /// Like [`check`], with the finite differences taken on `reference` (same inputs, same loss
-/// output) when the runtime's own kernel for an op is less precise than the op's definition
-/// (tract's LayerNormalization is not exact in f64).
+/// output). `BIDORA_DUMP_GRAD=DIR` copies the differentiated program there for inspection.
 pub fn check_against(
     model: &Model,
     reference: Option<&Model>,
@@ -92,8 +94,9 @@ pub fn check_against(
         h,
         seed,
         direction: Direction::Random,
+        numeric_in_ort: false,
     };
-    check_emitted(&model, loss, &grads.grads, inputs, &opts)
+    check_emitted(&model, loss, &grads.grads, inputs, &opts).expect("tract check")
 }
 
 /// Checks a program that already outputs gradients (`grads`: input → gradient output name)
@@ -104,12 +107,13 @@ pub fn check_emitted(
     grads: &[(String, String)],
     inputs: &[(String, HostTensor)],
     opts: &CheckOpts,
-) -> Check {
+) -> Option<Check> {
     let CheckOpts {
         reference,
         h,
         seed,
         direction,
+        numeric_in_ort,
     } = *opts;
     let dir = tempfile::tempdir().unwrap();
     let path = crate::save(model, dir.path(), "grad.onnx");
@@ -128,7 +132,6 @@ pub fn check_emitted(
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut analytic = 0.0;
-    let _ = &mut rng;
     let mut dirs = vec![];
     let gmax = grads
         .iter()
@@ -150,12 +153,17 @@ pub fn check_emitted(
         analytic += (&g * &t).sum();
         dirs.push((w.clone(), t));
     }
-    let ref_prog = reference.map(|r| {
-        let p = crate::save(r, dir.path(), "reference.onnx");
-        TractProgram::load(Path::new(&p), inputs).unwrap_or_else(|e| panic!("{e:#}"))
-    });
+    let ref_path = reference.map(|r| crate::save(r, dir.path(), "reference.onnx"));
+    let numeric_path = ref_path.clone().unwrap_or_else(|| path.clone());
+    let ref_prog = ref_path
+        .as_ref()
+        .map(|p| TractProgram::load(Path::new(p), inputs).unwrap_or_else(|e| panic!("{e:#}")));
     let numeric_prog = ref_prog.as_ref().unwrap_or(&prog);
     let numeric_names = numeric_prog.output_names().to_vec();
+    if numeric_in_ort {
+        // Probe once: None (a skip) when onnxruntime is absent.
+        crate::ort::run(&numeric_path, inputs)?;
+    }
     let loss_at = |sign: f64| -> f64 {
         let moved: Vec<(String, HostTensor)> = inputs
             .iter()
@@ -164,6 +172,15 @@ pub fn check_emitted(
                 None => (n.clone(), t.clone()),
             })
             .collect();
+        if numeric_in_ort {
+            let o = crate::ort::run(&numeric_path, &moved).expect("onnxruntime");
+            let (_, _, v) = o
+                .outputs
+                .iter()
+                .find(|(n, _, _)| n == loss)
+                .expect("loss output");
+            return v.iter().sum();
+        }
         let outs = numeric_prog.run(&moved).unwrap();
         let i = numeric_names
             .iter()
@@ -173,9 +190,9 @@ pub fn check_emitted(
     };
     let numeric = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * h);
     let rel_err = (analytic - numeric).abs() / analytic.abs().max(numeric.abs()).max(1e-12);
-    Check {
+    Some(Check {
         analytic,
         numeric,
         rel_err,
-    }
+    })
 }

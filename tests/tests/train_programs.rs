@@ -70,8 +70,10 @@ fn train_step_gradients_match_finite_differences_of_eval() {
                     h: 2e-3,
                     seed: 9,
                     direction: Direction::Gradient,
+                    numeric_in_ort: false,
                 };
-                let r = check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts);
+                let r =
+                    check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts).unwrap();
                 eprintln!(
                     "{name} {method:?} {task:?}: analytic {:.6e} numeric {:.6e} rel {:.2e}",
                     r.analytic, r.numeric, r.rel_err
@@ -110,8 +112,9 @@ fn head_gradients_with_train_head() {
         h: 2e-3,
         seed: 4,
         direction: Direction::Gradient,
+        numeric_in_ort: false,
     };
-    let r = check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts);
+    let r = check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts).unwrap();
     assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
 }
 
@@ -159,4 +162,49 @@ fn manifest_lists_program_roles() {
             .len()
             == 2
     );
+}
+
+/// Only trainable tensors get gradients: the backward computes no weight gradient (`db`
+/// of a MatMul/Gemm) for any frozen weight, and nothing differentiates integer values.
+#[test]
+fn no_weight_gradient_for_frozen_weights() {
+    let model = load_model(&repo_root().join("models/bert_legacy17.onnx")).unwrap();
+    let mut opts = options(qv_targets("bert"), Method::Dora);
+    opts.task = Some(Task::SeqCls);
+    let c = pipeline::compile(&model, &opts).unwrap();
+    let g = &c.training.as_ref().unwrap().train_step.graph;
+    let weight_grads: Vec<&bidora_compiler::ir::Node> = g
+        .nodes
+        .iter()
+        .filter(|n| n.name.contains(".grad.db"))
+        .collect();
+    assert!(!weight_grads.is_empty());
+    for n in &weight_grads {
+        let fwd_name = &n.name[..n.name.find(".grad.").unwrap()];
+        let fwd = g.nodes.iter().find(|f| f.name == fwd_name).unwrap();
+        let w = &fwd.inputs[1];
+        assert!(
+            !g.initializers.contains_key(w),
+            "{} computes the gradient of the frozen weight '{w}'",
+            n.name
+        );
+    }
+    // Frozen linear layers outnumber the weight gradients: 14 linear ops, 4 adapted.
+    let frozen_matmuls = g
+        .nodes
+        .iter()
+        .filter(|n| !n.name.contains(".grad.") && (n.op_type == "MatMul" || n.op_type == "Gemm"))
+        .filter(|n| n.input(1).is_some_and(|w| g.initializers.contains_key(w)))
+        .count();
+    assert!(frozen_matmuls >= 10, "{frozen_matmuls}");
+    let facts = bidora_compiler::shape::infer(&c.training.as_ref().unwrap().train_step).unwrap();
+    for n in g.nodes.iter().filter(|n| n.name.contains(".grad.")) {
+        for o in &n.outputs {
+            let f = facts.get(o).unwrap();
+            // Gradients are float; integer values in the backward are only shapes and indices.
+            if n.name.ends_with(".dx") || n.name.ends_with(".da") || n.name.ends_with(".db") {
+                assert!(f.dtype.is_float(), "{} gives {}", n.name, f.display());
+            }
+        }
+    }
 }

@@ -80,8 +80,6 @@ pub(crate) mod grads {
         let var = mean(cx, "var", &xc2, &norm_axes);
         let e = cx.scalar(eps, &x)?;
         let ve = cx.op("Add", "var_eps", &[&var, &e]);
-        // Divide by the standard deviation rather than multiplying by Reciprocal(Sqrt(·)):
-        // tract rewrites the latter into an approximate rsqrt.
         let sd = cx.op("Sqrt", "std", &[&ve]);
         let xhat = cx.op("Div", "xhat", &[&xc, &sd]);
 
