@@ -125,14 +125,21 @@ pub fn program_sig(file: &str, graph: &Graph, roles: &Roles) -> ProgramSig {
 pub fn safetensors_bytes(tensors: &IndexMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut views = vec![];
     for (name, t) in tensors {
-        if t.dtype != DataType::Float {
-            return Err(Error::Other(format!("tensor '{name}' is not f32")));
-        }
+        let dtype = match t.dtype {
+            DataType::Float => safetensors::Dtype::F32,
+            DataType::Double => safetensors::Dtype::F64,
+            other => {
+                return Err(Error::Other(format!(
+                    "tensor '{name}' is {}, not f32 or f64",
+                    other.short_name()
+                )))
+            }
+        };
         let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         let view = safetensors::tensor::TensorView::new(
-            safetensors::Dtype::F32,
+            dtype,
             shape,
-            t.raw().expect("f32 tensors are raw"),
+            t.raw().expect("float tensors are raw"),
         )
         .map_err(|e| Error::Other(format!("tensor '{name}': {e}")))?;
         views.push((name.clone(), view));

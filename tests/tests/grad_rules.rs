@@ -449,3 +449,170 @@ fn data_movement() {
         .ints("axes", &[1, 2]);
     assert_case(c, 88);
 }
+
+/// The composite DoRA and LoRA nodes (differentiated through their lowering), in f64, for a
+/// MatMul and a Gemm(transB=1) weight, w.r.t. x, A, B and m; and DoRA with `detach_norm`
+/// against the same model with the column norm held constant.
+#[test]
+fn dora_and_lora_nodes_in_f64() {
+    use bidora_compiler::rewrite::{self, Method};
+    use bidora_tests::compile;
+
+    let mut seed = 100;
+    for gemm in [false, true] {
+        for (method, detach) in [
+            (Method::Lora, false),
+            (Method::Dora, false),
+            (Method::Dora, true),
+        ] {
+            seed += 1;
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let (din, dout) = (6usize, 5usize);
+            let mut g = Graph {
+                name: "lin".into(),
+                ..Default::default()
+            };
+            g.inputs.push(ValueInfo::new(
+                "x",
+                ValueType::tensor(
+                    DataType::Double,
+                    vec![Dim::Sym("batch".into()), Dim::Known(din as i64)],
+                ),
+            ));
+            g.outputs.push(ValueInfo::new(
+                "y",
+                ValueType::tensor(
+                    DataType::Double,
+                    vec![Dim::Sym("batch".into()), Dim::Known(dout as i64)],
+                ),
+            ));
+            let w: Vec<f64> = (0..din * dout)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let dims = if gemm {
+                vec![dout as i64, din as i64]
+            } else {
+                vec![din as i64, dout as i64]
+            };
+            g.initializers.insert(
+                "enc.query.weight".into(),
+                Tensor::from_f64("enc.query.weight", dims, &w),
+            );
+            let node = if gemm {
+                Node::new(
+                    "Gemm",
+                    "/enc/query/Gemm",
+                    vec!["x".into(), "enc.query.weight".into()],
+                    vec!["y".into()],
+                )
+                .with_attr("transB", AttrValue::Int(1))
+            } else {
+                Node::new(
+                    "MatMul",
+                    "/enc/query/MatMul",
+                    vec!["x".into(), "enc.query.weight".into()],
+                    vec!["y".into()],
+                )
+            };
+            g.nodes.push(node);
+            let mut opts = bidora_tests::options(vec!["query".into()], method);
+            opts.adapter.detach_norm = detach;
+            let c = compile(&model_of(g), &opts);
+            let mut m = rewrite::lower(&c.adapted).unwrap();
+            let gr = &mut m.graph;
+            gr.inputs.push(ValueInfo::new(
+                "c",
+                ValueType::tensor(
+                    DataType::Double,
+                    vec![Dim::Known(3), Dim::Known(dout as i64)],
+                ),
+            ));
+            gr.nodes.push(Node::new(
+                "Mul",
+                "loss.mul",
+                vec!["y".into(), "c".into()],
+                vec!["loss.p".into()],
+            ));
+            gr.nodes.push(
+                Node::new(
+                    "ReduceSum",
+                    "loss.sum",
+                    vec!["loss.p".into()],
+                    vec!["loss".into()],
+                )
+                .with_attr("keepdims", AttrValue::Int(0)),
+            );
+            gr.outputs.push(ValueInfo::new(
+                "loss",
+                ValueType::tensor(DataType::Double, vec![]),
+            ));
+            let mut rnd = |shape: &[usize], lo: f64, hi: f64| {
+                let n: usize = shape.iter().product();
+                host(
+                    DataType::Double,
+                    shape,
+                    (0..n).map(|_| rng.random_range(lo..hi)).collect(),
+                )
+            };
+            let mut inputs = vec![
+                ("x".to_string(), rnd(&[3, din], -1.0, 1.0)),
+                ("c".to_string(), rnd(&[3, dout], -1.0, 1.0)),
+            ];
+            for (n, t) in &c.init {
+                let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+                inputs.push((n.clone(), rnd(&shape, 0.2, 0.8)));
+            }
+            let mut wrt: Vec<String> = vec!["x".into()];
+            wrt.extend(c.init.keys().cloned());
+            let grads = bidora_compiler::autodiff::backward(&m, "loss", &wrt).unwrap();
+            let prog = rewrite::strip_markers(&grads.model);
+            // With detach_norm, finite differences of the model whose norm is an input held at
+            // its value here.
+            let reference = detach.then(|| {
+                let stop = m
+                    .graph
+                    .nodes
+                    .iter()
+                    .find(|n| n.op_type == bidora_compiler::autodiff::STOP_GRADIENT)
+                    .unwrap()
+                    .clone();
+                let mut probe = rewrite::strip_markers(&m);
+                probe.graph.outputs.push(ValueInfo::new(
+                    stop.outputs[0].clone(),
+                    ValueType::tensor(DataType::Double, vec![Dim::Known(dout as i64)]),
+                ));
+                let dir = tempfile::tempdir().unwrap();
+                let pp = bidora_tests::save(&probe, dir.path(), "probe.onnx");
+                let norm = bidora_runtime::tract_exec::run_once(&pp, &inputs)
+                    .unwrap()
+                    .pop()
+                    .unwrap();
+                let mut r = rewrite::strip_markers(&m);
+                r.graph.nodes.retain(|n| n.name != stop.name);
+                r.graph.inputs.push(ValueInfo::new(
+                    stop.outputs[0].clone(),
+                    ValueType::tensor(DataType::Double, vec![Dim::Known(dout as i64)]),
+                ));
+                inputs.push((stop.outputs[0].clone(), norm));
+                r
+            });
+            let opts = CheckOpts {
+                reference: reference.as_ref(),
+                h: 1e-5,
+                seed,
+                direction: Direction::Random,
+                numeric_in_ort: false,
+            };
+            let r = check_emitted(&prog, "loss", &grads.grads, &inputs, &opts).unwrap();
+            eprintln!(
+                "{method:?} detach={detach} gemm={gemm}: rel err {:.2e}",
+                r.rel_err
+            );
+            assert!(
+                r.rel_err <= F64_TOL,
+                "{method:?} detach={detach} gemm={gemm}: relative error {:.3e}",
+                r.rel_err
+            );
+        }
+    }
+}

@@ -208,3 +208,72 @@ fn no_weight_gradient_for_frozen_weights() {
         }
     }
 }
+
+/// The regression head (no fixture has a single output): MSE through a small synthetic model.
+#[test]
+fn regression_head_gradients() {
+    use bidora_compiler::ir::{Dim, Graph, Node, Tensor};
+    let mut g = Graph {
+        name: "reg".into(),
+        ..Default::default()
+    };
+    g.inputs
+        .push(f32_input("x", &[Dim::Sym("batch".into()), Dim::Known(4)]));
+    g.outputs
+        .push(f32_input("y", &[Dim::Sym("batch".into()), Dim::Known(1)]));
+    let wq: Vec<f32> = (0..16)
+        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0)
+        .collect();
+    g.initializers.insert(
+        "enc.query.weight".into(),
+        Tensor::from_f32("enc.query.weight", vec![4, 4], &wq),
+    );
+    g.initializers.insert(
+        "head.weight".into(),
+        Tensor::from_f32("head.weight", vec![4, 1], &[0.5, -0.3, 0.2, 0.7]),
+    );
+    g.nodes.push(Node::new(
+        "MatMul",
+        "/enc/query/MatMul",
+        vec!["x".into(), "enc.query.weight".into()],
+        vec!["h".into()],
+    ));
+    g.nodes.push(Node::new(
+        "Tanh",
+        "/enc/act",
+        vec!["h".into()],
+        vec!["a".into()],
+    ));
+    g.nodes.push(Node::new(
+        "MatMul",
+        "/head/MatMul",
+        vec!["a".into(), "head.weight".into()],
+        vec!["y".into()],
+    ));
+    let model = model_of(g);
+    let mut opts = options(vec!["query".into()], Method::Dora);
+    opts.task = Some(Task::Regression);
+    let c = pipeline::compile(&model, &opts).unwrap();
+    let t = c.training.as_ref().unwrap();
+    assert_eq!(t.head.labels, vec!["labels".to_string()]);
+    let f = |shape: &[usize], v: Vec<f32>| {
+        HostTensor::F32(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap())
+    };
+    let mut inputs = vec![
+        (
+            "x".to_string(),
+            f(&[3, 4], (0..12).map(|i| (i as f32 - 6.0) / 5.0).collect()),
+        ),
+        ("labels".to_string(), f(&[3], vec![0.5, -1.0, 2.0])),
+    ];
+    inputs.extend(perturbed_init(&c, 8));
+    let opts = CheckOpts {
+        reference: Some(&t.eval),
+        h: 2e-3,
+        seed: 8,
+        direction: Direction::Gradient,
+        numeric_in_ort: false,
+    };
+    let r = check_emitted(&t.train_step, &t.head.loss, &t.grads, &inputs, &opts).unwrap();
+    assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
+}

@@ -188,6 +188,22 @@ impl Tensor {
         Tensor::from_raw(name, DataType::Double, dims, raw)
     }
 
+    /// Values given in f64, stored as `dtype` (f32 or f64; f32 rounds each value once).
+    pub fn from_f64_as(
+        dtype: DataType,
+        name: impl Into<String>,
+        dims: Vec<i64>,
+        values: &[f64],
+    ) -> Tensor {
+        match dtype {
+            DataType::Double => Tensor::from_f64(name, dims, values),
+            _ => {
+                let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+                Tensor::from_f32(name, dims, &v)
+            }
+        }
+    }
+
     pub fn from_i64(name: impl Into<String>, dims: Vec<i64>, values: &[i64]) -> Tensor {
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Tensor::from_raw(name, DataType::Int64, dims, raw)

@@ -13,7 +13,7 @@ use indexmap::IndexMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{out_feature_sqnorms, split_fused};
+use super::{magnitude_from_sqnorms, out_feature_sqnorms, split_fused};
 use crate::error::{Error, Result};
 use crate::ir::{
     AttrValue, DataType, Dim, Model, Node, Tensor, ValueInfo, ValueType, BIDORA_DOMAIN,
@@ -99,11 +99,12 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             .position(|n| n.name == c.node)
             .ok_or_else(|| err("node not found".into()))?;
         let w = &graph.initializers[&c.weight];
-        if w.dtype != DataType::Float {
+        let dtype = w.dtype;
+        if !matches!(dtype, DataType::Float | DataType::Double) {
             return Err(err(format!(
-                "weight '{}' is {}; adapters support f32 weights",
+                "weight '{}' is {}; adapters support f32 and f64 weights",
                 c.weight,
-                w.dtype.short_name()
+                dtype.short_name()
             )));
         }
         let (din, dout, r) = (c.in_features, c.out_features, cfg.rank as i64);
@@ -114,16 +115,18 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
         let a_name = graph.fresh_name(&format!("{base}.lora_A"));
         let b_name = graph.fresh_name(&format!("{base}.lora_B"));
         let bound = 1.0 / (din as f32).sqrt();
-        let a_vals: Vec<f32> = (0..din * r)
-            .map(|_| rng.random_range(-bound..bound))
+        // Drawn in f32 whatever the weight's type, so f32 and f64 models start alike.
+        let a_vals: Vec<f64> = (0..din * r)
+            .map(|_| rng.random_range(-bound..bound) as f64)
             .collect();
         init.insert(
             a_name.clone(),
-            Tensor::from_f32(a_name.clone(), vec![din, r], &a_vals),
+            Tensor::from_f64_as(dtype, a_name.clone(), vec![din, r], &a_vals),
         );
         init.insert(
             b_name.clone(),
-            Tensor::from_f32(
+            Tensor::from_f64_as(
+                dtype,
                 b_name.clone(),
                 vec![r, dout],
                 &vec![0.0; (r * dout) as usize],
@@ -136,11 +139,11 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
         let magnitude = if cfg.method == Method::Dora {
             let m_name = graph.fresh_name(&format!("{base}.lora_magnitude"));
             let sq = out_feature_sqnorms(w, c.layout)
-                .ok_or_else(|| err("weight is not readable as f32".into()))?;
-            let m: Vec<f32> = sq.iter().map(|v| v.sqrt()).collect();
+                .ok_or_else(|| err("weight is not a readable float tensor".into()))?;
+            let m = magnitude_from_sqnorms(dtype, &sq);
             init.insert(
                 m_name.clone(),
-                Tensor::from_f32(m_name.clone(), vec![dout], &m),
+                Tensor::from_f64_as(dtype, m_name.clone(), vec![dout], &m),
             );
             inputs_new.push((m_name.clone(), vec![dout]));
             Some(m_name)
@@ -150,10 +153,7 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
         for (name, dims) in &inputs_new {
             graph.inputs.push(ValueInfo::new(
                 name.clone(),
-                ValueType::tensor(
-                    DataType::Float,
-                    dims.iter().map(|&d| Dim::Known(d)).collect(),
-                ),
+                ValueType::tensor(dtype, dims.iter().map(|&d| Dim::Known(d)).collect()),
             ));
         }
 

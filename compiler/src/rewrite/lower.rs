@@ -104,12 +104,13 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     let (x, w, a, b) = (&ins[0], &ins[1], &ins[2], &ins[3]);
     let s = node.attr_float("scale").unwrap_or(1.0);
     let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
+    let (wt, layout) = weight_constant(g, node)?;
+    let wdtype = wt.dtype;
     let sqnorm = if dora {
-        let (wt, layout) = weight_constant(g, node)?;
         Some(
             out_feature_sqnorms(wt, layout).ok_or_else(|| Error::Rewrite {
                 node: node.label(),
-                msg: "weight is not f32".into(),
+                msg: "weight is not an f32 or f64 tensor".into(),
             })?,
         )
     } else {
@@ -117,7 +118,13 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     };
     let out = node.outputs[0].clone();
     let mut e = Builder::new(g, node.name.clone());
-    let scale = e.constant("scale", Tensor::from_f32("", vec![], &[s]));
+    let dt = wdtype;
+    // s², 2s computed in the weight's precision (f32 models keep f32 arithmetic).
+    let (s, s_sq) = match dt {
+        crate::ir::DataType::Float => (s as f64, (s * s) as f64),
+        _ => (s as f64, (s as f64) * (s as f64)),
+    };
+    let scale = e.constant("scale", Tensor::from_f64_as(dt, "", vec![], &[s]));
     let base = if transposed {
         e.op("Gemm", "base", &[x, w], vec![("transB", AttrValue::Int(1))])
     } else {
@@ -133,9 +140,9 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     let m = &ins[4];
     let sum = e.op("Add", "sum", &[&base, &delta], vec![]);
     let dout = sqnorm.len() as i64;
-    let wsq = e.constant("w_sqnorm", Tensor::from_f32("", vec![dout], &sqnorm));
-    let two_s = e.constant("two_s", Tensor::from_f32("", vec![], &[2.0 * s]));
-    let s2 = e.constant("s_sq", Tensor::from_f32("", vec![], &[s * s]));
+    let wsq = e.constant("w_sqnorm", Tensor::from_f64_as(dt, "", vec![dout], &sqnorm));
+    let two_s = e.constant("two_s", Tensor::from_f64_as(dt, "", vec![], &[2.0 * s]));
+    let s2 = e.constant("s_sq", Tensor::from_f64_as(dt, "", vec![], &[s_sq]));
     let axis0 = e.constant("axis0", Tensor::from_i64("", vec![1], &[0]));
     let at_w = if transposed {
         e.op(

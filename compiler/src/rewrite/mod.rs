@@ -18,27 +18,42 @@ pub use adapt::{adapt, Adapted, AdapterConfig, AdapterRecord, Method};
 pub use lower::{lower, strip_markers};
 pub use split_fused::split_fused;
 
-use crate::ir::Tensor;
+use crate::ir::{DataType, Tensor};
 use crate::targets::Layout;
 
-/// Squared L2 norm of every output feature of a 2-D f32 weight: the per-column norm of the
-/// `[in, out]` matrix `x · W` uses, whatever the storage layout. Accumulated in f64 and rounded
-/// once, so the rewrite's magnitude and the lowering's norm constant are the same f32 values.
-pub fn out_feature_sqnorms(w: &Tensor, layout: Layout) -> Option<Vec<f32>> {
-    let v = w.to_f32_vec()?;
+/// Squared L2 norm of every output feature of a 2-D f32 or f64 weight: the per-column norm of
+/// the `[in, out]` matrix `x · W` uses, whatever the storage layout. Accumulated in f64 and
+/// rounded once to the weight's type, so the rewrite's magnitude and the lowering's norm
+/// constant are the same values (for f32, `m = √sq` in f32 equals the graph's `Sqrt(sq)`).
+pub fn out_feature_sqnorms(w: &Tensor, layout: Layout) -> Option<Vec<f64>> {
+    if !matches!(w.dtype, DataType::Float | DataType::Double) {
+        return None;
+    }
+    let v = w.to_f64_vec()?;
     let (r, c) = (w.dims[0] as usize, w.dims[1] as usize);
-    let out = match layout {
+    let sums: Vec<f64> = match layout {
         Layout::InOut => (0..c)
-            .map(|j| (0..r).map(|i| (v[i * c + j] as f64).powi(2)).sum::<f64>() as f32)
+            .map(|j| (0..r).map(|i| v[i * c + j].powi(2)).sum::<f64>())
             .collect(),
         Layout::OutIn => (0..r)
             .map(|j| {
                 v[j * c..(j + 1) * c]
                     .iter()
-                    .map(|&x| (x as f64).powi(2))
-                    .sum::<f64>() as f32
+                    .map(|&x| x.powi(2))
+                    .sum::<f64>()
             })
             .collect(),
     };
-    Some(out)
+    Some(match w.dtype {
+        DataType::Float => sums.into_iter().map(|x| x as f32 as f64).collect(),
+        _ => sums,
+    })
+}
+
+/// The DoRA magnitude `√sq` computed in the weight's type.
+pub fn magnitude_from_sqnorms(dtype: DataType, sq: &[f64]) -> Vec<f64> {
+    match dtype {
+        DataType::Float => sq.iter().map(|&x| (x as f32).sqrt() as f64).collect(),
+        _ => sq.iter().map(|x| x.sqrt()).collect(),
+    }
 }
