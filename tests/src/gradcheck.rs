@@ -196,3 +196,45 @@ pub fn check_emitted(
         rel_err,
     })
 }
+
+/// For DoRA's `detach_norm`: the lowered model `m` (with its `StopGradient` marker) turned
+/// into a model whose column norm is a graph input, and that input's value at `inputs`
+/// (appended to `inputs`). Finite differences of the result are the gradients that treat the
+/// norm as a constant, which is what `detach_norm` promises.
+pub fn constant_norm_reference(m: &Model, inputs: &mut Vec<(String, HostTensor)>) -> Model {
+    use bidora_compiler::ir::ValueInfo;
+    use bidora_compiler::rewrite::strip_markers;
+    let stop = m
+        .graph
+        .nodes
+        .iter()
+        .find(|n| n.op_type == autodiff::STOP_GRADIENT)
+        .expect("a detach_norm marker")
+        .clone();
+    let norm = stop.outputs[0].clone();
+    let facts = bidora_compiler::shape::infer(m).unwrap();
+    let f = facts.get(&norm).unwrap();
+    let ty = bidora_compiler::ir::ValueType::tensor(
+        f.dtype,
+        f.shape
+            .iter()
+            .map(|d| bidora_compiler::ir::Dim::Known(d.as_known().unwrap()))
+            .collect(),
+    );
+    let mut probe = strip_markers(m);
+    probe
+        .graph
+        .outputs
+        .push(ValueInfo::new(norm.clone(), ty.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let p = crate::save(&probe, dir.path(), "probe.onnx");
+    let value = bidora_runtime::tract_exec::run_once(&p, inputs)
+        .unwrap()
+        .pop()
+        .unwrap();
+    let mut r = strip_markers(m);
+    r.graph.nodes.retain(|n| n.name != stop.name);
+    r.graph.inputs.push(ValueInfo::new(norm.clone(), ty));
+    inputs.push((norm, value));
+    r
+}

@@ -148,7 +148,6 @@ fn dora_adapter_gradients_through_two_encoder_layers() {
 fn detach_norm_gradients_treat_the_norm_as_a_constant() {
     use bidora_compiler::ir::{Graph, Tensor};
     use bidora_compiler::pipeline::CompileOptions;
-    use bidora_runtime::tract_exec::run_once;
 
     let mut rng = ChaCha8Rng::seed_from_u64(21);
     let mut g = Graph {
@@ -219,30 +218,7 @@ fn detach_norm_gradients_treat_the_norm_as_a_constant() {
         let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         inputs.push((n.clone(), rnd(&dims, 0.2, 0.8)));
     }
-    // The norm's value at this point, from the model itself.
-    let stop = m
-        .graph
-        .nodes
-        .iter()
-        .find(|n| n.op_type == autodiff::STOP_GRADIENT)
-        .unwrap()
-        .clone();
-    let mut probe = rewrite::strip_markers(&m);
-    probe.graph.outputs.push(ValueInfo::new(
-        stop.outputs[0].clone(),
-        ValueType::tensor(DataType::Float, vec![Dim::Known(5)]),
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    let pp = save(&probe, dir.path(), "probe.onnx");
-    let norm = run_once(&pp, &inputs).unwrap().pop().unwrap();
-    // Reference: the norm as an input held at that value.
-    let mut reference = rewrite::strip_markers(&m);
-    reference.graph.nodes.retain(|n| n.name != stop.name);
-    reference.graph.inputs.push(ValueInfo::new(
-        stop.outputs[0].clone(),
-        ValueType::tensor(DataType::Float, vec![Dim::Known(5)]),
-    ));
-    inputs.push((stop.outputs[0].clone(), norm));
+    let reference = bidora_tests::gradcheck::constant_norm_reference(&m, &mut inputs);
     let wrt: Vec<String> = c.init.keys().cloned().collect();
     let detached = autodiff::backward(&m, "loss", &wrt).unwrap();
     let prog = rewrite::strip_markers(&detached.model);

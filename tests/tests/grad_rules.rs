@@ -568,34 +568,8 @@ fn dora_and_lora_nodes_in_f64() {
             let prog = rewrite::strip_markers(&grads.model);
             // With detach_norm, finite differences of the model whose norm is an input held at
             // its value here.
-            let reference = detach.then(|| {
-                let stop = m
-                    .graph
-                    .nodes
-                    .iter()
-                    .find(|n| n.op_type == bidora_compiler::autodiff::STOP_GRADIENT)
-                    .unwrap()
-                    .clone();
-                let mut probe = rewrite::strip_markers(&m);
-                probe.graph.outputs.push(ValueInfo::new(
-                    stop.outputs[0].clone(),
-                    ValueType::tensor(DataType::Double, vec![Dim::Known(dout as i64)]),
-                ));
-                let dir = tempfile::tempdir().unwrap();
-                let pp = bidora_tests::save(&probe, dir.path(), "probe.onnx");
-                let norm = bidora_runtime::tract_exec::run_once(&pp, &inputs)
-                    .unwrap()
-                    .pop()
-                    .unwrap();
-                let mut r = rewrite::strip_markers(&m);
-                r.graph.nodes.retain(|n| n.name != stop.name);
-                r.graph.inputs.push(ValueInfo::new(
-                    stop.outputs[0].clone(),
-                    ValueType::tensor(DataType::Double, vec![Dim::Known(dout as i64)]),
-                ));
-                inputs.push((stop.outputs[0].clone(), norm));
-                r
-            });
+            let reference =
+                detach.then(|| bidora_tests::gradcheck::constant_norm_reference(&m, &mut inputs));
             let opts = CheckOpts {
                 reference: reference.as_ref(),
                 h: 1e-5,
