@@ -1,5 +1,6 @@
-//! 200 AdamW steps of DoRA (plus the classifier head) on the tiny RoBERTa fixture with a slice of real data (the first
-//! 32 sentences of GLUE SST-2's training file, from `shared/data` beside the repository):
+//! 200 AdamW steps of DoRA (plus the classifier head) on the tiny RoBERTa fixture with a
+//! slice of real data (the first 32 sentences of GLUE SST-2's training file, copied to
+//! `tests/data/` with its provenance):
 //! the training loss falls by a stated margin, identically on two runs with the same seed.
 //!
 //! The fixture has no tokenizer (its vocabulary is random), so words are hashed into its
@@ -23,13 +24,8 @@ const EXAMPLES: usize = 32;
 const STEPS: usize = 200;
 
 fn sst2() -> Vec<(String, i64)> {
-    let path: PathBuf = repo_root().join("../shared/data/glue/SST-2/train.tsv");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (the tests read a slice of shared/data beside the repo)",
-            path.display()
-        )
-    });
+    let path: PathBuf = repo_root().join("tests/data/sst2-train-first32.tsv");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     text.lines()
         .skip(1)
         .take(EXAMPLES)
