@@ -21,6 +21,7 @@ pub mod onnx_io;
 pub mod ops;
 pub mod pipeline;
 pub mod proto;
+pub mod regularizer;
 pub mod rewrite;
 pub mod shape;
 pub mod targets;

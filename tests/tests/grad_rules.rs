@@ -247,6 +247,7 @@ fn z(shape: &[usize]) -> (&'static str, Vec<usize>, bool) {
 #[test]
 fn elementwise_binary_with_broadcasting() {
     assert_case(case("Add", vec![x(&[3, 2, 4]), y(&[4])]), 1);
+    assert_case(case("Sum", vec![x(&[3, 2, 4]), y(&[4]), z(&[2, 1])]), 8);
     assert_case(case("Sub", vec![x(&[3, 1, 4]), y(&[2, 1])]), 2);
     assert_case(case("Mul", vec![x(&[3, 2, 4]), y(&[2, 1])]), 3);
     assert_case(

@@ -113,7 +113,7 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "Sum",
         infer: arith,
-        grad: None,
+        grad: Some(grads::sum),
     },
     OpDef {
         op: "Mean",
@@ -585,6 +585,20 @@ pub(crate) mod grads {
             None
         };
         Ok(vec![a, b])
+    }
+
+    /// Sum of any number of inputs: each gets the gradient, unbroadcast to its shape.
+    pub fn sum(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        (0..cx.node.inputs.len())
+            .map(|i| {
+                if cx.needs(i) {
+                    cx.unbroadcast(&g, i).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect()
     }
 
     pub fn sub(cx: &mut GradCx) -> Out {
