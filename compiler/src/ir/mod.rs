@@ -11,6 +11,7 @@
 
 pub mod builder;
 pub mod convert;
+pub mod instance;
 pub mod tensor;
 pub mod topo;
 
