@@ -35,7 +35,7 @@ pub struct Manifest {
 pub struct Artifact {
     pub dir: PathBuf,
     pub manifest: Manifest,
-    /// Initial values of the trainable tensors, by name, in file order.
+    /// Initial values of the trainable tensors, looked up by name.
     pub init: Vec<(String, ArrayD<f32>)>,
 }
 
@@ -78,7 +78,6 @@ impl Artifact {
                 ArrayD::from_shape_vec(IxDyn(view.shape()), data)?,
             ));
         }
-        // safetensors stores tensors sorted by name; keep the manifest's order for display.
         Ok(Artifact {
             dir: dir.to_path_buf(),
             manifest,
