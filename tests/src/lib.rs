@@ -121,6 +121,32 @@ pub fn perturbed_init(c: &Compiled, seed: u64) -> Vec<(String, HostTensor)> {
         .collect()
 }
 
+/// Appends `loss = Σ value ⊙ c` to a model, with `c` a new graph input of `value`'s concrete
+/// shape: a scalar loss with random weights for gradient checks. `loss` becomes an output.
+pub fn add_weighted_sum_loss(model: &mut Model, value: &str, dims: &[i64], dtype: DataType) {
+    let g = &mut model.graph;
+    let shape = dims.iter().map(|&d| Dim::Known(d)).collect();
+    g.inputs
+        .push(ValueInfo::new("c", ValueType::tensor(dtype, shape)));
+    g.nodes.push(ir::Node::new(
+        "Mul",
+        "loss.mul",
+        vec![value.into(), "c".into()],
+        vec!["loss.p".into()],
+    ));
+    g.nodes.push(
+        ir::Node::new(
+            "ReduceSum",
+            "loss.sum",
+            vec!["loss.p".into()],
+            vec!["loss".into()],
+        )
+        .with_attr("keepdims", ir::AttrValue::Int(0)),
+    );
+    g.outputs
+        .push(ValueInfo::new("loss", ValueType::tensor(dtype, vec![])));
+}
+
 /// Writes a model to `dir/name` with the compiler's own writer.
 pub fn save(model: &Model, dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);

@@ -2,7 +2,7 @@
 //! exported transformer (attention, softmax, LayerNorm, GELU), against finite differences.
 
 use bidora_compiler::autodiff;
-use bidora_compiler::ir::{AttrValue, DataType, Dim, Node, ValueInfo, ValueType};
+use bidora_compiler::ir::{DataType, Dim, Node};
 use bidora_compiler::load_model;
 use bidora_compiler::rewrite::{self, Method};
 use bidora_runtime::tract_exec::HostTensor;
@@ -25,31 +25,8 @@ fn with_loss(
     let model = load_model(path).unwrap();
     let c = compile(&model, &options(qv_targets(&family(path)), Method::Dora));
     let mut m = rewrite::lower(&c.adapted).unwrap();
-    let g = &mut m.graph;
-    let dims: Vec<Dim> = value_shape.iter().map(|&d| Dim::Known(d as i64)).collect();
-    g.inputs.push(ValueInfo::new(
-        "c",
-        ValueType::tensor(DataType::Float, dims),
-    ));
-    g.nodes.push(Node::new(
-        "Mul",
-        "loss.mul",
-        vec![value.into(), "c".into()],
-        vec!["loss.p".into()],
-    ));
-    g.nodes.push(
-        Node::new(
-            "ReduceSum",
-            "loss.sum",
-            vec!["loss.p".into()],
-            vec!["loss".into()],
-        )
-        .with_attr("keepdims", AttrValue::Int(0)),
-    );
-    g.outputs.push(ValueInfo::new(
-        "loss",
-        ValueType::tensor(DataType::Float, vec![]),
-    ));
+    let dims: Vec<i64> = value_shape.iter().map(|&d| d as i64).collect();
+    add_weighted_sum_loss(&mut m, value, &dims, DataType::Float);
     // Random non-zero adapters (B = 0 at initialisation would hide half the gradient).
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let mut inputs = example_inputs(&model);
@@ -175,28 +152,7 @@ fn detach_norm_gradients_treat_the_norm_as_a_constant() {
         opts.adapter.detach_norm = detach;
         let c = compile(&model, &opts);
         let mut m = rewrite::lower(&c.adapted).unwrap();
-        let gr = &mut m.graph;
-        gr.inputs
-            .push(f32_input("c", &[Dim::Known(4), Dim::Known(5)]));
-        gr.nodes.push(Node::new(
-            "Mul",
-            "loss.mul",
-            vec!["y".into(), "c".into()],
-            vec!["loss.p".into()],
-        ));
-        gr.nodes.push(
-            Node::new(
-                "ReduceSum",
-                "loss.sum",
-                vec!["loss.p".into()],
-                vec!["loss".into()],
-            )
-            .with_attr("keepdims", AttrValue::Int(0)),
-        );
-        gr.outputs.push(ValueInfo::new(
-            "loss",
-            ValueType::tensor(DataType::Float, vec![]),
-        ));
+        add_weighted_sum_loss(&mut m, "y", &[4, 5], DataType::Float);
         (c, m)
     };
     let (c, m) = grads_for(true);

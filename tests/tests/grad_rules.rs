@@ -520,33 +520,7 @@ fn dora_and_lora_nodes_in_f64() {
             opts.adapter.detach_norm = detach;
             let c = compile(&model_of(g), &opts);
             let mut m = rewrite::lower(&c.adapted).unwrap();
-            let gr = &mut m.graph;
-            gr.inputs.push(ValueInfo::new(
-                "c",
-                ValueType::tensor(
-                    DataType::Double,
-                    vec![Dim::Known(3), Dim::Known(dout as i64)],
-                ),
-            ));
-            gr.nodes.push(Node::new(
-                "Mul",
-                "loss.mul",
-                vec!["y".into(), "c".into()],
-                vec!["loss.p".into()],
-            ));
-            gr.nodes.push(
-                Node::new(
-                    "ReduceSum",
-                    "loss.sum",
-                    vec!["loss.p".into()],
-                    vec!["loss".into()],
-                )
-                .with_attr("keepdims", AttrValue::Int(0)),
-            );
-            gr.outputs.push(ValueInfo::new(
-                "loss",
-                ValueType::tensor(DataType::Double, vec![]),
-            ));
+            bidora_tests::add_weighted_sum_loss(&mut m, "y", &[3, dout as i64], DataType::Double);
             let mut rnd = |shape: &[usize], lo: f64, hi: f64| {
                 let n: usize = shape.iter().product();
                 host(
@@ -644,33 +618,7 @@ fn backward_graphs_differentiate_again() {
         &bidora_tests::options(vec!["query".into()], Method::Dora),
     );
     let mut m = rewrite::lower(&c.adapted).unwrap();
-    let gr = &mut m.graph;
-    gr.inputs.push(ValueInfo::new(
-        "c",
-        ValueType::tensor(
-            DataType::Double,
-            vec![Dim::Known(3), Dim::Known(dout as i64)],
-        ),
-    ));
-    gr.nodes.push(Node::new(
-        "Mul",
-        "loss.mul",
-        vec!["y".into(), "c".into()],
-        vec!["loss.p".into()],
-    ));
-    gr.nodes.push(
-        Node::new(
-            "ReduceSum",
-            "loss.sum",
-            vec!["loss.p".into()],
-            vec!["loss".into()],
-        )
-        .with_attr("keepdims", AttrValue::Int(0)),
-    );
-    gr.outputs.push(ValueInfo::new(
-        "loss",
-        ValueType::tensor(DataType::Double, vec![]),
-    ));
+    bidora_tests::add_weighted_sum_loss(&mut m, "y", &[3, dout as i64], DataType::Double);
     let ad = &c.adapters[0];
     let (a, b, mag) = (
         ad.lora_a.clone(),
