@@ -74,21 +74,33 @@ fn axes_input_since(op: &str) -> i64 {
     }
 }
 
+/// A reduction's axes as written: the constant `axes` input from the opset where axes became
+/// an input (read with `input`), else the `axes` attribute; empty when absent. Shared by the
+/// shape rule and the gradient rule so both read the same axes.
+fn declared_axes(
+    node: &crate::ir::Node,
+    opset: i64,
+    input: impl FnOnce(&str) -> Result<Vec<i64>>,
+) -> Result<Vec<i64>> {
+    if opset >= axes_input_since(&node.op_type) {
+        match node.input(1) {
+            Some(a) => input(a),
+            None => Ok(vec![]),
+        }
+    } else {
+        Ok(node
+            .attr_ints("axes")
+            .map(<[i64]>::to_vec)
+            .unwrap_or_default())
+    }
+}
+
 fn reduce(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let x = cx.input(0)?;
     let rank = x.rank();
     let keep = cx.node.attr_int("keepdims").unwrap_or(1) != 0;
-    let axes: Vec<i64> = if cx.opset >= axes_input_since(&cx.node.op_type) {
-        match cx.opt_input(1) {
-            Some(_) => cx.input_ints(1)?,
-            None => vec![],
-        }
-    } else {
-        cx.node
-            .attr_ints("axes")
-            .map(<[i64]>::to_vec)
-            .unwrap_or_default()
-    };
+    let node = cx.node;
+    let axes = declared_axes(node, cx.opset, |_| cx.input_ints(1))?;
     if axes.is_empty() && cx.node.attr_int("noop_with_empty_axes").unwrap_or(0) != 0 {
         return Ok(vec![Fact::new(x.dtype, x.shape.clone())]);
     }
@@ -181,20 +193,12 @@ pub(crate) mod grads {
         let (g, x) = (cx.gy(0)?, cx.x(0));
         let rank = cx.fact(&x)?.rank() as i64;
         let keep = cx.node.attr_int("keepdims").unwrap_or(1) != 0;
-        let axes: Vec<i64> = if cx.opset >= super::axes_input_since(&cx.node.op_type) {
-            match cx.node.input(1) {
-                Some(a) => cx
-                    .fact(a)?
-                    .known_ints()
-                    .ok_or_else(|| cx.err("axes must be constant"))?,
-                None => vec![],
-            }
-        } else {
-            cx.node
-                .attr_ints("axes")
-                .map(<[i64]>::to_vec)
-                .unwrap_or_default()
-        };
+        let node = cx.node;
+        let axes = super::declared_axes(node, cx.opset, |a| {
+            cx.fact(a)?
+                .known_ints()
+                .ok_or_else(|| cx.err("axes must be constant"))
+        })?;
         let axes: Vec<i64> = if axes.is_empty() {
             (0..rank).collect()
         } else {
