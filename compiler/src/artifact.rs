@@ -19,6 +19,8 @@ pub const INIT: &str = "init.safetensors";
 pub const FORWARD: &str = "forward.onnx";
 pub const TRAIN_STEP: &str = "train_step.onnx";
 pub const EVAL: &str = "eval.onnx";
+pub const LOWER: &str = "lower.onnx";
+pub const UPPER: &str = "upper.onnx";
 
 /// What a program input or output is for, so runtimes can bind it without guessing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -40,6 +42,12 @@ pub enum Role {
     Loss,
     /// The gradient of the loss w.r.t. the trainable tensor named in `of`.
     Gradient,
+    /// The hypergradient of the magnitude named in `of` (upper program).
+    Hypergradient,
+    /// The regulariser's value R(V) (lower program).
+    Regularizer,
+    /// A scalar knob fed per run: `gamma`, `xi`, `alpha_fd` (defaults in the manifest).
+    Hyperparameter,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -49,7 +57,8 @@ pub struct TensorSig {
     /// Each dim a number or a symbol name (`null` when unknown).
     pub shape: Option<Vec<serde_json::Value>>,
     pub role: Role,
-    /// For a gradient: the trainable tensor it belongs to.
+    /// For a gradient or hypergradient: the trainable tensor it belongs to; for a batch input
+    /// of the upper program: the model input it feeds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub of: Option<String>,
 }
@@ -76,7 +85,28 @@ pub struct Manifest {
     /// The loss head, when the artifact has training programs.
     pub task: Option<crate::heads::Head>,
     pub adapters: Vec<AdapterRecord>,
+    /// BiDoRA's levels, when the lower and upper programs were emitted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bilevel: Option<BilevelManifest>,
     pub programs: IndexMap<String, ProgramSig>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BilevelManifest {
+    pub hypergrad: crate::bilevel::Hypergrad,
+    pub regularizer: crate::regularizer::RegVariant,
+    /// Which tensors each level trains.
+    pub groups: crate::bilevel::Groups,
+    pub defaults: BilevelDefaults,
+}
+
+/// Defaults for the hyperparameter inputs (DESIGN.md; the paper's appendix B).
+#[derive(Clone, Debug, Serialize)]
+pub struct BilevelDefaults {
+    pub gamma: f64,
+    pub alpha_fd: f64,
+    /// ξ is the lower level's learning rate unless set.
+    pub xi: &'static str,
 }
 
 fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) {

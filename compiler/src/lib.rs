@@ -12,6 +12,7 @@
 
 pub mod artifact;
 pub mod autodiff;
+pub mod bilevel;
 pub mod dump;
 pub mod error;
 pub mod heads;

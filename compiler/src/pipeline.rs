@@ -4,9 +4,11 @@ use indexmap::IndexMap;
 
 use crate::artifact::{self, Artifact, Manifest};
 use crate::autodiff;
+use crate::bilevel::{self, Groups, Hypergrad};
 use crate::error::Result;
 use crate::heads::{self, Head, Task};
 use crate::ir::{Model, Tensor};
+use crate::regularizer::RegVariant;
 use crate::rewrite::{self, AdapterConfig, AdapterRecord};
 use crate::targets::{self, TargetSpec};
 
@@ -17,6 +19,22 @@ pub struct CompileOptions {
     pub task: Option<Task>,
     /// Train the classifier head's weights and biases too (peft's `modules_to_save`).
     pub train_head: bool,
+    /// With a task and DoRA adapters: emit BiDoRA's lower and upper programs.
+    pub bilevel: Option<BilevelOptions>,
+}
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct BilevelOptions {
+    pub hypergrad: Hypergrad,
+    pub regularizer: RegVariant,
+}
+
+/// BiDoRA's programs (see [`crate::bilevel`]).
+pub struct BilevelPrograms {
+    pub options: BilevelOptions,
+    pub groups: Groups,
+    pub lower: bilevel::Lower,
+    pub upper: bilevel::Upper,
 }
 
 /// The single-level training programs (see `ARCHITECTURE.md`).
@@ -42,6 +60,7 @@ pub struct Compiled {
     /// The head parameters among `init` (`--train-head`).
     pub head_params: Vec<String>,
     pub training: Option<TrainPrograms>,
+    pub bilevel: Option<BilevelPrograms>,
 }
 
 pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
@@ -60,10 +79,29 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     // Type-check the emitted program: a rewrite bug fails here, naming the node, rather than
     // in a runtime on another machine.
     crate::shape::infer(&forward)?;
+    let mut bilevel_programs = None;
     let training = match opts.task {
         None => None,
         Some(task) => {
             let (with_loss, head) = heads::attach(&lowered, task)?;
+            if let Some(bo) = opts.bilevel {
+                let groups = Groups::new(&adapted.adapters, &head_params)?;
+                let lower = bilevel::lower_program(
+                    &with_loss,
+                    &head,
+                    &adapted.adapters,
+                    &groups,
+                    bo.regularizer,
+                )?;
+                let upper =
+                    bilevel::upper_program(&with_loss, &head, &groups, &lower.grads, bo.hypergrad)?;
+                bilevel_programs = Some(BilevelPrograms {
+                    options: bo,
+                    groups,
+                    lower,
+                    upper,
+                });
+            }
             let trainable: Vec<String> = adapted.init.keys().cloned().collect();
             let grads = autodiff::backward(&with_loss, &head.loss, &trainable)?;
             let mut train_step = rewrite::strip_markers(&grads.model);
@@ -92,6 +130,7 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
         init: adapted.init,
         head_params,
         training,
+        bilevel: bilevel_programs,
     })
 }
 
@@ -116,6 +155,18 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             files.push((file.to_string(), model.clone()));
         }
     }
+    if let Some(b) = &c.bilevel {
+        for (key, file, model) in [
+            ("lower", artifact::LOWER, &b.lower.model),
+            ("upper", artifact::UPPER, &b.upper.model),
+        ] {
+            programs.insert(
+                key.to_string(),
+                artifact::program_sig(file, &model.graph, &roles),
+            );
+            files.push((file.to_string(), model.clone()));
+        }
+    }
     Artifact {
         manifest: Manifest {
             format: "bidora-artifact",
@@ -127,6 +178,16 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             head_params: c.head_params.clone(),
             task: c.training.as_ref().map(|t| t.head.clone()),
             adapters: c.adapters.clone(),
+            bilevel: c.bilevel.as_ref().map(|b| artifact::BilevelManifest {
+                hypergrad: b.options.hypergrad,
+                regularizer: b.options.regularizer,
+                groups: b.groups.clone(),
+                defaults: artifact::BilevelDefaults {
+                    gamma: bilevel::DEFAULT_GAMMA,
+                    alpha_fd: bilevel::DEFAULT_ALPHA_FD,
+                    xi: "lower learning rate",
+                },
+            }),
             programs,
         },
         programs: files,
@@ -155,6 +216,34 @@ fn roles(c: &Compiled) -> artifact::Roles {
         r.insert(t.head.loss.clone(), (Role::Loss, None));
         for (w, g) in &t.grads {
             r.insert(g.clone(), (Role::Gradient, Some(w.clone())));
+        }
+    }
+    if let Some(b) = &c.bilevel {
+        for (w, g) in &b.lower.grads {
+            r.insert(g.clone(), (Role::Gradient, Some(w.clone())));
+        }
+        r.insert(b.lower.loss.clone(), (Role::Loss, None));
+        r.insert(b.lower.reg.clone(), (Role::Regularizer, None));
+        for n in [bilevel::GAMMA, bilevel::XI, bilevel::ALPHA_FD] {
+            r.insert(n.to_string(), (Role::Hyperparameter, None));
+        }
+        for (m, h) in &b.upper.hypergrads {
+            r.insert(h.clone(), (Role::Hypergradient, Some(m.clone())));
+        }
+        r.insert(bilevel::VAL_LOSS.to_string(), (Role::Loss, None));
+        let labels = c
+            .training
+            .as_ref()
+            .map(|t| t.head.labels.clone())
+            .unwrap_or_default();
+        for (orig, tr, va) in &b.upper.batch_inputs {
+            if labels.contains(orig) {
+                r.insert(tr.clone(), (Role::Label, Some(orig.clone())));
+                r.insert(va.clone(), (Role::Label, Some(orig.clone())));
+            } else {
+                r.insert(tr.clone(), (Role::Data, Some(orig.clone())));
+                r.insert(va.clone(), (Role::Data, Some(orig.clone())));
+            }
         }
     }
     r

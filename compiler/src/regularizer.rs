@@ -22,13 +22,15 @@ pub enum RegVariant {
 }
 
 /// Appends `loss + γ·R(V)` to `model` (which must output `loss`); returns the new loss name
-/// and the name of R's value. Adapters without a magnitude (LoRA) have no direction to
+/// and the name of R's value. `gamma` names a scalar of the model's float type; when the
+/// graph does not define it, it becomes a graph input, so one compiled program serves every
+/// γ (the paper's ablation sets it to 0). Adapters without a magnitude (LoRA) have no direction to
 /// regularise and are an error.
 pub fn attach(
     model: &Model,
     adapters: &[AdapterRecord],
     loss: &str,
-    gamma: f64,
+    gamma: &str,
     variant: RegVariant,
 ) -> Result<(Model, String, String)> {
     let mut m = model.clone();
@@ -130,12 +132,20 @@ pub fn attach(
             b.op("Div", "mean", &[&total, &k], vec![])
         }
     };
-    let gm = b.constant("gamma", Tensor::from_f64_as(dtype, "", vec![], &[gamma]));
-    let gr = b.op("Mul", "gamma_R", &[&r, &gm], vec![]);
+    let gr = b.op("Mul", "gamma_R", &[&r, gamma], vec![]);
     let new_loss = b.fresh("loss_total");
     let new_loss = b.op_into("Add", "loss_total", &[loss, &gr], vec![], new_loss);
     let nodes = b.finish();
     g.nodes.extend(nodes);
+    let defined = g.initializers.contains_key(gamma)
+        || g.is_graph_input(gamma)
+        || g.nodes.iter().any(|n| n.outputs.iter().any(|o| o == gamma));
+    if !defined {
+        g.inputs.push(crate::ir::ValueInfo::new(
+            gamma,
+            crate::ir::ValueType::tensor(dtype, vec![]),
+        ));
+    }
     g.outputs.push(crate::ir::ValueInfo::new(
         r.clone(),
         crate::ir::ValueType::tensor(dtype, vec![]),

@@ -24,6 +24,7 @@ fn compile(dir: &Path) {
         },
         task: Some(Task::SeqCls),
         train_head: false,
+        bilevel: None,
     };
     let c = pipeline::compile(&model, &opts).unwrap();
     bidora_compiler::artifact::write(

@@ -59,6 +59,7 @@ pub fn options(targets: Vec<String>, method: Method) -> CompileOptions {
         },
         task: None,
         train_head: false,
+        bilevel: None,
     }
 }
 

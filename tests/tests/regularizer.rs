@@ -86,7 +86,7 @@ fn value_and_gradient_for_both_variants() {
         let c = compile(&m0, &options(vec!["query,value".into()], Method::Dora));
         let lowered = rewrite::lower(&c.adapted).unwrap();
         let (m, total, r) =
-            regularizer::attach(&lowered, &c.adapters, "loss", 0.3, variant).unwrap();
+            regularizer::attach(&lowered, &c.adapters, "loss", "gamma", variant).unwrap();
         let mut rnd = |shape: &[usize], lo: f64, hi: f64| {
             let n: usize = shape.iter().product();
             ArrayD::from_shape_vec(
@@ -98,6 +98,10 @@ fn value_and_gradient_for_both_variants() {
         let mut inputs = vec![
             ("x".to_string(), HostTensor::F64(rnd(&[3, 6], -1.0, 1.0))),
             ("c".to_string(), HostTensor::F64(rnd(&[3, 4], -1.0, 1.0))),
+            (
+                "gamma".to_string(),
+                HostTensor::F64(ArrayD::from_elem(IxDyn(&[]), 0.3)),
+            ),
         ];
         let mut vals = std::collections::HashMap::new();
         for (n, t) in &c.init {

@@ -4,14 +4,31 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use bidora_compiler::bilevel::Hypergrad;
 use bidora_compiler::heads::Task;
-use bidora_compiler::pipeline::{self, CompileOptions};
+use bidora_compiler::pipeline::{self, BilevelOptions, CompileOptions};
+use bidora_compiler::regularizer::RegVariant;
 use bidora_compiler::rewrite::{AdapterConfig, Method};
 use bidora_compiler::targets::{self, TargetSpec};
 use bidora_compiler::{artifact, dump, load_model};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum HypergradArg {
+    Fd,
+    FdForward,
+    Exact,
+    FirstOrder,
+    Betty,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RegArg {
+    Paper,
+    Released,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum MethodArg {
     Dora,
     Lora,
@@ -43,7 +60,7 @@ enum DumpStage {
 
 /// Compile an ONNX model into BiDoRA programs: rewrite target linear ops into DoRA (or LoRA)
 /// nodes and write an artifact folder (forward.onnx, init.safetensors, manifest.json; with
-/// --task also train_step.onnx and eval.onnx).
+/// --task also train_step.onnx and eval.onnx, and with DoRA BiDoRA's lower.onnx and upper.onnx).
 #[derive(Parser, Debug)]
 #[command(
     name = "bidora-compile",
@@ -118,6 +135,23 @@ struct Cli {
     #[arg(long)]
     train_head: bool,
 
+    /// BiDoRA's hypergradient estimator for upper.onnx (emitted with --task and DoRA):
+    /// `fd` (the paper's central difference), `fd-forward` (one-sided, reuses the lower
+    /// step's magnitude gradient), `exact` (double backward), `first-order` (ξ = 0),
+    /// `betty` (the released code's: no virtual step). Example: `--hypergrad exact`.
+    #[arg(long, value_enum, default_value = "fd")]
+    hypergrad: HypergradArg,
+
+    /// Orthogonality regulariser in lower.onnx: `paper` (squared Frobenius, summed) or
+    /// `released` (the released code's unsquared mean). Example: `--regularizer released`.
+    #[arg(long, value_enum, default_value = "paper")]
+    regularizer: RegArg,
+
+    /// Emit only the single-level programs (train_step, eval), not BiDoRA's lower/upper.
+    /// Example: `--no-bilevel`.
+    #[arg(long)]
+    no_bilevel: bool,
+
     /// Output artifact folder; written atomically. Example: `-o run/artifact`.
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
@@ -170,6 +204,20 @@ fn run(cli: Cli) -> Result<()> {
             TaskArg::CausalLm => Task::CausalLm,
         }),
         train_head: cli.train_head,
+        bilevel: (cli.task.is_some() && cli.method == MethodArg::Dora && !cli.no_bilevel)
+            .then_some(BilevelOptions {
+                hypergrad: match cli.hypergrad {
+                    HypergradArg::Fd => Hypergrad::Fd,
+                    HypergradArg::FdForward => Hypergrad::FdForward,
+                    HypergradArg::Exact => Hypergrad::Exact,
+                    HypergradArg::FirstOrder => Hypergrad::FirstOrder,
+                    HypergradArg::Betty => Hypergrad::Betty,
+                },
+                regularizer: match cli.regularizer {
+                    RegArg::Paper => RegVariant::Paper,
+                    RegArg::Released => RegVariant::Released,
+                },
+            }),
     };
     let compiled = pipeline::compile(&model, &opts)
         .with_context(|| format!("cannot compile {}", cli.model.display()))?;

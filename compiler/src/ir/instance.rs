@@ -4,9 +4,11 @@
 //!
 //! Every value the source graph computes gets a prefixed name; its inputs are either bound to
 //! values of the destination or, when unbound, shared by name (the destination must define
-//! them). Initializers are shared by name, never copied: frozen weights stay in memory once.
+//! them). Initializers are shared by name, never copied: frozen weights stay in memory once;
+//! a source constant whose name the destination already uses for other contents is kept
+//! under a prefixed name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{Graph, Node};
 use crate::error::{Error, Result};
@@ -20,27 +22,49 @@ pub fn instantiate(
     bind: &HashMap<String, String>,
 ) -> Result<HashMap<String, String>> {
     let mut rename: HashMap<String, String> = bind.clone();
+    // Every name the destination uses, gathered once: instantiating a large graph must not
+    // rescan the destination per value.
+    let mut taken: HashSet<String> = dst
+        .initializers
+        .keys()
+        .cloned()
+        .chain(dst.inputs.iter().map(|i| i.name.clone()))
+        .chain(dst.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .collect();
+    let fresh = |taken: &mut HashSet<String>, base: String| {
+        let mut name = base.clone();
+        let mut k = 1;
+        while taken.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        taken.insert(name.clone());
+        name
+    };
     for (name, t) in &src.initializers {
+        if rename.contains_key(name) {
+            continue;
+        }
         match dst.initializers.get(name) {
             Some(existing) if existing == t => {}
+            // Two sources may name different constants alike (each backward pass numbers its
+            // own seeds and shapes): keep both, the source's under a prefixed name.
             Some(_) => {
-                return Err(Error::Graph(format!(
-                    "instantiating under '{prefix}': initializer '{name}' differs from the destination's"
-                )))
+                let new = fresh(&mut taken, format!("{prefix}/{name}"));
+                let mut c = t.clone();
+                c.name = new.clone();
+                dst.initializers.insert(new.clone(), c);
+                rename.insert(name.clone(), new);
             }
             None => {
                 dst.initializers.insert(name.clone(), t.clone());
+                taken.insert(name.clone());
             }
         }
     }
-    let defined = |dst: &Graph, n: &str| {
-        dst.initializers.contains_key(n)
-            || dst.inputs.iter().any(|i| i.name == n)
-            || dst.nodes.iter().any(|x| x.outputs.iter().any(|o| o == n))
-    };
     for i in &src.inputs {
         if !rename.contains_key(&i.name) && !src.initializers.contains_key(&i.name) {
-            if !defined(dst, &i.name) {
+            if !taken.contains(&i.name) {
                 return Err(Error::Graph(format!(
                     "instantiating under '{prefix}': input '{}' is neither bound nor defined",
                     i.name
@@ -54,9 +78,9 @@ pub fn instantiate(
         let mut c: Node = n.clone();
         c.name = format!("{prefix}/{}", n.name);
         for o in c.outputs.iter_mut().filter(|o| !o.is_empty()) {
-            let fresh = dst.fresh_name(&format!("{prefix}/{o}"));
-            rename.insert(o.clone(), fresh.clone());
-            *o = fresh;
+            let new = fresh(&mut taken, format!("{prefix}/{o}"));
+            rename.insert(o.clone(), new.clone());
+            *o = new;
         }
         for i in c.inputs.iter_mut().filter(|i| !i.is_empty()) {
             if let Some(r) = rename.get(i.as_str()) {
