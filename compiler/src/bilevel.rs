@@ -55,7 +55,7 @@ pub const DEFAULT_GAMMA: f64 = 1e-5;
 pub const DEFAULT_ALPHA_FD: f64 = 0.01;
 
 /// How the upper program estimates the hypergradient (`--hypergrad`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hypergrad {
     Fd,

@@ -15,21 +15,22 @@ pub fn for_tract(model: &Model) -> Model {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-    let mut i = 0;
-    while i < g.nodes.len() {
-        let n = &g.nodes[i];
-        let from_i64_cast = n.op_type == "CumSum"
-            && n.domain.is_empty()
-            && n.input(0)
-                .and_then(|x| producers.get(x))
-                .map(|&p| &g.nodes[p])
-                .is_some_and(|p| {
-                    p.op_type == "Cast" && p.attr_int("to") == Some(DataType::Int64 as i64)
-                });
-        if !from_i64_cast {
-            i += 1;
-            continue;
-        }
+    // Decide every site against the unmodified graph, then rewrite from the back so the
+    // indices still to visit stay valid (a program may hold many instances of the model).
+    let sites: Vec<usize> = (0..g.nodes.len())
+        .filter(|&i| {
+            let n = &g.nodes[i];
+            n.op_type == "CumSum"
+                && n.domain.is_empty()
+                && n.input(0)
+                    .and_then(|x| producers.get(x))
+                    .map(|&p| &g.nodes[p])
+                    .is_some_and(|p| {
+                        p.op_type == "Cast" && p.attr_int("to") == Some(DataType::Int64 as i64)
+                    })
+        })
+        .collect();
+    for &i in sites.iter().rev() {
         let mut cumsum = g.nodes[i].clone();
         let x = cumsum.inputs[0].clone();
         let y = cumsum.outputs[0].clone();
@@ -52,7 +53,6 @@ pub fn for_tract(model: &Model) -> Model {
         cumsum.inputs[0] = x32;
         cumsum.outputs[0] = y32;
         g.nodes.splice(i..=i, [to_i32, cumsum, back]);
-        i += 3;
     }
     model
 }

@@ -449,6 +449,13 @@ fn data_movement() {
         .ints("ends", &[5, i64::MAX])
         .ints("axes", &[1, 2]);
     assert_case(c, 88);
+    // Slice's gradient is a Pad; the exact hypergradient differentiates it again.
+    let c = case("Pad", vec![x(&[3, 4, 2])]).ints("pads", &[0, 2, 1, 1, 0, 3]);
+    assert_case(c, 89);
+    let mut c = case("Pad", vec![x(&[3, 4, 2])]).ints("pads", &[1, 2]);
+    c.consts.push(Tensor::from_f64("value", vec![], &[0.5]));
+    let c = c.ints("axes", &[-2]);
+    assert_case(c, 90);
 }
 
 /// The composite DoRA and LoRA nodes (differentiated through their lowering), in f64, for a

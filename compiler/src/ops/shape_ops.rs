@@ -107,7 +107,7 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "Pad",
         infer: pad,
-        grad: None,
+        grad: Some(grads::pad),
     },
 ];
 
@@ -1010,6 +1010,57 @@ pub(crate) mod grads {
         }
         let p = cx.b.ints("pads", &pads);
         let mut out = vec![Some(cx.op("Pad", "dx", &[&g, &p]))];
+        out.resize(cx.node.inputs.len(), None);
+        Ok(out)
+    }
+
+    /// Constant-mode Pad with constant non-negative pads: the gradient is the slice of `gy`
+    /// the input occupies. Slice's own gradient emits this Pad, so second-order programs
+    /// (the exact hypergradient) need it. Ends are written from the end (`-pad`, or the
+    /// int64 maximum for no padding), so symbolic dims need no known size.
+    pub fn pad(cx: &mut GradCx) -> Out {
+        let g = cx.gy(0)?;
+        let mode = cx.node.attr_string("mode").unwrap_or("constant");
+        if mode != "constant" {
+            return Err(cx.err(&format!(
+                "gradient of Pad in mode '{mode}' is not supported"
+            )));
+        }
+        let rank = cx.fact(&cx.x(0))?.rank();
+        let pads = match cx.node.input(1) {
+            Some(n) => cx
+                .fact(n)?
+                .known_ints()
+                .ok_or_else(|| cx.err("gradient of Pad needs constant pads"))?,
+            None => vec![0; 2 * rank],
+        };
+        if pads.iter().any(|&p| p < 0) {
+            return Err(cx.err("gradient of Pad with negative pads is not supported"));
+        }
+        let r = pads.len() as i64 / 2;
+        let axes: Vec<i64> = match cx.node.input(3) {
+            Some(n) if !n.is_empty() => cx
+                .fact(n)?
+                .known_ints()
+                .ok_or_else(|| cx.err("gradient of Pad needs constant axes"))?
+                .into_iter()
+                .map(|a| if a < 0 { a + rank as i64 } else { a })
+                .collect(),
+            _ => (0..r).collect(),
+        };
+        let starts: Vec<i64> = (0..r as usize).map(|j| pads[j]).collect();
+        let ends: Vec<i64> = (0..r as usize)
+            .map(|j| match pads[j + r as usize] {
+                0 => i64::MAX,
+                e => -e,
+            })
+            .collect();
+        let (s, e, a) = (
+            cx.b.ints("starts", &starts),
+            cx.b.ints("ends", &ends),
+            cx.b.ints("axes", &axes),
+        );
+        let mut out = vec![Some(cx.op("Slice", "dx", &[&g, &s, &e, &a]))];
         out.resize(cx.node.inputs.len(), None);
         Ok(out)
     }
