@@ -15,6 +15,10 @@ pub struct TensorSig {
     pub dtype: String,
     pub shape: Option<Vec<serde_json::Value>>,
     pub role: String,
+    /// For gradients and hypergradients: the tensor they belong to; for the upper program's
+    /// batch inputs: the model input they feed.
+    #[serde(default)]
+    pub of: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -30,6 +34,64 @@ pub struct Manifest {
     pub format_version: u32,
     pub source_model: String,
     pub programs: indexmap::IndexMap<String, ProgramSig>,
+    #[serde(default)]
+    pub task: Option<HeadInfo>,
+    #[serde(default)]
+    pub head_params: Vec<String>,
+    #[serde(default)]
+    pub adapters: Vec<AdapterInfo>,
+    #[serde(default)]
+    pub bilevel: Option<BilevelInfo>,
+    pub config: AdapterConfigInfo,
+}
+
+/// The loss head (compiler `heads::Head`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeadInfo {
+    pub task: String,
+    pub logits: String,
+    pub loss: String,
+    pub labels: Vec<String>,
+}
+
+/// What the runtime needs of an adapter record (compiler `rewrite::AdapterRecord`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterInfo {
+    pub module: String,
+    pub lora_a: String,
+    pub lora_b: String,
+    pub magnitude: Option<String>,
+    pub in_features: i64,
+    pub out_features: i64,
+    pub rank: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdapterConfigInfo {
+    pub method: String,
+    pub rank: usize,
+    pub alpha: f32,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BilevelInfo {
+    pub hypergrad: String,
+    pub regularizer: String,
+    pub groups: Groups,
+    pub defaults: BilevelDefaults,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Groups {
+    pub lower: Vec<String>,
+    pub upper: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BilevelDefaults {
+    pub gamma: f64,
+    pub alpha_fd: f64,
 }
 
 pub struct Artifact {
@@ -112,9 +174,22 @@ impl Artifact {
                 })
                 .collect();
             let n: usize = dims.iter().product();
+            if sig.role == "hyperparameter" {
+                let d = self.manifest.bilevel.as_ref().map(|b| &b.defaults);
+                let v = match sig.name.as_str() {
+                    "gamma" => d.map_or(0.0, |d| d.gamma),
+                    "alpha_fd" => d.map_or(0.01, |d| d.alpha_fd),
+                    _ => 1e-4,
+                };
+                out.push((
+                    sig.name.clone(),
+                    HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v as f32)),
+                ));
+                continue;
+            }
             let t = match (sig.dtype.as_str(), sig.name.as_str()) {
                 ("i64", name) if name.contains("mask") => vec![1i64; n],
-                ("i64", "labels") => vec![0i64; n],
+                ("i64", _) if sig.role == "label" => vec![0i64; n],
                 ("i64", _) => (0..n).map(|k| 3 + (k as i64 * 7) % 20).collect(),
                 ("f32", _) => {
                     out.push((
