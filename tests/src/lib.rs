@@ -1,6 +1,7 @@
 //! Shared helpers of the end-to-end tests: fixture discovery, example inputs, building small
 //! synthetic models, running programs with tract, and the gradient-check harness.
 
+pub mod bench;
 pub mod gradcheck;
 pub mod ort;
 

@@ -422,4 +422,22 @@ fn lower_program_outputs_the_regularised_loss_and_both_groups() {
         lower.grads.len(),
         s.groups.lower.len() + s.groups.upper.len()
     );
+    // With γ = 0 every gradient is the plain loss's.
+    let mut inputs = at_train.clone();
+    inputs.insert(bilevel::GAMMA.into(), scalar(0.0));
+    let outs = run(&lower.model, &inputs);
+    let all: Vec<String> = s
+        .groups
+        .lower
+        .iter()
+        .chain(&s.groups.upper)
+        .cloned()
+        .collect();
+    let reference = grads(&s, &all, &at_train);
+    for (w, g) in &lower.grads {
+        let d = (&outs[g] - &reference[w])
+            .mapv(f64::abs)
+            .fold(0.0, |a: f64, &b| a.max(b));
+        assert!(d <= 1e-12, "{w}: {d:e}");
+    }
 }
