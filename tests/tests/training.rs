@@ -160,6 +160,9 @@ fn dora_training_lowers_the_loss_deterministically() {
     assert!(p1 == p2, "final tensors differ between runs");
 }
 
+/// (train loss, val loss) before, the same after, and the final tensors.
+type BilevelRun = ((f32, f32), (f32, f32), Vec<(String, ArrayD<f32>)>);
+
 /// BiDoRA's alternation on the same slice (300 iterations, both learning rates 5e-3), split 24:8 (train:val): per iteration one lower
 /// step (A, B, head on a training batch, `L_tr + γR`) and one upper step (the magnitudes on a
 /// validation batch, through the `fd` hypergradient that reuses the lower step's g).
@@ -168,7 +171,7 @@ fn bilevel(
     iterations: usize,
     lr_lower: f32,
     lr_upper: f32,
-) -> ((f32, f32), (f32, f32), Vec<(String, ArrayD<f32>)>) {
+) -> BilevelRun {
     use bidora_compiler::bilevel::{self, Hypergrad};
     use bidora_compiler::pipeline::BilevelOptions;
     use bidora_compiler::regularizer::RegVariant;
