@@ -4,5 +4,7 @@
 //! with the ONNX Runtime implementation and the trainer come with the runtime issue.
 
 pub mod artifact;
+pub mod backend;
 pub mod optim;
 pub mod tract_exec;
+pub mod train;

@@ -27,6 +27,9 @@ impl Default for AdamWConfig {
     }
 }
 
+/// Per-parameter moment arrays by name.
+pub type Moments = HashMap<String, ArrayD<f32>>;
+
 #[derive(Default)]
 pub struct AdamW {
     pub cfg: AdamWConfig,
@@ -72,6 +75,26 @@ impl AdamW {
                 *p -= lr * (update + c.weight_decay * *p);
             });
         }
+    }
+}
+
+impl AdamW {
+    /// Steps taken (for bias correction); saved in checkpoints.
+    pub fn steps(&self) -> u32 {
+        self.step
+    }
+
+    /// The first and second moments by parameter name; saved in checkpoints.
+    pub fn moments(&self) -> (&Moments, &Moments) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores the state [`AdamW::steps`] and [`AdamW::moments`] saved, so a resumed run
+    /// continues bit for bit.
+    pub fn restore(&mut self, step: u32, m: Moments, v: Moments) {
+        self.step = step;
+        self.m = m;
+        self.v = v;
     }
 }
 

@@ -167,11 +167,7 @@ type BilevelRun = ((f32, f32), (f32, f32), Vec<(String, ArrayD<f32>)>);
 /// step (A, B, head on a training batch, `L_tr + γR`) and one upper step (the magnitudes on a
 /// validation batch, through the `fd` hypergradient that reuses the lower step's g).
 /// Returns the mean (train loss, val loss) before and after, and the final tensors.
-fn bilevel(
-    iterations: usize,
-    lr_lower: f32,
-    lr_upper: f32,
-) -> BilevelRun {
+fn bilevel(iterations: usize, lr_lower: f32, lr_upper: f32) -> BilevelRun {
     use bidora_compiler::bilevel::{self, Hypergrad};
     use bidora_compiler::pipeline::BilevelOptions;
     use bidora_compiler::regularizer::RegVariant;

@@ -1022,9 +1022,7 @@ pub(crate) mod grads {
         let g = cx.gy(0)?;
         let mode = cx.node.attr_string("mode").unwrap_or("constant");
         if mode != "constant" {
-            return Err(cx.err(format!(
-                "gradient of Pad in mode '{mode}' is not supported"
-            )));
+            return Err(cx.err(format!("gradient of Pad in mode '{mode}' is not supported")));
         }
         let rank = cx.fact(&cx.x(0))?.rank();
         let pads = match cx.node.input(1) {

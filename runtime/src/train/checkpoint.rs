@@ -1,0 +1,219 @@
+//! Checkpoints: every trainable tensor and both optimisers' moments in one safetensors file,
+//! the loop's position (phase, steps, data streams, best metric) in `state.json`.
+//!
+//! Each checkpoint is a folder `checkpoints/step-NNNNNNN-PHASE` written under a temporary
+//! name and renamed into place; `checkpoints/latest` (itself replaced by rename) names the
+//! newest. A kill at any moment leaves the previous checkpoint intact and `latest` pointing
+//! at a complete folder. The two newest are kept.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use safetensors::tensor::TensorView;
+use serde::{de::DeserializeOwned, Serialize};
+
+use super::TrainError;
+use crate::optim::Moments;
+
+const TENSORS: &str = "tensors.safetensors";
+const STATE: &str = "state.json";
+const LATEST: &str = "latest";
+const KEEP: usize = 2;
+
+/// (optimiser name, steps, first moments, second moments).
+pub type OptimState = (String, u32, Moments, Moments);
+
+/// Everything a checkpoint holds besides the state.
+pub struct Tensors {
+    pub params: Vec<(String, ArrayD<f32>)>,
+    pub optims: Vec<OptimState>,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Writes `tensors` as f32 safetensors to `path` atomically (temp file + rename).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, &ArrayD<f32>)],
+    meta: Option<HashMap<String, String>>,
+) -> Result<(), TrainError> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, a)| {
+            let b: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (n.clone(), b, a.shape().to_vec())
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| io(path, e))
+        })
+        .collect::<Result<_, _>>()?;
+    let data = safetensors::serialize(views, meta).map_err(|e| io(path, e))?;
+    write_atomic(path, &data)
+}
+
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TrainError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    std::fs::write(&tmp, data).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
+}
+
+/// Reads every f32 tensor of a safetensors file.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, ArrayD<f32>)>, TrainError> {
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
+    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| {
+            let v = st.tensor(&n).map_err(|e| io(path, e))?;
+            if v.dtype() != safetensors::Dtype::F32 {
+                return Err(io(
+                    path,
+                    format!("tensor '{n}' is {:?}, expected F32", v.dtype()),
+                ));
+            }
+            let data: Vec<f32> = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let a = ArrayD::from_shape_vec(IxDyn(v.shape()), data).map_err(|e| io(path, e))?;
+            Ok((n, a))
+        })
+        .collect()
+}
+
+pub fn dir(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Writes one checkpoint and points `latest` at it.
+pub fn save<S: Serialize>(
+    run: &Path,
+    name: &str,
+    t: &Tensors,
+    state: &S,
+) -> Result<PathBuf, TrainError> {
+    let root = dir(run);
+    let tmp = root.join(format!(".{name}.tmp"));
+    let fin = root.join(name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut all: Vec<(String, &ArrayD<f32>)> = t
+        .params
+        .iter()
+        .map(|(n, a)| (format!("param/{n}"), a))
+        .collect();
+    let mut steps = serde_json::Map::new();
+    for (opt, step, m, v) in &t.optims {
+        steps.insert(opt.clone(), (*step).into());
+        all.extend(m.iter().map(|(n, a)| (format!("{opt}/m/{n}"), a)));
+        all.extend(v.iter().map(|(n, a)| (format!("{opt}/v/{n}"), a)));
+    }
+    write_safetensors(&tmp.join(TENSORS), &all, None)?;
+    let body = serde_json::json!({"state": state, "optimizer_steps": steps});
+    std::fs::write(tmp.join(STATE), serde_json::to_vec_pretty(&body).unwrap())
+        .map_err(|e| io(&tmp, e))?;
+    if fin.exists() {
+        std::fs::remove_dir_all(&fin).map_err(|e| io(&fin, e))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(|e| io(&fin, e))?;
+    write_atomic(&root.join(LATEST), name.as_bytes())?;
+    prune(&root, name)?;
+    Ok(fin)
+}
+
+fn prune(root: &Path, newest: &str) -> Result<(), TrainError> {
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .map_err(|e| io(root, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    let keep_from = names.len().saturating_sub(KEEP);
+    for n in &names[..keep_from] {
+        if n != newest {
+            let p = root.join(n);
+            std::fs::remove_dir_all(&p).map_err(|e| io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest checkpoint's folder, if any.
+pub fn latest(run: &Path) -> Result<Option<PathBuf>, TrainError> {
+    let root = dir(run);
+    let p = root.join(LATEST);
+    if !p.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
+    let d = root.join(name.trim());
+    if !d.join(STATE).exists() {
+        return Err(io(
+            &d,
+            "the checkpoint named by checkpoints/latest is incomplete",
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// Reads a checkpoint folder back.
+pub fn load<S: DeserializeOwned>(d: &Path) -> Result<(Tensors, S), TrainError> {
+    let sp = d.join(STATE);
+    let text = std::fs::read_to_string(&sp).map_err(|e| io(&sp, e))?;
+    let body: serde_json::Value = serde_json::from_str(&text).map_err(|e| io(&sp, e))?;
+    let state: S = serde_json::from_value(body["state"].clone()).map_err(|e| io(&sp, e))?;
+    let tensors = read_safetensors(&d.join(TENSORS))?;
+    let mut params = vec![];
+    let mut optims: Vec<OptimState> = vec![];
+    if let Some(steps) = body["optimizer_steps"].as_object() {
+        for (k, v) in steps {
+            optims.push((
+                k.clone(),
+                v.as_u64().unwrap_or(0) as u32,
+                HashMap::new(),
+                HashMap::new(),
+            ));
+        }
+    }
+    for (n, a) in tensors {
+        if let Some(p) = n.strip_prefix("param/") {
+            params.push((p.to_string(), a));
+            continue;
+        }
+        let mut parts = n.splitn(3, '/');
+        let (opt, kind, name) = (parts.next(), parts.next(), parts.next());
+        let slot = optims.iter_mut().find(|o| Some(o.0.as_str()) == opt);
+        match (slot, kind, name) {
+            (Some(o), Some("m"), Some(name)) => {
+                o.2.insert(name.to_string(), a);
+            }
+            (Some(o), Some("v"), Some(name)) => {
+                o.3.insert(name.to_string(), a);
+            }
+            _ => return Err(io(d, format!("unexpected tensor '{n}' in the checkpoint"))),
+        }
+    }
+    Ok((Tensors { params, optims }, state))
+}

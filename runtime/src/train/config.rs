@@ -1,0 +1,293 @@
+//! The training configuration: a TOML file, overridden from the command line with
+//! `--set section.key=value`, saved resolved into the run folder.
+//!
+//! Defaults follow the paper (appendix B) and the released code where the paper is silent
+//! (DESIGN.md): AdamW betas 0.9/0.98, eps 1e-6, linear warmup over 6% then linear decay,
+//! an 8:2 train/validation split, one lower step per upper step.
+
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+
+/// What the loop trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Two levels: A, B (+ head) on the training split, magnitudes on the validation split
+    /// through the hypergradient, then a retrain phase. Needs an artifact with lower/upper.
+    Bidora,
+    /// Single level: every trainable tensor (magnitudes included) on the training split.
+    Dora,
+    /// Single level on a LoRA artifact.
+    Lora,
+}
+
+/// Where the retrain phase starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrainFrom {
+    /// A, B and the head re-initialised to the artifact's initial values (the paper).
+    Init,
+    /// A, B and the head as the search phase left them.
+    Search,
+}
+
+/// One level's optimiser and schedule.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LevelConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Fraction of the level's steps spent warming up linearly from 0.
+    pub warmup_ratio: f64,
+}
+
+impl Default for LevelConfig {
+    fn default() -> Self {
+        LevelConfig {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-6,
+            weight_decay: 0.0,
+            warmup_ratio: 0.06,
+        }
+    }
+}
+
+impl LevelConfig {
+    pub fn adamw(&self) -> crate::optim::AdamWConfig {
+        crate::optim::AdamWConfig {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+}
+
+/// Where the examples come from and how they become token ids.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// `glue-tsv`, `csv`, `jsonl`, `conll`, `reuters`, `peptide`, `e2e`.
+    pub format: String,
+    /// The training file (split 8:2 into train and validation).
+    pub train: String,
+    /// An optional held-out file evaluated alongside (reported, never trained on).
+    pub test: Option<String>,
+    /// Columns (by name, or by 0-based index written as a number).
+    pub text_a: String,
+    pub text_b: Option<String>,
+    pub label: String,
+    /// Label names in id order; by default the sorted set of the training file's labels.
+    pub labels: Option<Vec<String>>,
+    /// Whether the file starts with a header line (GLUE TSV: yes).
+    pub header: bool,
+    /// `tokenizer.json` to encode with; `hash` hashes whitespace words into the model's
+    /// vocabulary (for models without a tokenizer, such as the random test fixtures).
+    pub tokenizer: String,
+    pub max_len: usize,
+    /// Use only the first N examples of the training file (0: all).
+    pub limit: usize,
+    /// Use only the first N examples of the test file (0: all).
+    pub test_limit: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            format: "glue-tsv".into(),
+            train: String::new(),
+            test: None,
+            text_a: "sentence".into(),
+            text_b: None,
+            label: "label".into(),
+            labels: None,
+            header: true,
+            tokenizer: "hash".into(),
+            max_len: 128,
+            limit: 0,
+            test_limit: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub method: Method,
+    pub seed: u64,
+    pub batch_size: usize,
+    pub eval_batch_size: usize,
+    /// Lower-level steps of the search phase (single-level methods: all their steps).
+    pub steps: usize,
+    /// Lower steps per upper step.
+    pub unroll_steps: usize,
+    /// Steps of the retrain phase on train ∪ validation with the magnitudes frozen
+    /// (0 skips it). BiDoRA only.
+    pub retrain_steps: usize,
+    pub retrain_from: RetrainFrom,
+    /// Share of the training file held out as the validation split.
+    pub val_ratio: f64,
+    /// Evaluate every N steps (and at the end of each phase); 0: only at the ends.
+    pub eval_every: usize,
+    /// Write a checkpoint every N steps (and at the end of each phase); 0: only at the ends.
+    pub checkpoint_every: usize,
+    /// Orthogonality regulariser weight γ (default: the manifest's, 1e-5).
+    pub gamma: Option<f64>,
+    /// Virtual-step size ξ (default: the lower learning rate; 0 is the first-order ablation).
+    pub xi: Option<f64>,
+    /// Finite-difference radius α_fd (default: the manifest's, 0.01).
+    pub alpha_fd: Option<f64>,
+    pub lower: LevelConfig,
+    pub upper: LevelConfig,
+    pub data: DataConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: Method::Bidora,
+            seed: 42,
+            batch_size: 16,
+            eval_batch_size: 32,
+            steps: 1000,
+            unroll_steps: 1,
+            retrain_steps: 0,
+            retrain_from: RetrainFrom::Init,
+            val_ratio: 0.2,
+            eval_every: 0,
+            checkpoint_every: 0,
+            gamma: None,
+            xi: None,
+            alpha_fd: None,
+            lower: LevelConfig::default(),
+            upper: LevelConfig::default(),
+            data: DataConfig::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads `text` (TOML; empty for all defaults) and applies `overrides` (`a.b=value`, the
+    /// value parsed as TOML, or taken as a string when it does not parse).
+    pub fn parse(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+    ) -> Result<TrainConfig, TrainError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| TrainError::Config {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            let (path, raw) = o.split_once('=').ok_or_else(|| TrainError::Config {
+                origin: "--set".into(),
+                message: format!("'{o}' is not key=value (example: --set lower.lr=5e-4)"),
+            })?;
+            let parsed: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+            let keys: Vec<&str> = path.trim().split('.').collect();
+            let mut table = &mut value;
+            for k in &keys[..keys.len() - 1] {
+                table = table
+                    .entry(k.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| TrainError::Config {
+                        origin: "--set".into(),
+                        message: format!("'{k}' in '{path}' is not a section"),
+                    })?;
+            }
+            table.insert(keys[keys.len() - 1].to_string(), parsed);
+        }
+        let cfg: TrainConfig =
+            toml::Value::Table(value)
+                .try_into()
+                .map_err(|e: toml::de::Error| TrainError::Config {
+                    origin: origin.to_string(),
+                    message: e.to_string(),
+                })?;
+        cfg.validate().map_err(|message| TrainError::Config {
+            origin: origin.to_string(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.batch_size == 0 || self.eval_batch_size == 0 {
+            return Err("batch sizes must be at least 1".into());
+        }
+        if self.unroll_steps == 0 {
+            return Err("unroll_steps must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.val_ratio) {
+            return Err(format!("val_ratio {} is not in [0, 1)", self.val_ratio));
+        }
+        if self.method == Method::Bidora && self.val_ratio == 0.0 {
+            return Err("BiDoRA needs a validation split: val_ratio > 0".into());
+        }
+        for (name, l) in [("lower", &self.lower), ("upper", &self.upper)] {
+            if !(l.lr.is_finite() && l.lr >= 0.0) {
+                return Err(format!("{name}.lr must be a finite non-negative number"));
+            }
+            if !(0.0..=1.0).contains(&l.warmup_ratio) {
+                return Err(format!("{name}.warmup_ratio must be in [0, 1]"));
+            }
+        }
+        if self.data.train.is_empty() {
+            return Err("data.train (the training file) is not set".into());
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_with_types_and_unknown_keys_are_errors() {
+        let c = TrainConfig::parse(
+            "steps = 10\n[data]\ntrain = 'a.tsv'\n",
+            "t.toml",
+            &[
+                "lower.lr=5e-4".into(),
+                "method=dora".into(),
+                "data.text_b=s2".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.steps, 10);
+        assert_eq!(c.lower.lr, 5e-4);
+        assert_eq!(c.method, Method::Dora);
+        assert_eq!(c.data.text_b.as_deref(), Some("s2"));
+        let e = TrainConfig::parse("stepz = 3\n[data]\ntrain='a'\n", "t.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.toml") && e.contains("stepz"), "{e}");
+        let e = TrainConfig::parse("[data]\ntrain='a'\n", "t.toml", &["lower.lr".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key=value"), "{e}");
+    }
+
+    #[test]
+    fn the_saved_config_reads_back_identically() {
+        let c = TrainConfig::parse("[data]\ntrain = 'x.tsv'\n", "t", &[]).unwrap();
+        let again = TrainConfig::parse(&c.to_toml(), "saved", &[]).unwrap();
+        assert_eq!(c.to_toml(), again.to_toml());
+    }
+}

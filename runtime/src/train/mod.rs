@@ -1,0 +1,907 @@
+//! The training loop: BiDoRA's schedule (search phase with lower and upper steps, then the
+//! retrain phase) and the single-level baselines (DoRA, LoRA), over the artifact's programs.
+//!
+//! One iteration of the search phase (DESIGN.md, "The two levels"):
+//! 1. `unroll_steps` lower steps: `lower.onnx` on a training batch gives `g = ∇_V(L_tr + γR)`
+//!    (and `∇_M L_tr`); AdamW moves V.
+//! 2. Before the last lower step's update, `upper.onnx` takes that step's training batch, a
+//!    validation batch and the same `g` (so the virtual step starts where the lower step
+//!    does, and g is computed once), and gives the hypergradient of every magnitude; AdamW
+//!    moves M.
+//!
+//! The retrain phase re-initialises A, B and the head (or keeps them, `retrain_from =
+//! "search"`), freezes M and trains on train ∪ validation with the regulariser.
+//!
+//! Everything the loop does is a function of the config, the artifact and the data, so a run
+//! is reproducible bit for bit on the same backend, and a resumed run (from any checkpoint)
+//! equals the uninterrupted one: the checkpoint holds the tensors, both optimisers' moments,
+//! the data streams' positions, the step counters and the metrics log's length.
+
+pub mod checkpoint;
+pub mod config;
+pub mod eval;
+pub mod log;
+pub mod plot;
+pub mod schedule;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ndarray::{ArrayD, IxDyn};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::artifact::Artifact;
+use crate::backend::{Backend, HostTensor, Program};
+use crate::optim::AdamW;
+pub use config::{Method, RetrainFrom, TrainConfig};
+use stream::{Stream, StreamState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{origin}: {message}")]
+    Config { origin: String, message: String },
+    #[error("the artifact cannot run this configuration: {0}")]
+    Artifact(String),
+    #[error("{program}: {message}")]
+    Run { program: String, message: String },
+    #[error("{}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+    #[error("{0}")]
+    Data(String),
+    #[error(
+        "{what} became non-finite at {phase} step {step}; stopped. {}",
+        match last_good {
+            Some(p) => format!("The last good checkpoint is {}.", p.display()),
+            None => "No checkpoint had been written yet.".to_string(),
+        }
+    )]
+    NonFinite {
+        what: String,
+        phase: String,
+        step: usize,
+        last_good: Option<PathBuf>,
+    },
+}
+
+/// A dataset the loop draws batches from: the training file, or the test file.
+pub trait Examples {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Program inputs for these examples: the model's inputs (`input_ids`, ...) and `labels`,
+    /// padded to the longest example of the batch.
+    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// BiDoRA's bi-level search, or the single-level methods' only phase.
+    Search,
+    Retrain,
+    Done,
+}
+
+impl Phase {
+    fn name(self, method: Method) -> &'static str {
+        match (self, method) {
+            (Phase::Search, Method::Bidora) => "search",
+            (Phase::Search, _) => "train",
+            (Phase::Retrain, _) => "retrain",
+            (Phase::Done, _) => "done",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Best {
+    pub metric: f64,
+    pub phase: Phase,
+    pub step: usize,
+}
+
+/// The loop's position: everything besides tensors that a checkpoint restores.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunState {
+    pub phase: Phase,
+    /// Steps done in the current phase.
+    pub step: usize,
+    /// Upper steps done in the search phase.
+    pub upper_step: usize,
+    pub train: StreamState,
+    pub val: StreamState,
+    pub all: StreamState,
+    pub best: Option<Best>,
+    /// Length of `metrics.jsonl` when the checkpoint was written.
+    pub log_len: u64,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub method: Method,
+    pub metric_name: String,
+    pub final_val: Option<eval::Scores>,
+    pub final_test: Option<eval::Scores>,
+    pub best: Option<Best>,
+    pub seconds: f64,
+    pub run_dir: PathBuf,
+}
+
+/// The data a run needs, already split: indices into `data` for the two splits.
+pub struct RunData {
+    pub data: Box<dyn Examples>,
+    pub train_idx: Vec<usize>,
+    pub val_idx: Vec<usize>,
+    pub test: Option<Box<dyn Examples>>,
+}
+
+/// A seeded split of `n` examples into (train, validation) with `val_ratio` held out.
+pub fn split(n: usize, val_ratio: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let n_val = ((n as f64) * val_ratio).round() as usize;
+    let val = idx.split_off(n - n_val.min(n));
+    (idx, val)
+}
+
+struct Programs {
+    step: Option<Box<dyn Program>>,
+    lower: Option<Box<dyn Program>>,
+    upper: Option<Box<dyn Program>>,
+    eval: Box<dyn Program>,
+}
+
+/// Indices of named outputs of a program.
+fn outputs(p: &dyn Program) -> HashMap<String, usize> {
+    p.output_names()
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.clone(), i))
+        .collect()
+}
+
+fn scalar(v: f64) -> HostTensor {
+    HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v as f32))
+}
+
+fn f32_of(t: &HostTensor, what: &str) -> Result<ArrayD<f32>, TrainError> {
+    t.as_f32().cloned().ok_or_else(|| TrainError::Run {
+        program: what.into(),
+        message: "expected an f32 output".into(),
+    })
+}
+
+pub struct Trainer<'a> {
+    pub cfg: TrainConfig,
+    art: &'a Artifact,
+    run_dir: PathBuf,
+    data: RunData,
+    progs: Programs,
+    /// Every trainable tensor: adapters, head parameters, magnitudes.
+    params: Vec<(String, ArrayD<f32>)>,
+    init: Vec<(String, ArrayD<f32>)>,
+    lower_group: Vec<String>,
+    upper_group: Vec<String>,
+    opt_lower: AdamW,
+    opt_upper: AdamW,
+    st: RunState,
+    streams: [Stream; 3],
+    log: log::MetricsLog,
+    last_checkpoint: Option<PathBuf>,
+    /// Step-log extra: whether the progress bar draws (off in tests).
+    pub progress: bool,
+}
+
+impl<'a> Trainer<'a> {
+    /// Prepares a run in `run_dir`: a new one, or with `resume` the continuation of the
+    /// newest checkpoint there.
+    pub fn new(
+        cfg: TrainConfig,
+        art: &'a Artifact,
+        backend: &dyn Backend,
+        data: RunData,
+        run_dir: &Path,
+        resume: bool,
+    ) -> Result<Trainer<'a>, TrainError> {
+        let m = &art.manifest;
+        if m.task.is_none() {
+            return Err(TrainError::Artifact(
+                "it has no training programs: compile it with --task".into(),
+            ));
+        }
+        let has = |k: &str| m.programs.contains_key(k);
+        let (lower_group, upper_group) = match cfg.method {
+            Method::Bidora => {
+                let b = m.bilevel.as_ref().filter(|_| has("lower") && has("upper")).ok_or_else(|| {
+                    TrainError::Artifact(
+                        "method = \"bidora\" needs lower.onnx and upper.onnx: compile a DoRA artifact with --task (without --no-bilevel)".into(),
+                    )
+                })?;
+                (b.groups.lower.clone(), b.groups.upper.clone())
+            }
+            Method::Dora | Method::Lora => {
+                if !has("train_step") {
+                    return Err(TrainError::Artifact("it has no train_step.onnx".into()));
+                }
+                let dora = m.adapters.iter().any(|a| a.magnitude.is_some());
+                if (cfg.method == Method::Dora) != dora {
+                    return Err(TrainError::Artifact(format!(
+                        "method = \"{:?}\" but the artifact's adapters are {}",
+                        cfg.method, m.config.method
+                    )));
+                }
+                (art.init.iter().map(|(n, _)| n.clone()).collect(), vec![])
+            }
+        };
+        let load = |key: &str| -> Result<Box<dyn Program>, TrainError> {
+            let sig = &m.programs[key];
+            backend
+                .load(&art.dir.join(&sig.file))
+                .map_err(|e| TrainError::Run {
+                    program: sig.file.clone(),
+                    message: e.to_string(),
+                })
+        };
+        let progs = Programs {
+            step: if cfg.method == Method::Bidora {
+                None
+            } else {
+                Some(load("train_step")?)
+            },
+            lower: if cfg.method == Method::Bidora {
+                Some(load("lower")?)
+            } else {
+                None
+            },
+            upper: if cfg.method == Method::Bidora {
+                Some(load("upper")?)
+            } else {
+                None
+            },
+            eval: load("eval")?,
+        };
+        if data.train_idx.is_empty() {
+            return Err(TrainError::Data("the training split is empty".into()));
+        }
+        if cfg.method == Method::Bidora && data.val_idx.is_empty() {
+            return Err(TrainError::Data("the validation split is empty".into()));
+        }
+        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Checkpoint {
+            path: run_dir.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        // Decide before touching anything in the folder: a run there is only continued on
+        // request, never overwritten.
+        let existing = checkpoint::latest(run_dir)?;
+        match (&existing, resume) {
+            (None, true) => {
+                return Err(TrainError::Checkpoint {
+                    path: checkpoint::dir(run_dir),
+                    message: "--resume: no checkpoint to resume from".into(),
+                })
+            }
+            (Some(_), false) => return Err(TrainError::Checkpoint {
+                path: run_dir.to_path_buf(),
+                message:
+                    "holds a run already: pass --resume to continue it, or choose another folder"
+                        .into(),
+            }),
+            _ => {}
+        }
+        let init: Vec<(String, ArrayD<f32>)> = art.init.clone();
+        let mut t = Trainer {
+            opt_lower: AdamW::new(cfg.lower.adamw()),
+            opt_upper: AdamW::new(cfg.upper.adamw()),
+            streams: [
+                Stream::new(data.train_idx.len(), cfg.seed, StreamState::default()),
+                Stream::new(data.val_idx.len(), cfg.seed ^ 1, StreamState::default()),
+                Stream::new(
+                    data.train_idx.len() + data.val_idx.len(),
+                    cfg.seed ^ 2,
+                    StreamState::default(),
+                ),
+            ],
+            cfg,
+            art,
+            run_dir: run_dir.to_path_buf(),
+            data,
+            progs,
+            params: init.clone(),
+            init,
+            lower_group,
+            upper_group,
+            st: RunState {
+                phase: Phase::Search,
+                step: 0,
+                upper_step: 0,
+                train: StreamState::default(),
+                val: StreamState::default(),
+                all: StreamState::default(),
+                best: None,
+                log_len: 0,
+            },
+            // A resumed run cuts the log back to its checkpoint's length in `restore`.
+            log: log::MetricsLog::open(
+                &run_dir.join("metrics.jsonl"),
+                if resume {
+                    std::fs::metadata(run_dir.join("metrics.jsonl")).map_or(0, |m| m.len())
+                } else {
+                    0
+                },
+            )?,
+            last_checkpoint: None,
+            progress: true,
+        };
+        if let Some(dir) = existing {
+            t.restore(&dir)?;
+        }
+        std::fs::write(run_dir.join("config.toml"), t.cfg.to_toml()).map_err(|e| {
+            TrainError::Checkpoint {
+                path: run_dir.join("config.toml"),
+                message: e.to_string(),
+            }
+        })?;
+        Ok(t)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let (tensors, st): (checkpoint::Tensors, RunState) = checkpoint::load(dir)?;
+        for (n, a) in tensors.params {
+            match self.params.iter_mut().find(|(p, _)| *p == n) {
+                Some(slot) if slot.1.shape() == a.shape() => slot.1 = a,
+                _ => {
+                    return Err(TrainError::Checkpoint {
+                        path: dir.to_path_buf(),
+                        message: format!("tensor '{n}' does not belong to this artifact"),
+                    })
+                }
+            }
+        }
+        for (name, step, m, v) in tensors.optims {
+            match name.as_str() {
+                "lower" => self.opt_lower.restore(step, m, v),
+                "upper" => self.opt_upper.restore(step, m, v),
+                _ => {}
+            }
+        }
+        self.streams[0] = Stream::new(self.data.train_idx.len(), self.cfg.seed, st.train);
+        self.streams[1] = Stream::new(self.data.val_idx.len(), self.cfg.seed ^ 1, st.val);
+        self.streams[2] = Stream::new(
+            self.data.train_idx.len() + self.data.val_idx.len(),
+            self.cfg.seed ^ 2,
+            st.all,
+        );
+        self.log = log::MetricsLog::open(&self.run_dir.join("metrics.jsonl"), st.log_len)?;
+        self.st = st;
+        self.last_checkpoint = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<(), TrainError> {
+        self.st.train = self.streams[0].state;
+        self.st.val = self.streams[1].state;
+        self.st.all = self.streams[2].state;
+        self.st.log_len = self.log.len();
+        let (ml, vl) = self.opt_lower.moments();
+        let (mu, vu) = self.opt_upper.moments();
+        let t = checkpoint::Tensors {
+            params: self.params.clone(),
+            optims: vec![
+                (
+                    "lower".into(),
+                    self.opt_lower.steps(),
+                    ml.clone(),
+                    vl.clone(),
+                ),
+                (
+                    "upper".into(),
+                    self.opt_upper.steps(),
+                    mu.clone(),
+                    vu.clone(),
+                ),
+            ],
+        };
+        let name = format!(
+            "step-{:07}-{}",
+            self.global_step(),
+            self.st.phase.name(self.cfg.method)
+        );
+        self.last_checkpoint = Some(checkpoint::save(&self.run_dir, &name, &t, &self.st)?);
+        Ok(())
+    }
+
+    fn phase_steps(&self, phase: Phase) -> usize {
+        match phase {
+            Phase::Search => self.cfg.steps,
+            Phase::Retrain => self.cfg.retrain_steps,
+            Phase::Done => 0,
+        }
+    }
+
+    fn global_step(&self) -> usize {
+        match self.st.phase {
+            Phase::Search => self.st.step,
+            Phase::Retrain => self.cfg.steps + self.st.step,
+            Phase::Done => self.cfg.steps + self.cfg.retrain_steps,
+        }
+    }
+
+    fn gamma(&self) -> f64 {
+        self.cfg.gamma.unwrap_or_else(|| {
+            self.art
+                .manifest
+                .bilevel
+                .as_ref()
+                .map_or(0.0, |b| b.defaults.gamma)
+        })
+    }
+
+    /// Program inputs: `batch` (under `prefix`), the trainable tensors, and `extra`, keeping
+    /// only names the program has.
+    fn feed(
+        &self,
+        p: &dyn Program,
+        batches: &[(&str, &[(String, HostTensor)])],
+        extra: Vec<(String, HostTensor)>,
+    ) -> Vec<(String, HostTensor)> {
+        let want: std::collections::HashSet<&str> =
+            p.input_names().iter().map(String::as_str).collect();
+        let mut v: Vec<(String, HostTensor)> = vec![];
+        for (prefix, b) in batches {
+            for (n, t) in b.iter() {
+                let name = format!("{prefix}{n}");
+                if want.contains(name.as_str()) {
+                    v.push((name, t.clone()));
+                }
+            }
+        }
+        for (n, a) in &self.params {
+            if want.contains(n.as_str()) {
+                v.push((n.clone(), HostTensor::F32(a.clone())));
+            }
+        }
+        v.extend(extra.into_iter().filter(|(n, _)| want.contains(n.as_str())));
+        v
+    }
+
+    fn batch(&mut self, which: usize) -> Result<Vec<(String, HostTensor)>, TrainError> {
+        let pos = self.streams[which].next_batch(self.cfg.batch_size);
+        let idx: Vec<usize> = match which {
+            0 => pos.iter().map(|&i| self.data.train_idx[i]).collect(),
+            1 => pos.iter().map(|&i| self.data.val_idx[i]).collect(),
+            _ => pos
+                .iter()
+                .map(|&i| {
+                    let n = self.data.train_idx.len();
+                    if i < n {
+                        self.data.train_idx[i]
+                    } else {
+                        self.data.val_idx[i - n]
+                    }
+                })
+                .collect(),
+        };
+        self.data.data.batch(&idx)
+    }
+
+    fn non_finite(&self, what: &str) -> TrainError {
+        TrainError::NonFinite {
+            what: what.into(),
+            phase: self.st.phase.name(self.cfg.method).into(),
+            step: self.st.step,
+            last_good: self.last_checkpoint.clone(),
+        }
+    }
+
+    /// Gradients of `group` from a program's outputs (names from the manifest's `of`).
+    fn grads_of(
+        &self,
+        prog_key: &str,
+        out: &[HostTensor],
+        idx: &HashMap<String, usize>,
+        role: &str,
+        group: &[String],
+    ) -> Result<HashMap<String, ArrayD<f32>>, TrainError> {
+        let sig = &self.art.manifest.programs[prog_key];
+        let mut g = HashMap::new();
+        for o in sig.outputs.iter().filter(|o| o.role == role) {
+            let Some(of) = &o.of else { continue };
+            if !group.contains(of) {
+                continue;
+            }
+            let a = f32_of(&out[idx[&o.name]], &sig.file)?;
+            if a.iter().any(|x| !x.is_finite()) {
+                return Err(self.non_finite(&format!("the {role} of {of}")));
+            }
+            g.insert(of.clone(), a);
+        }
+        Ok(g)
+    }
+
+    fn loss_output(&self, prog_key: &str) -> Result<String, TrainError> {
+        let sig = &self.art.manifest.programs[prog_key];
+        sig.outputs
+            .iter()
+            .find(|o| o.role == "loss")
+            .map(|o| o.name.clone())
+            .ok_or_else(|| TrainError::Artifact(format!("{} has no loss output", sig.file)))
+    }
+
+    /// One step of the current phase; returns what it logs.
+    fn step(&mut self) -> Result<serde_json::Value, TrainError> {
+        let phase = self.st.phase;
+        let total = self.phase_steps(phase);
+        let k = self.st.step;
+        let lr = self.cfg.lower.lr as f64
+            * schedule::linear_warmup_decay(k, total, self.cfg.lower.warmup_ratio) as f64;
+        let mut rec = json!({"kind": "step", "phase": phase.name(self.cfg.method),
+            "step": k, "global_step": self.global_step(), "lr": lr});
+        match (self.cfg.method, phase) {
+            (Method::Bidora, Phase::Search) => {
+                let b_tr = self.batch(0)?;
+                let gamma = self.gamma();
+                let lower = self.progs.lower.take().expect("loaded");
+                let inputs = self.feed(
+                    &*lower,
+                    &[("", &b_tr)],
+                    vec![("gamma".into(), scalar(gamma))],
+                );
+                let res = self.run(lower, "lower", &inputs)?;
+                let idx = outputs(&**self.progs.lower.as_ref().unwrap());
+                let g =
+                    self.grads_of("lower", &res, &idx, "gradient", &self.lower_group.clone())?;
+                let loss_name = self.loss_output("lower")?;
+                let loss = f32_of(&res[idx[&loss_name]], "lower.onnx")?.sum() as f64;
+                rec["loss"] = json!(loss);
+                if let Some(r) = self.art.manifest.programs["lower"]
+                    .outputs
+                    .iter()
+                    .find(|o| o.role == "regularizer")
+                {
+                    rec["reg"] = json!(f32_of(&res[idx[&r.name]], "lower.onnx")?.sum());
+                }
+                if !loss.is_finite() {
+                    return Err(self.non_finite("the training loss"));
+                }
+                let last_of_unroll =
+                    (k + 1).is_multiple_of(self.cfg.unroll_steps) || k + 1 == total;
+                if last_of_unroll {
+                    let b_val = self.batch(1)?;
+                    let upper_total = total.div_ceil(self.cfg.unroll_steps);
+                    let u = self.st.upper_step;
+                    let lr_u = self.cfg.upper.lr as f64
+                        * schedule::linear_warmup_decay(u, upper_total, self.cfg.upper.warmup_ratio)
+                            as f64;
+                    let xi = self.cfg.xi.unwrap_or(lr);
+                    let alpha = self.cfg.alpha_fd.unwrap_or_else(|| {
+                        self.art
+                            .manifest
+                            .bilevel
+                            .as_ref()
+                            .map_or(0.01, |b| b.defaults.alpha_fd)
+                    });
+                    // The lower step's outputs the upper program reads by name: g (and, in
+                    // fd-forward, ∇_M L_tr).
+                    let upper = self.progs.upper.take().expect("loaded");
+                    let lower_outs: Vec<(String, HostTensor)> = self
+                        .progs
+                        .lower
+                        .as_ref()
+                        .unwrap()
+                        .output_names()
+                        .iter()
+                        .zip(res.iter())
+                        .map(|(n, t)| (n.clone(), t.clone()))
+                        .collect();
+                    let mut extra = vec![
+                        ("xi".into(), scalar(xi)),
+                        ("alpha_fd".into(), scalar(alpha)),
+                    ];
+                    extra.extend(lower_outs);
+                    let inputs = self.feed(&*upper, &[("train.", &b_tr), ("val.", &b_val)], extra);
+                    let ures = self.run(upper, "upper", &inputs)?;
+                    let uidx = outputs(&**self.progs.upper.as_ref().unwrap());
+                    let h = self.grads_of(
+                        "upper",
+                        &ures,
+                        &uidx,
+                        "hypergradient",
+                        &self.upper_group.clone(),
+                    )?;
+                    let vl = f32_of(&ures[uidx["val.loss"]], "upper.onnx")?.sum() as f64;
+                    rec["upper_val_loss"] = json!(vl);
+                    rec["lr_upper"] = json!(lr_u);
+                    self.opt_upper.step(&mut self.params, &h, lr_u as f32);
+                    self.st.upper_step += 1;
+                }
+                self.opt_lower.step(&mut self.params, &g, lr as f32);
+            }
+            (Method::Bidora, Phase::Retrain) => {
+                let b = self.batch(2)?;
+                let gamma = self.gamma();
+                let lower = self.progs.lower.take().expect("loaded");
+                let inputs = self.feed(&*lower, &[("", &b)], vec![("gamma".into(), scalar(gamma))]);
+                let res = self.run(lower, "lower", &inputs)?;
+                let idx = outputs(&**self.progs.lower.as_ref().unwrap());
+                let g =
+                    self.grads_of("lower", &res, &idx, "gradient", &self.lower_group.clone())?;
+                let loss =
+                    f32_of(&res[idx[&self.loss_output("lower")?]], "lower.onnx")?.sum() as f64;
+                if !loss.is_finite() {
+                    return Err(self.non_finite("the training loss"));
+                }
+                rec["loss"] = json!(loss);
+                self.opt_lower.step(&mut self.params, &g, lr as f32);
+            }
+            (_, _) => {
+                let b = self.batch(0)?;
+                let step = self.progs.step.take().expect("loaded");
+                let inputs = self.feed(&*step, &[("", &b)], vec![]);
+                let res = self.run(step, "train_step", &inputs)?;
+                let idx = outputs(&**self.progs.step.as_ref().unwrap());
+                let g = self.grads_of(
+                    "train_step",
+                    &res,
+                    &idx,
+                    "gradient",
+                    &self.lower_group.clone(),
+                )?;
+                let loss = f32_of(
+                    &res[idx[&self.loss_output("train_step")?]],
+                    "train_step.onnx",
+                )?
+                .sum() as f64;
+                if !loss.is_finite() {
+                    return Err(self.non_finite("the training loss"));
+                }
+                rec["loss"] = json!(loss);
+                self.opt_lower.step(&mut self.params, &g, lr as f32);
+            }
+        }
+        self.st.step += 1;
+        Ok(rec)
+    }
+
+    /// Runs a program taken out of its slot and puts it back (feeding it reads `self`, so
+    /// it cannot stay borrowed from `self` meanwhile).
+    fn run(
+        &mut self,
+        mut p: Box<dyn Program>,
+        key: &str,
+        inputs: &[(String, HostTensor)],
+    ) -> Result<Vec<HostTensor>, TrainError> {
+        let r = p.run(inputs);
+        *self.slot(key) = Some(p);
+        r.map_err(|e| TrainError::Run {
+            program: self.art.manifest.programs[key].file.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    fn slot(&mut self, key: &str) -> &mut Option<Box<dyn Program>> {
+        match key {
+            "lower" => &mut self.progs.lower,
+            "upper" => &mut self.progs.upper,
+            _ => &mut self.progs.step,
+        }
+    }
+
+    /// Evaluates the current tensors on a split; logs and returns the scores.
+    fn evaluate(&mut self, split: &str, log: bool) -> Result<Option<eval::Scores>, TrainError> {
+        let idx: Vec<usize> = match split {
+            "val" => self.data.val_idx.clone(),
+            "train" => self.data.train_idx.clone(),
+            _ => match &self.data.test {
+                Some(t) => (0..t.len()).collect(),
+                None => return Ok(None),
+            },
+        };
+        if idx.is_empty() {
+            return Ok(None);
+        }
+        let task = self.art.manifest.task.clone().expect("checked in new");
+        let eval_sig = &self.art.manifest.programs["eval"];
+        let logits_name = task.logits.clone();
+        let loss_name = task.loss.clone();
+        let mut acc = eval::Accumulator::new(&task.task);
+        for chunk in idx.chunks(self.cfg.eval_batch_size) {
+            let b = match split {
+                "test" => self.data.test.as_ref().unwrap().batch(chunk)?,
+                _ => self.data.data.batch(chunk)?,
+            };
+            let inputs = self.feed(&*self.progs.eval, &[("", &b)], vec![]);
+            let out = self.progs.eval.run(&inputs).map_err(|e| TrainError::Run {
+                program: eval_sig.file.clone(),
+                message: e.to_string(),
+            })?;
+            let oi = outputs(&*self.progs.eval);
+            let logits = f32_of(&out[oi[&logits_name]], &eval_sig.file)?;
+            let loss = f32_of(&out[oi[&loss_name]], &eval_sig.file)?.sum() as f64;
+            let labels = b
+                .iter()
+                .find(|(n, _)| n == "labels")
+                .map(|(_, t)| t.clone());
+            acc.add(&logits, labels.as_ref(), loss, chunk.len())?;
+        }
+        let scores = acc.finish();
+        let mut rec = json!({"kind": "eval", "split": split,
+            "phase": self.st.phase.name(self.cfg.method), "step": self.st.step,
+            "global_step": self.global_step(), "loss": scores.loss, "metric": scores.main().1});
+        for (k, v) in &scores.metrics {
+            rec[k.as_str()] = json!(v);
+        }
+        if log {
+            self.log.write(rec)?;
+        }
+        Ok(Some(scores))
+    }
+
+    fn eval_and_select(
+        &mut self,
+    ) -> Result<(Option<eval::Scores>, Option<eval::Scores>), TrainError> {
+        let val = self.evaluate("val", true)?;
+        let test = self.evaluate("test", true)?;
+        if let Some(v) = &val {
+            let (_, metric) = v.main();
+            let better = match &self.st.best {
+                None => true,
+                Some(b) => b.phase != self.st.phase || v.better(metric, b.metric),
+            };
+            if better && metric.is_finite() {
+                self.st.best = Some(Best {
+                    metric,
+                    phase: self.st.phase,
+                    step: self.st.step,
+                });
+                self.save_params("best")?;
+            }
+        }
+        let _ = plot::curves(
+            self.log.path(),
+            &self.run_dir.join("curves.svg"),
+            &eval::main_metric_name(&self.art.manifest.task.as_ref().unwrap().task),
+        );
+        Ok((val, test))
+    }
+
+    /// The trained tensors under their artifact names (what `bidora export --weights` reads).
+    fn save_params(&self, name: &str) -> Result<(), TrainError> {
+        let t: Vec<(String, &ArrayD<f32>)> =
+            self.params.iter().map(|(n, a)| (n.clone(), a)).collect();
+        let mut meta = HashMap::new();
+        meta.insert(
+            "phase".to_string(),
+            self.st.phase.name(self.cfg.method).to_string(),
+        );
+        meta.insert("step".to_string(), self.st.step.to_string());
+        checkpoint::write_safetensors(
+            &self.run_dir.join(format!("{name}.safetensors")),
+            &t,
+            Some(meta),
+        )
+    }
+
+    fn enter_retrain(&mut self) {
+        if self.cfg.retrain_from == RetrainFrom::Init {
+            for (n, a) in self.params.iter_mut() {
+                if self.lower_group.contains(n) {
+                    if let Some((_, i)) = self.init.iter().find(|(m, _)| m == n) {
+                        *a = i.clone();
+                    }
+                }
+            }
+        }
+        self.opt_lower = AdamW::new(self.cfg.lower.adamw());
+        self.streams[2] = Stream::new(
+            self.data.train_idx.len() + self.data.val_idx.len(),
+            self.cfg.seed ^ 2,
+            StreamState::default(),
+        );
+        self.st.phase = Phase::Retrain;
+        self.st.step = 0;
+    }
+
+    /// Runs to the end (or to `stop_after` more steps, for tests that simulate a kill).
+    pub fn run_to_end(&mut self, stop_after: Option<usize>) -> Result<Option<Summary>, TrainError> {
+        let start = Instant::now();
+        let total = self.cfg.steps
+            + if self.cfg.method == Method::Bidora {
+                self.cfg.retrain_steps
+            } else {
+                0
+            };
+        let bar = if self.progress {
+            indicatif::ProgressBar::new(total as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
+            )
+            .unwrap()
+            .progress_chars("=> "),
+        );
+        bar.set_position(self.global_step() as u64);
+        let mut done_now = 0usize;
+        let mut examples = 0usize;
+        let t0 = Instant::now();
+        loop {
+            let phase = self.st.phase;
+            if phase == Phase::Done {
+                break;
+            }
+            let total_phase = self.phase_steps(phase);
+            if self.st.step >= total_phase {
+                // End of the phase: evaluate, checkpoint, move on.
+                self.eval_and_select()?;
+                let next = match (self.cfg.method, phase) {
+                    (Method::Bidora, Phase::Search) if self.cfg.retrain_steps > 0 => Phase::Retrain,
+                    _ => Phase::Done,
+                };
+                if next == Phase::Retrain {
+                    self.save_params("search")?;
+                    self.enter_retrain();
+                } else {
+                    self.st.phase = Phase::Done;
+                }
+                self.checkpoint()?;
+                continue;
+            }
+            if stop_after == Some(done_now) {
+                bar.abandon();
+                return Ok(None);
+            }
+            bar.set_prefix(phase.name(self.cfg.method));
+            let mut rec = self.step()?;
+            done_now += 1;
+            examples += self.cfg.batch_size;
+            let rate = examples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            rec["examples_per_s"] = json!(rate);
+            if let Some(l) = rec["loss"].as_f64() {
+                bar.set_message(format!("loss {l:.4}, {rate:.1} ex/s"));
+            }
+            self.log.write(rec)?;
+            bar.inc(1);
+            let s = self.st.step;
+            if self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every) && s < total_phase {
+                self.eval_and_select()?;
+            }
+            if self.cfg.checkpoint_every > 0
+                && s.is_multiple_of(self.cfg.checkpoint_every)
+                && s < total_phase
+            {
+                self.checkpoint()?;
+            }
+        }
+        bar.finish_and_clear();
+        self.save_params("final")?;
+        let (val, test) = (self.evaluate("val", false)?, self.evaluate("test", false)?);
+        let summary = Summary {
+            method: self.cfg.method,
+            metric_name: eval::main_metric_name(&self.art.manifest.task.as_ref().unwrap().task),
+            final_val: val,
+            final_test: test,
+            best: self.st.best.clone(),
+            seconds: start.elapsed().as_secs_f64(),
+            run_dir: self.run_dir.clone(),
+        };
+        checkpoint::write_atomic(
+            &self.run_dir.join("summary.json"),
+            &serde_json::to_vec_pretty(&summary).unwrap(),
+        )?;
+        Ok(Some(summary))
+    }
+
+    /// The current trainable tensors.
+    pub fn params(&self) -> &[(String, ArrayD<f32>)] {
+        &self.params
+    }
+}

@@ -1,0 +1,288 @@
+//! The training loop end to end on the tiny RoBERTa fixture with the 32 real SST-2 sentences
+//! (words hashed into the fixture's vocabulary): BiDoRA's search and retrain phases, the
+//! single-level baselines, resume after a kill, and a NaN stop.
+
+use std::path::Path;
+
+use bidora_compiler::bilevel::Hypergrad;
+use bidora_compiler::heads::Task;
+use bidora_compiler::load_model;
+use bidora_compiler::pipeline::{self, BilevelOptions};
+use bidora_compiler::regularizer::RegVariant;
+use bidora_compiler::rewrite::Method as AdapterMethod;
+use bidora_runtime::artifact::Artifact;
+use bidora_runtime::backend::{self, HostTensor};
+use bidora_runtime::train::{self, Examples, Method, RunData, TrainConfig, TrainError, Trainer};
+use bidora_tests::*;
+use ndarray::{ArrayD, IxDyn};
+
+const SEQ: usize = 16;
+
+fn sst2() -> Vec<(String, i64)> {
+    let text =
+        std::fs::read_to_string(repo_root().join("tests/data/sst2-train-first32.tsv")).unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| {
+            let (s, y) = l.rsplit_once('\t').unwrap();
+            (s.to_string(), y.trim().parse().unwrap())
+        })
+        .collect()
+}
+
+/// `<s>`, words hashed (FNV-1a) into 3..1000, padding id 1 (the fixture has no tokenizer).
+struct Hashed(Vec<(String, i64)>);
+
+impl Examples for Hashed {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
+        let (mut ids, mut mask, mut labels) = (vec![], vec![], vec![]);
+        for &i in idx {
+            let (s, y) = &self.0[i];
+            let mut row = vec![0i64];
+            for w in s.split_whitespace().take(SEQ - 1) {
+                let h = w.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                    (h ^ b as u64).wrapping_mul(0x100000001b3)
+                });
+                row.push(3 + (h % 997) as i64);
+            }
+            let mut m = vec![1i64; row.len()];
+            row.resize(SEQ, 1);
+            m.resize(SEQ, 0);
+            ids.extend(row);
+            mask.extend(m);
+            labels.push(*y);
+        }
+        let b = idx.len();
+        let t = |s: &[usize], v: Vec<i64>| {
+            HostTensor::I64(ArrayD::from_shape_vec(IxDyn(s), v).unwrap())
+        };
+        Ok(vec![
+            ("input_ids".into(), t(&[b, SEQ], ids)),
+            ("attention_mask".into(), t(&[b, SEQ], mask)),
+            ("labels".into(), t(&[b], labels)),
+        ])
+    }
+}
+
+fn artifact(dir: &Path, method: AdapterMethod) -> Artifact {
+    let model = load_model(&repo_root().join("models/roberta_legacy17.onnx")).unwrap();
+    let mut opts = options(qv_targets("roberta"), method);
+    opts.task = Some(Task::SeqCls);
+    opts.train_head = true;
+    if method == AdapterMethod::Dora {
+        opts.bilevel = Some(BilevelOptions {
+            hypergrad: Hypergrad::Fd,
+            regularizer: RegVariant::Paper,
+        });
+    }
+    let c = pipeline::compile(&model, &opts).unwrap();
+    let art = pipeline::artifact(&c, "roberta_legacy17.onnx", &opts);
+    let out = dir.join("artifact");
+    bidora_compiler::artifact::write(&art, &out, false).unwrap();
+    Artifact::open(&out).unwrap()
+}
+
+fn config(method: Method, extra: &[&str]) -> TrainConfig {
+    let mut sets: Vec<String> = vec![
+        format!("method={}", format!("{method:?}").to_lowercase()),
+        "steps=40".into(),
+        "retrain_steps=12".into(),
+        "batch_size=8".into(),
+        "eval_every=10".into(),
+        "checkpoint_every=10".into(),
+        "lower.lr=5e-3".into(),
+        "upper.lr=5e-3".into(),
+        "lower.warmup_ratio=0.1".into(),
+        "data.train=sst2".into(),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    TrainConfig::parse("", "test", &sets).unwrap()
+}
+
+fn data(cfg: &TrainConfig) -> RunData {
+    let rows = sst2();
+    let (train_idx, val_idx) = train::split(rows.len(), cfg.val_ratio, cfg.seed);
+    RunData {
+        data: Box::new(Hashed(rows)),
+        train_idx,
+        val_idx,
+        test: None,
+    }
+}
+
+fn trainer<'a>(cfg: TrainConfig, art: &'a Artifact, run: &Path, resume: bool) -> Trainer<'a> {
+    let d = data(&cfg);
+    let mut t = Trainer::new(cfg, art, &backend::Tract, d, run, resume).unwrap();
+    t.progress = false;
+    t
+}
+
+fn step_losses(run: &Path) -> Vec<(String, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .map(|v| {
+            (
+                v["phase"].as_str().unwrap().to_string(),
+                v["loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn bidora_runs_both_phases_and_writes_its_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    let run = dir.path().join("run");
+    let s = trainer(config(Method::Bidora, &[]), &art, &run, false)
+        .run_to_end(None)
+        .unwrap()
+        .unwrap();
+    let losses = step_losses(&run);
+    assert_eq!(losses.len(), 52, "40 search + 12 retrain steps");
+    assert_eq!(losses.iter().filter(|(p, _)| p == "search").count(), 40);
+    let first: f64 = losses[..8].iter().map(|l| l.1).sum::<f64>() / 8.0;
+    let last: f64 = losses[32..40].iter().map(|l| l.1).sum::<f64>() / 8.0;
+    eprintln!("search loss {first:.4} -> {last:.4}; summary {s:?}");
+    assert!(last < first, "search loss {first} -> {last}");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "curves.svg",
+        "final.safetensors",
+        "search.safetensors",
+        "best.safetensors",
+        "summary.json",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let svg = std::fs::read_to_string(run.join("curves.svg")).unwrap();
+    assert!(
+        svg.contains("<svg") && svg.contains("polyline"),
+        "curves.svg has no lines"
+    );
+    // The magnitudes are frozen in the retrain phase: final = after search.
+    let read = |f: &str| bidora_runtime::train::checkpoint::read_safetensors(&run.join(f)).unwrap();
+    let (search, fin) = (read("search.safetensors"), read("final.safetensors"));
+    let mag =
+        |v: &[(String, ArrayD<f32>)], n: &str| v.iter().find(|(k, _)| k == n).unwrap().1.clone();
+    let b = art.manifest.bilevel.as_ref().unwrap();
+    for m in &b.groups.upper {
+        assert_eq!(mag(&search, m), mag(&fin, m), "{m} changed in retrain");
+    }
+    assert!(s.final_val.is_some());
+}
+
+#[test]
+fn resume_after_a_kill_equals_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    let full = dir.path().join("full");
+    trainer(config(Method::Bidora, &[]), &art, &full, false)
+        .run_to_end(None)
+        .unwrap();
+    // Killed after 27 steps (7 past the step-20 checkpoint), then resumed; and a kill in the
+    // retrain phase (step 40 + 5).
+    for kill in [27usize, 45] {
+        let cut = dir.path().join(format!("cut{kill}"));
+        let r = trainer(config(Method::Bidora, &[]), &art, &cut, false)
+            .run_to_end(Some(kill))
+            .unwrap();
+        assert!(r.is_none());
+        trainer(config(Method::Bidora, &[]), &art, &cut, true)
+            .run_to_end(None)
+            .unwrap()
+            .unwrap();
+        let read = |r: &Path| {
+            bidora_runtime::train::checkpoint::read_safetensors(&r.join("final.safetensors"))
+                .unwrap()
+        };
+        assert!(
+            read(&full) == read(&cut),
+            "kill at {kill}: final tensors differ"
+        );
+        assert_eq!(
+            step_losses(&full),
+            step_losses(&cut),
+            "kill at {kill}: loss curves differ"
+        );
+    }
+}
+
+#[test]
+fn single_level_baselines_run_on_their_artifacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let dora = artifact(&dir.path().join("d"), AdapterMethod::Dora);
+    let lora = artifact(&dir.path().join("l"), AdapterMethod::Lora);
+    for (method, art) in [(Method::Dora, &dora), (Method::Lora, &lora)] {
+        let run = dir.path().join(format!("{method:?}"));
+        trainer(config(method, &[]), art, &run, false)
+            .run_to_end(None)
+            .unwrap()
+            .unwrap();
+        let losses = step_losses(&run);
+        assert_eq!(losses.len(), 40, "{method:?}: no retrain phase");
+        let first: f64 = losses[..8].iter().map(|l| l.1).sum::<f64>() / 8.0;
+        let last: f64 = losses[32..].iter().map(|l| l.1).sum::<f64>() / 8.0;
+        assert!(last < first, "{method:?}: loss {first} -> {last}");
+    }
+    // BiDoRA on a LoRA artifact, or LoRA on a DoRA one, is a clear error.
+    let d = data(&config(Method::Bidora, &[]));
+    let e = Trainer::new(
+        config(Method::Bidora, &[]),
+        &lora,
+        &backend::Tract,
+        d,
+        &dir.path().join("x"),
+        false,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("lower.onnx"), "{e}");
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    let run = dir.path().join("run");
+    // A learning rate this large drives the tensors to infinity within a few steps.
+    let cfg = config(
+        Method::Dora,
+        &[
+            "lower.lr=1e30",
+            "lower.warmup_ratio=0.0",
+            "checkpoint_every=1",
+        ],
+    );
+    let e = trainer(cfg, &art, &run, false)
+        .run_to_end(None)
+        .unwrap_err();
+    let msg = e.to_string();
+    eprintln!("{msg}");
+    assert!(matches!(e, TrainError::NonFinite { .. }), "{msg}");
+    assert!(
+        msg.contains("non-finite") && msg.contains("last good checkpoint"),
+        "{msg}"
+    );
+    let latest = bidora_runtime::train::checkpoint::latest(&run)
+        .unwrap()
+        .unwrap();
+    let (t, _): (
+        bidora_runtime::train::checkpoint::Tensors,
+        serde_json::Value,
+    ) = bidora_runtime::train::checkpoint::load(&latest).unwrap();
+    assert!(
+        t.params
+            .iter()
+            .all(|(_, a)| a.iter().all(|x| x.is_finite())),
+        "the kept checkpoint is finite"
+    );
+}
