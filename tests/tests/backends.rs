@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use bidora_compiler::heads::Task;
 use bidora_compiler::ir::Model;
 use bidora_compiler::load_model;
-use bidora_compiler::pipeline;
 use bidora_compiler::rewrite::Method;
 use bidora_runtime::backend::tract::{TractProgram, PLAN_CACHE};
 use bidora_runtime::backend::{
