@@ -270,10 +270,7 @@ impl TractProgram {
                 }
             }
         }
-        // Optimising is matmul-heavy constant folding on large graphs; give it the pool too.
-        multithread_tract_scope(self.executor.clone(), || {
-            model.into_optimized()?.into_runnable()
-        })
+        model.into_optimized()?.into_runnable()
     }
 }
 
