@@ -1,7 +1,8 @@
 //! bidora's runtime: executes the compiler's artifact programs.
 //!
-//! Today it holds the tract execution path used by the tests and the CLI; the `Backend` trait
-//! with the ONNX Runtime implementation and the trainer come with the runtime issue.
+//! [`backend`] is the execution layer (the `Backend` / `Program` traits, tract and ONNX
+//! Runtime); [`artifact`] reads artifact folders; [`optim`] is AdamW. [`tract_exec`] keeps the
+//! original tract-only names for existing callers.
 
 pub mod artifact;
 pub mod backend;

@@ -1,16 +1,21 @@
 //! `bidora`: runs artifacts written by `bidora-compile`. Today: `check` (load and run every
-//! program once with tract). Training (`bidora train`) comes with the runtime issue.
+//! program once, in tract or ONNX Runtime). Training (`bidora train`) comes with the runtime
+//! issue.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bidora_runtime::artifact::Artifact;
-use bidora_runtime::tract_exec::{HostTensor, TractProgram};
+use bidora_runtime::backend::{self, BackendKind, BackendOptions, Device, HostTensor};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "bidora", version, about = "Run bidora artifacts (tract, CPU)")]
+#[command(
+    name = "bidora",
+    version,
+    about = "Run bidora artifacts (tract or ONNX Runtime)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -18,8 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load every program of an artifact in tract and run it once on a synthetic batch,
-    /// printing each output's shape (and the loss). Example: `bidora check run/artifact`.
+    /// Load every program of an artifact and run it once on a synthetic batch, printing the
+    /// backend chosen and each output's shape (and the loss).
+    /// Example: `bidora check run/artifact --backend ort`.
     Check {
         /// The artifact folder written by bidora-compile.
         artifact: PathBuf,
@@ -29,18 +35,41 @@ enum Cmd {
         /// Sequence length of the synthetic batch. Example: `--seq 32`.
         #[arg(long, default_value_t = 8)]
         seq: usize,
+        /// Engine: tract (embedded, the default), ort (ONNX Runtime), or auto (ort when a
+        /// library is found, else tract). Example: `--backend ort`.
+        #[arg(long, default_value = "tract")]
+        backend: BackendKind,
+        /// Where ONNX Runtime runs: cpu, cuda or cuda:N (tract: cpu only). Example:
+        /// `--device cuda`.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
+        /// The ONNX Runtime library to load, instead of ORT_DYLIB_PATH or the `onnxruntime`
+        /// Python package. Example: `--ort-lib /opt/ort/lib/libonnxruntime.so.1.32.0`.
+        #[arg(long)]
+        ort_lib: Option<PathBuf>,
+        /// Threads per program run; 0 = all cores. Example: `--threads 2`.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 
-fn check(dir: &std::path::Path, batch: usize, seq: usize) -> Result<()> {
+fn check(
+    dir: &std::path::Path,
+    batch: usize,
+    seq: usize,
+    kind: BackendKind,
+    opts: &BackendOptions,
+) -> Result<()> {
     let art = Artifact::open(dir)?;
+    let engine = backend::select(kind, opts).context("choosing the backend")?;
     println!("{} (from {})", dir.display(), art.manifest.source_model);
+    println!("backend: {}", engine.description());
     for (key, prog) in &art.manifest.programs {
         let inputs = art.example_inputs(prog, batch, seq)?;
         let path = art.dir.join(&prog.file);
         let t = std::time::Instant::now();
-        let plan = TractProgram::load(&path, &inputs)?;
-        let outs = plan.run(&inputs)?;
+        let mut program = engine.load(&path)?;
+        let outs = program.run(&inputs)?;
         println!(
             "  {key} ({}): ran in {:.3} s",
             prog.file,
@@ -70,7 +99,21 @@ fn main() -> ExitCode {
             artifact,
             batch,
             seq,
-        } => check(&artifact, batch, seq),
+            backend,
+            device,
+            ort_lib,
+            threads,
+        } => check(
+            &artifact,
+            batch,
+            seq,
+            backend,
+            &BackendOptions {
+                threads,
+                device,
+                ort_lib,
+            },
+        ),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

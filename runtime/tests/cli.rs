@@ -78,3 +78,121 @@ fn check_of_a_folder_without_manifest_names_the_file() {
         "{e}"
     );
 }
+
+/// Whether an ONNX Runtime library can be found here (as the ort backend looks for it);
+/// without one the ort cases print SKIPPED, unless `BIDORA_REQUIRE_ORT=1` (CI).
+fn ort_installed() -> bool {
+    match bidora_runtime::backend::locate::find_ort(None) {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(
+                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
+                "BIDORA_REQUIRE_ORT=1 but {e}"
+            );
+            eprintln!("SKIPPED: {e} (pip install onnxruntime)");
+            false
+        }
+    }
+}
+
+#[test]
+fn check_on_ort_says_which_backend_and_matches_tract() {
+    if !ort_installed() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let loss = |backend: &str| {
+        let out = bidora()
+            .args(["check", "--backend", backend])
+            .arg(&art)
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let chosen = s
+            .lines()
+            .find_map(|l| l.strip_prefix("backend: "))
+            .unwrap_or_else(|| panic!("no backend line:\n{s}"))
+            .to_string();
+        let loss: f64 = s
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("loss      loss [] = "))
+            .expect("a loss line")
+            .parse()
+            .unwrap();
+        (chosen, loss)
+    };
+    let (ort, ort_loss) = loss("ort");
+    assert!(
+        ort.starts_with("ort (ONNX Runtime") && ort.contains("libonnxruntime"),
+        "{ort}"
+    );
+    let (auto, _) = loss("auto");
+    assert!(auto.starts_with("ort") && auto.contains("auto"), "{auto}");
+    let (tract, tract_loss) = loss("tract");
+    assert!(tract.starts_with("tract"), "{tract}");
+    assert!(
+        (ort_loss - tract_loss).abs() <= 1e-5 * tract_loss.abs(),
+        "ort {ort_loss} vs tract {tract_loss}"
+    );
+}
+
+#[test]
+fn check_with_a_missing_ort_library_names_the_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let out = bidora()
+        .args([
+            "check",
+            "--backend",
+            "ort",
+            "--ort-lib",
+            "/nonexistent/libonnxruntime.so",
+        ])
+        .arg(&art)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("/nonexistent/libonnxruntime.so") && !e.contains("panicked"),
+        "{e}"
+    );
+}
+
+#[test]
+fn check_on_cuda_without_a_gpu_build_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let run = |args: &[&str]| {
+        let out = bidora().arg("check").args(args).arg(&art).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, e) = run(&["--device", "cuda"]);
+    assert_eq!(code, Some(1), "{e}");
+    assert!(e.contains("CPU only") && !e.contains("panicked"), "{e}");
+    if !ort_installed() {
+        return;
+    }
+    let (code, e) = run(&["--backend", "ort", "--device", "cuda"]);
+    if code == Some(0) {
+        eprintln!("this machine has a CUDA-enabled ONNX Runtime");
+        return;
+    }
+    assert_eq!(code, Some(1), "{e}");
+    assert!(
+        e.contains("cuda") && e.contains("CUDA") && !e.contains("panicked"),
+        "{e}"
+    );
+}

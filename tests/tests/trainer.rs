@@ -113,9 +113,20 @@ fn data(cfg: &TrainConfig) -> RunData {
     }
 }
 
+fn tract() -> backend::tract::TractBackend {
+    backend::tract::TractBackend::new(
+        &backend::BackendOptions {
+            threads: 1,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap()
+}
+
 fn trainer<'a>(cfg: TrainConfig, art: &'a Artifact, run: &Path, resume: bool) -> Trainer<'a> {
     let d = data(&cfg);
-    let mut t = Trainer::new(cfg, art, &backend::Tract, d, run, resume).unwrap();
+    let mut t = Trainer::new(cfg, art, &tract(), d, run, resume).unwrap();
     t.progress = false;
     t
 }
@@ -237,7 +248,7 @@ fn single_level_baselines_run_on_their_artifacts() {
     let e = Trainer::new(
         config(Method::Bidora, &[]),
         &lora,
-        &backend::Tract,
+        &tract(),
         d,
         &dir.path().join("x"),
         false,
@@ -285,4 +296,53 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
             .all(|(_, a)| a.iter().all(|x| x.is_finite())),
         "the kept checkpoint is finite"
     );
+}
+
+/// The same 20 BiDoRA iterations on tract and on ONNX Runtime (the PyPI `onnxruntime` CPU
+/// library): the per-step losses agree to 1e-4 relative.
+#[test]
+fn tract_and_onnxruntime_give_the_same_loss_curve() {
+    let ort = match backend::select(
+        backend::BackendKind::Ort,
+        &backend::BackendOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    ) {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(
+                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
+                "BIDORA_REQUIRE_ORT=1 but: {e}"
+            );
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    let cfg = || config(Method::Bidora, &["steps=20", "retrain_steps=0"]);
+    let runs: Vec<Vec<(String, f64)>> = [&tract() as &dyn backend::Backend, &*ort]
+        .iter()
+        .enumerate()
+        .map(|(k, b)| {
+            let run = dir.path().join(format!("run{k}"));
+            let c = cfg();
+            let d = data(&c);
+            let mut t = Trainer::new(c, &art, *b, d, &run, false).unwrap();
+            t.progress = false;
+            t.run_to_end(None).unwrap();
+            step_losses(&run)
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 20);
+    let worst = runs[0]
+        .iter()
+        .zip(&runs[1])
+        .map(|(a, b)| (a.1 - b.1).abs() / a.1.abs())
+        .fold(0.0, f64::max);
+    eprintln!(
+        "tract vs onnxruntime over 20 BiDoRA iterations: worst relative difference {worst:.2e}"
+    );
+    assert!(worst <= 1e-4, "{worst:e}");
 }
