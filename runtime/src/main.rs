@@ -1,6 +1,5 @@
-//! `bidora`: runs artifacts written by `bidora-compile`. Today: `check` (load and run every
-//! program once, in tract or ONNX Runtime). Training (`bidora train`) comes with the runtime
-//! issue.
+//! `bidora`: runs artifacts written by `bidora-compile`: `train` (BiDoRA, DoRA or LoRA on a
+//! dataset, in tract or ONNX Runtime) and `check` (run every program once).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,22 +34,133 @@ enum Cmd {
         /// Sequence length of the synthetic batch. Example: `--seq 32`.
         #[arg(long, default_value_t = 8)]
         seq: usize,
-        /// Engine: tract (embedded, the default), ort (ONNX Runtime), or auto (ort when a
-        /// library is found, else tract). Example: `--backend ort`.
-        #[arg(long, default_value = "tract")]
-        backend: BackendKind,
-        /// Where ONNX Runtime runs: cpu, cuda or cuda:N (tract: cpu only). Example:
-        /// `--device cuda`.
-        #[arg(long, default_value = "cpu")]
-        device: Device,
-        /// The ONNX Runtime library to load, instead of ORT_DYLIB_PATH or the `onnxruntime`
-        /// Python package. Example: `--ort-lib /opt/ort/lib/libonnxruntime.so.1.32.0`.
-        #[arg(long)]
-        ort_lib: Option<PathBuf>,
-        /// Threads per program run; 0 = all cores. Example: `--threads 2`.
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
+    /// Train an artifact on a dataset: BiDoRA (search + retrain), DoRA or LoRA, as the config
+    /// says. Writes config.toml, metrics.jsonl, curves.svg, checkpoints/, best/final/search
+    /// tensors (.safetensors) and summary.json into the run folder.
+    /// Example: `bidora train run/artifact --config examples/sst2/train.toml -o run/sst2`.
+    Train {
+        /// The artifact folder written by bidora-compile (with --task).
+        artifact: PathBuf,
+        /// The training config (TOML); relative data paths are read from its folder.
+        /// Example: `--config examples/sst2/train.toml`.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The run folder. Example: `-o run/sst2`.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Override a config value, repeatable. Example: `--set lower.lr=5e-4 --set steps=200`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue the run in the output folder from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// Engine: tract (embedded, the default), ort (ONNX Runtime), or auto (ort when a
+    /// library is found, else tract). Example: `--backend ort`.
+    #[arg(long, default_value = "tract")]
+    backend: BackendKind,
+    /// Where ONNX Runtime runs: cpu, cuda or cuda:N (tract: cpu only). Example:
+    /// `--device cuda`.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// The ONNX Runtime library to load, instead of ORT_DYLIB_PATH or the `onnxruntime`
+    /// Python package. Example: `--ort-lib /opt/ort/lib/libonnxruntime.so.1.32.0`.
+    #[arg(long)]
+    ort_lib: Option<PathBuf>,
+    /// Threads per program run; 0 = all cores. Example: `--threads 2`.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl EngineArgs {
+    fn options(self) -> (BackendKind, BackendOptions) {
+        (
+            self.backend,
+            BackendOptions {
+                threads: self.threads,
+                device: self.device,
+                ort_lib: self.ort_lib,
+            },
+        )
+    }
+}
+
+fn train_cmd(
+    artifact: &std::path::Path,
+    config: &std::path::Path,
+    output: &std::path::Path,
+    set: &[String],
+    resume: bool,
+    engine: EngineArgs,
+) -> Result<()> {
+    use bidora_runtime::train::{dataset, TrainConfig, Trainer};
+    let art = Artifact::open(artifact)?;
+    let text = std::fs::read_to_string(config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let cfg = TrainConfig::parse(&text, &config.display().to_string(), set)?;
+    let (kind, opts) = engine.options();
+    let engine = backend::select(kind, &opts).context("choosing the backend")?;
+    eprintln!("backend: {}", engine.description());
+    let task = art
+        .manifest
+        .task
+        .as_ref()
+        .context("the artifact has no training programs: compile it with --task")?;
+    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
+        .inputs
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let base = config.parent().unwrap_or(std::path::Path::new("."));
+    let data = dataset::load(
+        &cfg.data,
+        base,
+        &eval_inputs,
+        &task.task,
+        cfg.val_ratio,
+        cfg.seed,
+    )?;
+    eprintln!(
+        "data: {} training, {} validation{} examples",
+        data.train_idx.len(),
+        data.val_idx.len(),
+        data.test
+            .as_ref()
+            .map(|t| format!(", {} test", t.len()))
+            .unwrap_or_default()
+    );
+    let mut trainer = Trainer::new(cfg, &art, &*engine, data, output, resume)?;
+    let summary = trainer.run_to_end(None)?.expect("runs to the end");
+    let show = |s: &Option<bidora_runtime::train::eval::Scores>| {
+        s.as_ref()
+            .map(|s| {
+                s.metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.4}"))
+                    .chain(std::iter::once(format!("loss {:.4}", s.loss)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    println!("finished in {:.1} s: {}", summary.seconds, output.display());
+    println!("  validation: {}", show(&summary.final_val));
+    println!("  test:       {}", show(&summary.final_test));
+    println!(
+        "  tensors: {}/final.safetensors (best on validation: best.safetensors); curves: {}/curves.svg",
+        output.display(),
+        output.display()
+    );
+    Ok(())
 }
 
 fn check(
@@ -99,21 +209,19 @@ fn main() -> ExitCode {
             artifact,
             batch,
             seq,
-            backend,
-            device,
-            ort_lib,
-            threads,
-        } => check(
-            &artifact,
-            batch,
-            seq,
-            backend,
-            &BackendOptions {
-                threads,
-                device,
-                ort_lib,
-            },
-        ),
+            engine,
+        } => {
+            let (kind, opts) = engine.options();
+            check(&artifact, batch, seq, kind, &opts)
+        }
+        Cmd::Train {
+            artifact,
+            config,
+            output,
+            set,
+            resume,
+            engine,
+        } => train_cmd(&artifact, &config, &output, &set, resume, engine),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

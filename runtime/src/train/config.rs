@@ -92,6 +92,10 @@ pub struct DataConfig {
     /// vocabulary (for models without a tokenizer, such as the random test fixtures).
     pub tokenizer: String,
     pub max_len: usize,
+    /// Pad each batch's length up to a multiple of this (0: to its longest example). Every
+    /// distinct shape costs tract a plan optimisation, so few lengths run faster there;
+    /// `pad_to_multiple_of = max_len` gives one shape.
+    pub pad_to_multiple_of: usize,
     /// Use only the first N examples of the training file (0: all).
     pub limit: usize,
     /// Use only the first N examples of the test file (0: all).
@@ -111,6 +115,7 @@ impl Default for DataConfig {
             header: true,
             tokenizer: "hash".into(),
             max_len: 128,
+            pad_to_multiple_of: 32,
             limit: 0,
             test_limit: 0,
         }

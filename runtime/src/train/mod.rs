@@ -19,6 +19,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dataset;
 pub mod eval;
 pub mod log;
 pub mod plot;
