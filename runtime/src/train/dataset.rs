@@ -155,7 +155,9 @@ impl Examples for TextExamples {
             .map(|&i| self.rows[i].ids.len())
             .max()
             .unwrap_or(1)
-            .max(1);
+            .max(1)
+            // Few distinct lengths: the backends build one plan per input shape.
+            .next_multiple_of(self.multiple.max(1));
         let (mut ids, mut mask, mut types) = (
             vec![self.pad; b * len],
             vec![0i64; b * len],

@@ -198,6 +198,9 @@ pub struct Trainer<'a> {
     last_checkpoint: Option<PathBuf>,
     /// Step-log extra: whether the progress bar draws (off in tests).
     pub progress: bool,
+    /// Seconds spent in this step per part (programs by key, "optim", "data"), logged with
+    /// the step so the slowest part of an iteration is visible.
+    secs: Vec<(&'static str, f64)>,
 }
 
 impl<'a> Trainer<'a> {
@@ -339,6 +342,7 @@ impl<'a> Trainer<'a> {
             )?,
             last_checkpoint: None,
             progress: true,
+            secs: vec![],
         };
         if let Some(dir) = existing {
             t.restore(&dir)?;
@@ -489,7 +493,10 @@ impl<'a> Trainer<'a> {
                 })
                 .collect(),
         };
-        self.data.data.batch(&idx)
+        let t = Instant::now();
+        let b = self.data.data.batch(&idx);
+        self.time("data", t);
+        b
     }
 
     fn non_finite(&self, what: &str) -> TrainError {
@@ -536,7 +543,29 @@ impl<'a> Trainer<'a> {
     }
 
     /// One step of the current phase; returns what it logs.
+    fn time(&mut self, part: &'static str, since: Instant) {
+        let dt = since.elapsed().as_secs_f64();
+        match self.secs.iter_mut().find(|(p, _)| *p == part) {
+            Some((_, s)) => *s += dt,
+            None => self.secs.push((part, dt)),
+        }
+    }
+
     fn step(&mut self) -> Result<serde_json::Value, TrainError> {
+        let t_step = Instant::now();
+        self.secs.clear();
+        let mut rec = self.step_inner()?;
+        self.time("total", t_step);
+        let secs: serde_json::Map<String, serde_json::Value> = self
+            .secs
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        rec["secs"] = serde_json::Value::Object(secs);
+        Ok(rec)
+    }
+
+    fn step_inner(&mut self) -> Result<serde_json::Value, TrainError> {
         let phase = self.st.phase;
         let total = self.phase_steps(phase);
         let k = self.st.step;
@@ -619,10 +648,14 @@ impl<'a> Trainer<'a> {
                     let vl = f32_of(&ures[uidx["val.loss"]], "upper.onnx")?.sum() as f64;
                     rec["upper_val_loss"] = json!(vl);
                     rec["lr_upper"] = json!(lr_u);
+                    let t = Instant::now();
                     self.opt_upper.step(&mut self.params, &h, lr_u as f32);
+                    self.time("optim", t);
                     self.st.upper_step += 1;
                 }
+                let t = Instant::now();
                 self.opt_lower.step(&mut self.params, &g, lr as f32);
+                self.time("optim", t);
             }
             (Method::Bidora, Phase::Retrain) => {
                 let b = self.batch(2)?;
@@ -639,7 +672,9 @@ impl<'a> Trainer<'a> {
                     return Err(self.non_finite("the training loss"));
                 }
                 rec["loss"] = json!(loss);
+                let t = Instant::now();
                 self.opt_lower.step(&mut self.params, &g, lr as f32);
+                self.time("optim", t);
             }
             (_, _) => {
                 let b = self.batch(0)?;
@@ -663,7 +698,9 @@ impl<'a> Trainer<'a> {
                     return Err(self.non_finite("the training loss"));
                 }
                 rec["loss"] = json!(loss);
+                let t = Instant::now();
                 self.opt_lower.step(&mut self.params, &g, lr as f32);
+                self.time("optim", t);
             }
         }
         self.st.step += 1;
@@ -678,7 +715,16 @@ impl<'a> Trainer<'a> {
         key: &str,
         inputs: &[(String, HostTensor)],
     ) -> Result<Vec<HostTensor>, TrainError> {
+        let t = Instant::now();
         let r = p.run(inputs);
+        self.time(
+            match key {
+                "lower" => "lower",
+                "upper" => "upper",
+                _ => "train_step",
+            },
+            t,
+        );
         *self.slot(key) = Some(p);
         r.map_err(|e| TrainError::Run {
             program: self.art.manifest.programs[key].file.clone(),
@@ -833,7 +879,7 @@ impl<'a> Trainer<'a> {
         bar.set_position(self.global_step() as u64);
         let mut done_now = 0usize;
         let mut examples = 0usize;
-        let t0 = Instant::now();
+        let mut busy = 0.0f64;
         loop {
             let phase = self.st.phase;
             if phase == Phase::Done {
@@ -864,7 +910,9 @@ impl<'a> Trainer<'a> {
             let mut rec = self.step()?;
             done_now += 1;
             examples += self.cfg.batch_size;
-            let rate = examples as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            // Throughput of the steps themselves: evaluation and checkpoints are not in it.
+            busy += rec["secs"]["total"].as_f64().unwrap_or(0.0);
+            let rate = examples as f64 / busy.max(1e-9);
             rec["examples_per_s"] = json!(rate);
             if let Some(l) = rec["loss"].as_f64() {
                 bar.set_message(format!("loss {l:.4}, {rate:.1} ex/s"));

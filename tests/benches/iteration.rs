@@ -1,0 +1,171 @@
+//! Seconds per training step of the real trainer loop, LoRA vs DoRA vs one BiDoRA iteration,
+//! on the shipped pretrained MiniLM (models/minilm-sst2: all-MiniLM-L6-v2's first 3 layers,
+//! hidden 384, 12 heads) at batch 32 × sequence 128, for tract and ONNX Runtime (CPU) at 1
+//! and 2 threads. Every figure is the median of the `secs` the trainer logs per step
+//! (programs, AdamW, batch assembly), after one warm-up step that builds the plans.
+//!
+//! Targets (issue "Runtime and bidora CLI"): DoRA ≤ 1.10× LoRA; one BiDoRA iteration
+//! (unroll 1) ≤ 4.0× LoRA with `fd` and ≤ 3.0× with `fd-forward`.
+//!
+//! `cargo bench -p bidora-tests --bench iteration` (results: BENCHMARKS.md). Set
+//! `BIDORA_BENCH_STEPS` to change the number of timed steps (default 4). ONNX Runtime rows
+//! need the `onnxruntime` Python package (or ORT_DYLIB_PATH) and are skipped without.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bidora_compiler::bilevel::Hypergrad;
+use bidora_compiler::heads::Task;
+use bidora_compiler::load_model;
+use bidora_compiler::pipeline::{self, BilevelOptions};
+use bidora_compiler::regularizer::RegVariant;
+use bidora_compiler::rewrite::Method as AdapterMethod;
+use bidora_runtime::artifact::Artifact;
+use bidora_runtime::backend::{self, Backend, BackendKind, BackendOptions, HostTensor};
+use bidora_runtime::train::{Examples, Method, RunData, TrainConfig, TrainError, Trainer};
+use bidora_tests::bench::median;
+use bidora_tests::*;
+use ndarray::{ArrayD, IxDyn};
+
+const BATCH: usize = 32;
+const SEQ: usize = 128;
+
+/// Fixed-length synthetic sentences over the model's vocabulary: every batch has the same
+/// shape, as a padded production batch would.
+struct Synthetic {
+    n: usize,
+    vocab: i64,
+}
+
+impl Examples for Synthetic {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
+        let b = idx.len();
+        let ids: Vec<i64> = idx
+            .iter()
+            .flat_map(|&i| (0..SEQ).map(move |k| 1000 + ((i * 131 + k * 7919) as i64 % (self.vocab - 1000))))
+            .collect();
+        let t = |s: &[usize], v: Vec<i64>| HostTensor::I64(ArrayD::from_shape_vec(IxDyn(s), v).unwrap());
+        Ok(vec![
+            ("input_ids".into(), t(&[b, SEQ], ids)),
+            ("attention_mask".into(), t(&[b, SEQ], vec![1; b * SEQ])),
+            ("labels".into(), t(&[b], idx.iter().map(|&i| (i % 2) as i64).collect())),
+        ])
+    }
+}
+
+fn artifact(dir: &Path, method: AdapterMethod, mode: Option<Hypergrad>) -> Artifact {
+    let model = load_model(&repo_root().join("models/minilm-sst2/model.onnx")).unwrap();
+    let mut opts = options(qv_targets("bert"), method);
+    opts.task = Some(Task::SeqCls);
+    opts.train_head = true;
+    opts.bilevel = mode.map(|hypergrad| BilevelOptions {
+        hypergrad,
+        regularizer: RegVariant::Paper,
+    });
+    let c = pipeline::compile(&model, &opts).unwrap();
+    let art = pipeline::artifact(&c, "model.onnx", &opts);
+    bidora_compiler::artifact::write(&art, dir, true).unwrap();
+    Artifact::open(dir).unwrap()
+}
+
+/// Median seconds per part over the timed steps of one run.
+fn measure(art: &Artifact, be: &dyn Backend, method: Method, steps: usize) -> BTreeMap<String, f64> {
+    let run = tempfile::tempdir().unwrap();
+    let sets: Vec<String> = [
+        format!("method={}", format!("{method:?}").to_lowercase()),
+        format!("batch_size={BATCH}"),
+        "steps=1000".into(),
+        "retrain_steps=0".into(),
+        "eval_every=0".into(),
+        "checkpoint_every=0".into(),
+        "data.train=synthetic".into(),
+    ]
+    .into();
+    let cfg = TrainConfig::parse("", "bench", &sets).unwrap();
+    let n = 10 * BATCH;
+    let (train_idx, val_idx) = bidora_runtime::train::split(n, cfg.val_ratio, cfg.seed);
+    let data = RunData {
+        data: Box::new(Synthetic { n, vocab: 8000 }),
+        train_idx,
+        val_idx,
+        test: None,
+    };
+    let mut t = Trainer::new(cfg, art, be, data, run.path(), false).unwrap();
+    t.progress = false;
+    t.run_to_end(Some(steps + 1)).unwrap();
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "step")
+        .skip(1)
+        .collect();
+    let mut parts: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in &recs {
+        for (k, v) in r["secs"].as_object().unwrap() {
+            parts.entry(k.clone()).or_default().push(v.as_f64().unwrap());
+        }
+    }
+    parts.into_iter().map(|(k, v)| (k, median(v))).collect()
+}
+
+fn split_of(p: &BTreeMap<String, f64>) -> String {
+    p.iter()
+        .filter(|(k, _)| k.as_str() != "total")
+        .map(|(k, v)| format!("{k} {v:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn main() {
+    let steps: usize = std::env::var("BIDORA_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4);
+    let dir = tempfile::tempdir().unwrap();
+    let lora = artifact(&dir.path().join("lora"), AdapterMethod::Lora, None);
+    let fd = artifact(&dir.path().join("fd"), AdapterMethod::Dora, Some(Hypergrad::Fd));
+    let fdf = artifact(
+        &dir.path().join("fdf"),
+        AdapterMethod::Dora,
+        Some(Hypergrad::FdForward),
+    );
+    println!(
+        "minilm-sst2 (3 layers, hidden 384), batch {BATCH} × {SEQ}, DoRA/LoRA on query,value \
+         (rank {}), seq-cls head trained; medians of {steps} steps, seconds",
+        lora.manifest.adapters[0].rank
+    );
+    println!("| backend | threads | LoRA s | DoRA s | BiDoRA fd s | BiDoRA fd-forward s | DoRA / LoRA | fd / LoRA | fd-forward / LoRA | split of the fd iteration |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for kind in [BackendKind::Tract, BackendKind::Ort] {
+        for threads in [1, 2] {
+            let opts = BackendOptions {
+                threads,
+                ..Default::default()
+            };
+            let be = match backend::select(kind, &opts) {
+                Ok(b) => b,
+                Err(e) => {
+                    println!("| {kind:?} | {threads} | skipped: {e} | | | | | | | |");
+                    continue;
+                }
+            };
+            let l = measure(&lora, &*be, Method::Lora, steps);
+            let d = measure(&fd, &*be, Method::Dora, steps);
+            let b = measure(&fd, &*be, Method::Bidora, steps);
+            let f = measure(&fdf, &*be, Method::Bidora, steps);
+            let (l0, d0, b0, f0) = (l["total"], d["total"], b["total"], f["total"]);
+            println!(
+                "| {} | {threads} | {l0:.3} | {d0:.3} | {b0:.3} | {f0:.3} | {:.2} | {:.2} | {:.2} | {} |",
+                be.name(),
+                d0 / l0,
+                b0 / l0,
+                f0 / l0,
+                split_of(&b)
+            );
+        }
+    }
+}
