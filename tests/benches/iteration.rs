@@ -45,13 +45,20 @@ impl Examples for Synthetic {
         let b = idx.len();
         let ids: Vec<i64> = idx
             .iter()
-            .flat_map(|&i| (0..SEQ).map(move |k| 1000 + ((i * 131 + k * 7919) as i64 % (self.vocab - 1000))))
+            .flat_map(|&i| {
+                (0..SEQ).map(move |k| 1000 + ((i * 131 + k * 7919) as i64 % (self.vocab - 1000)))
+            })
             .collect();
-        let t = |s: &[usize], v: Vec<i64>| HostTensor::I64(ArrayD::from_shape_vec(IxDyn(s), v).unwrap());
+        let t = |s: &[usize], v: Vec<i64>| {
+            HostTensor::I64(ArrayD::from_shape_vec(IxDyn(s), v).unwrap())
+        };
         Ok(vec![
             ("input_ids".into(), t(&[b, SEQ], ids)),
             ("attention_mask".into(), t(&[b, SEQ], vec![1; b * SEQ])),
-            ("labels".into(), t(&[b], idx.iter().map(|&i| (i % 2) as i64).collect())),
+            (
+                "labels".into(),
+                t(&[b], idx.iter().map(|&i| (i % 2) as i64).collect()),
+            ),
         ])
     }
 }
@@ -72,7 +79,12 @@ fn artifact(dir: &Path, method: AdapterMethod, mode: Option<Hypergrad>) -> Artif
 }
 
 /// Median seconds per part over the timed steps of one run.
-fn measure(art: &Artifact, be: &dyn Backend, method: Method, steps: usize) -> BTreeMap<String, f64> {
+fn measure(
+    art: &Artifact,
+    be: &dyn Backend,
+    method: Method,
+    steps: usize,
+) -> BTreeMap<String, f64> {
     let run = tempfile::tempdir().unwrap();
     let sets: Vec<String> = [
         format!("method={}", format!("{method:?}").to_lowercase()),
@@ -106,7 +118,10 @@ fn measure(art: &Artifact, be: &dyn Backend, method: Method, steps: usize) -> BT
     let mut parts: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for r in &recs {
         for (k, v) in r["secs"].as_object().unwrap() {
-            parts.entry(k.clone()).or_default().push(v.as_f64().unwrap());
+            parts
+                .entry(k.clone())
+                .or_default()
+                .push(v.as_f64().unwrap());
         }
     }
     parts.into_iter().map(|(k, v)| (k, median(v))).collect()
@@ -127,7 +142,11 @@ fn main() {
         .unwrap_or(4);
     let dir = tempfile::tempdir().unwrap();
     let lora = artifact(&dir.path().join("lora"), AdapterMethod::Lora, None);
-    let fd = artifact(&dir.path().join("fd"), AdapterMethod::Dora, Some(Hypergrad::Fd));
+    let fd = artifact(
+        &dir.path().join("fd"),
+        AdapterMethod::Dora,
+        Some(Hypergrad::Fd),
+    );
     let fdf = artifact(
         &dir.path().join("fdf"),
         AdapterMethod::Dora,
