@@ -149,6 +149,9 @@ pub struct TrainConfig {
     pub xi: Option<f64>,
     /// Finite-difference radius α_fd (default: the manifest's, 0.01).
     pub alpha_fd: Option<f64>,
+    /// The evaluation metric that picks the best checkpoint (default: the task head's first,
+    /// see `eval.rs`): the paper's GLUE choices are `mcc` for CoLA and `f1` for MRPC.
+    pub metric: Option<String>,
     pub lower: LevelConfig,
     pub upper: LevelConfig,
     pub data: DataConfig,
@@ -171,6 +174,7 @@ impl Default for TrainConfig {
             gamma: None,
             xi: None,
             alpha_fd: None,
+            metric: None,
             lower: LevelConfig::default(),
             upper: LevelConfig::default(),
             data: DataConfig::default(),

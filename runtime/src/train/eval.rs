@@ -1,18 +1,25 @@
-//! Scoring the eval program's logits against a split's labels, per task head.
+//! Scoring the eval program's logits against a split's labels, per task head, with the
+//! metrics the paper reports (definitions in `crate::metrics`).
 //!
-//! | task | main metric | also |
+//! | task | reported (default main metric first) | GLUE / paper choice via `metric` |
 //! |---|---|---|
-//! | seq-cls | accuracy | F1 (binary: class 1; else macro), Matthews correlation |
-//! | regression | Pearson | Spearman, MSE |
-//! | multi-label | micro-F1 (sigmoid > 0.5) | macro-F1 |
-//! | token-cls | token accuracy (labelled tokens) | |
+//! | seq-cls | accuracy, f1, macro_f1, mcc | `mcc` for CoLA, `f1` for MRPC |
+//! | regression | pearson, spearman, mse | STS-B: pearson (spearman also logged) |
+//! | multi-label | micro_f1 (sigmoid > 0.5), macro_f1, subset_accuracy | |
+//! | token-cls | entity_f1, entity_precision, entity_recall, token_accuracy | |
 //! | causal-lm | perplexity (lower is better) | |
+//!
+//! seq-cls `f1` is the F1 of class 1 when the head has two classes (GLUE's MRPC/QQP F1) and
+//! the macro F1 otherwise. token-cls scores entities (conlleval's chunks) over the labelled
+//! positions of each example (labels −100 are skipped), so it needs the tag names in id order:
+//! the config's `data.labels`.
 
 use ndarray::{ArrayD, Axis};
 use serde::Serialize;
 
 use super::TrainError;
 use crate::backend::HostTensor;
+use crate::metrics;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Scores {
@@ -39,22 +46,55 @@ impl Scores {
             a > b
         }
     }
+
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|(n, _)| n == name).map(|p| p.1)
+    }
 }
 
-pub fn main_metric_name(task: &str) -> String {
+/// The metrics a task head reports, its default main metric first.
+pub fn metric_names(task: &str) -> &'static [&'static str] {
     match task {
-        "seq-cls" => "accuracy",
-        "regression" => "pearson",
-        "multi-label" => "micro_f1",
-        "token-cls" => "token_accuracy",
-        _ => "perplexity",
+        "seq-cls" => &["accuracy", "f1", "macro_f1", "mcc"],
+        "regression" => &["pearson", "spearman", "mse"],
+        "multi-label" => &["micro_f1", "macro_f1", "subset_accuracy"],
+        "token-cls" => &[
+            "entity_f1",
+            "entity_precision",
+            "entity_recall",
+            "token_accuracy",
+        ],
+        _ => &["perplexity"],
     }
-    .into()
+}
+
+/// The metric that selects the best checkpoint: `chosen` (the config's `metric`) or the
+/// task's default.
+pub fn main_metric_name(task: &str, chosen: Option<&str>) -> String {
+    chosen.unwrap_or(metric_names(task)[0]).to_string()
+}
+
+/// Refuses a `metric` the task head does not report, naming the ones it does.
+pub fn check_metric(task: &str, chosen: Option<&str>) -> Result<(), TrainError> {
+    match chosen {
+        Some(m) if !metric_names(task).contains(&m) => Err(TrainError::Config {
+            origin: "metric".into(),
+            message: format!(
+                "'{m}' is not reported for a {task} head (choose one of: {})",
+                metric_names(task).join(", ")
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Collects predictions batch by batch.
 pub struct Accumulator {
     task: String,
+    main: String,
+    /// token-cls: tag names by id.
+    tags: Vec<String>,
+    classes: usize,
     loss_sum: f64,
     count: usize,
     pred: Vec<i64>,
@@ -64,12 +104,33 @@ pub struct Accumulator {
     /// Multi-label: per example, predicted and gold label sets as 0/1 rows.
     rows_pred: Vec<Vec<bool>>,
     rows_gold: Vec<Vec<bool>>,
+    /// token-cls: per example, the tag names at its labelled positions.
+    seq_pred: Vec<Vec<String>>,
+    seq_gold: Vec<Vec<String>>,
 }
 
 impl Accumulator {
-    pub fn new(task: &str) -> Accumulator {
-        Accumulator {
+    /// `labels`: the class names in id order (needed by token-cls); `main`: the config's
+    /// `metric`.
+    pub fn new(
+        task: &str,
+        labels: Option<&[String]>,
+        main: Option<&str>,
+    ) -> Result<Accumulator, TrainError> {
+        check_metric(task, main)?;
+        if task == "token-cls" && labels.is_none() {
+            return Err(TrainError::Config {
+                origin: "data.labels".into(),
+                message: "a token-cls head is scored by entities: list the tag names in id \
+                          order (data.labels = [\"O\", \"B-PER\", ...])"
+                    .into(),
+            });
+        }
+        Ok(Accumulator {
             task: task.to_string(),
+            main: main_metric_name(task, main),
+            tags: labels.map(<[String]>::to_vec).unwrap_or_default(),
+            classes: 0,
             loss_sum: 0.0,
             count: 0,
             pred: vec![],
@@ -78,7 +139,9 @@ impl Accumulator {
             gold_f: vec![],
             rows_pred: vec![],
             rows_gold: vec![],
-        }
+            seq_pred: vec![],
+            seq_gold: vec![],
+        })
     }
 
     pub fn add(
@@ -93,6 +156,7 @@ impl Accumulator {
         let bad = |what: &str| TrainError::Data(format!("evaluation: {what}"));
         match (self.task.as_str(), labels) {
             ("seq-cls", Some(HostTensor::I64(y))) => {
+                self.classes = self.classes.max(*logits.shape().last().unwrap_or(&0));
                 for (row, &g) in logits.axis_iter(Axis(0)).zip(y.iter()) {
                     self.pred.push(argmax(row.iter().copied()) as i64);
                     self.gold.push(g);
@@ -100,15 +164,40 @@ impl Accumulator {
             }
             ("token-cls", Some(HostTensor::I64(y))) => {
                 let c = *logits.shape().last().ok_or_else(|| bad("scalar logits"))?;
-                let flat = logits
-                    .view()
-                    .into_shape_with_order((logits.len() / c, c))
-                    .map_err(|_| bad("logits shape"))?;
-                for (row, &g) in flat.axis_iter(Axis(0)).zip(y.iter()) {
-                    if g != -100 {
-                        self.pred.push(argmax(row.iter().copied()) as i64);
+                if logits.ndim() != 3 || y.ndim() != 2 || logits.shape()[..2] != y.shape()[..] {
+                    return Err(bad(&format!(
+                        "token-cls logits {:?} do not fit labels {:?}",
+                        logits.shape(),
+                        y.shape()
+                    )));
+                }
+                let name = |id: i64| {
+                    usize::try_from(id)
+                        .ok()
+                        .and_then(|i| self.tags.get(i))
+                        .cloned()
+                        .ok_or_else(|| {
+                            bad(&format!(
+                                "tag id {id} has no name: data.labels names {} tags, the head \
+                                 has {c} classes",
+                                self.tags.len()
+                            ))
+                        })
+                };
+                for (ex, gold) in logits.axis_iter(Axis(0)).zip(y.axis_iter(Axis(0))) {
+                    let (mut p_tags, mut g_tags) = (vec![], vec![]);
+                    for (tok, &g) in ex.axis_iter(Axis(0)).zip(gold.iter()) {
+                        if g == -100 {
+                            continue;
+                        }
+                        let p = argmax(tok.iter().copied()) as i64;
+                        self.pred.push(p);
                         self.gold.push(g);
+                        p_tags.push(name(p)?);
+                        g_tags.push(name(g)?);
                     }
+                    self.seq_pred.push(p_tags);
+                    self.seq_gold.push(g_tags);
                 }
             }
             ("regression", Some(HostTensor::F32(y))) => {
@@ -127,70 +216,63 @@ impl Accumulator {
         Ok(())
     }
 
-    pub fn finish(self) -> Scores {
+    pub fn finish(self) -> Result<Scores, TrainError> {
         let loss = self.loss_sum / self.count.max(1) as f64;
-        let (metrics, lower_is_better) = match self.task.as_str() {
-            "seq-cls" => {
-                let classes = self
-                    .gold
-                    .iter()
-                    .chain(&self.pred)
-                    .copied()
-                    .max()
-                    .unwrap_or(0)
-                    + 1;
-                let f1 = if classes <= 2 {
-                    ("f1", metrics::f1_binary(&self.pred, &self.gold, 1))
-                } else {
-                    ("macro_f1", metrics::f1_macro(&self.pred, &self.gold))
-                };
+        let (p, g) = (&self.pred, &self.gold);
+        let mut values: Vec<(&str, f64)> = match self.task.as_str() {
+            "seq-cls" => vec![
+                ("accuracy", metrics::accuracy(p, g)),
                 (
-                    vec![
-                        (
-                            "accuracy".to_string(),
-                            metrics::accuracy(&self.pred, &self.gold),
-                        ),
-                        (f1.0.to_string(), f1.1),
-                        ("mcc".to_string(), metrics::matthews(&self.pred, &self.gold)),
-                    ],
-                    false,
-                )
-            }
-            "token-cls" => (
-                vec![(
-                    "token_accuracy".to_string(),
-                    metrics::accuracy(&self.pred, &self.gold),
-                )],
-                false,
-            ),
-            "regression" => (
+                    "f1",
+                    if self.classes <= 2 {
+                        metrics::f1_binary(p, g, 1)
+                    } else {
+                        metrics::f1_macro(p, g)
+                    },
+                ),
+                ("macro_f1", metrics::f1_macro(p, g)),
+                ("mcc", metrics::matthews(p, g)),
+            ],
+            "regression" => {
+                let (p, g) = (&self.pred_f, &self.gold_f);
                 vec![
-                    (
-                        "pearson".to_string(),
-                        metrics::pearson(&self.pred_f, &self.gold_f),
-                    ),
-                    (
-                        "spearman".to_string(),
-                        metrics::spearman(&self.pred_f, &self.gold_f),
-                    ),
-                    ("mse".to_string(), metrics::mse(&self.pred_f, &self.gold_f)),
-                ],
-                false,
-            ),
-            "multi-label" => (
-                vec![(
-                    "micro_f1".to_string(),
-                    metrics::multilabel_micro_f1(&self.rows_pred, &self.rows_gold),
-                )],
-                false,
-            ),
-            _ => (vec![("perplexity".to_string(), loss.exp())], true),
+                    ("pearson", metrics::pearson(p, g)),
+                    ("spearman", metrics::spearman(p, g)),
+                    ("mse", metrics::mse(p, g)),
+                ]
+            }
+            "multi-label" => {
+                let (p, g) = (&self.rows_pred, &self.rows_gold);
+                vec![
+                    ("micro_f1", metrics::multilabel_f1_micro(p, g)),
+                    ("macro_f1", metrics::multilabel_f1_macro(p, g)),
+                    ("subset_accuracy", metrics::subset_accuracy(p, g)),
+                ]
+            }
+            "token-cls" => {
+                let e = metrics::entity_scores(&self.seq_gold, &self.seq_pred)
+                    .map_err(|e| TrainError::Data(format!("evaluation: {e}")))?;
+                vec![
+                    ("entity_f1", e.f1),
+                    ("entity_precision", e.precision),
+                    ("entity_recall", e.recall),
+                    ("token_accuracy", metrics::accuracy(p, g)),
+                ]
+            }
+            _ => vec![("perplexity", loss.exp())],
         };
-        Scores {
-            loss,
-            metrics,
-            lower_is_better,
+        // The main metric first: `Scores::main` and best-checkpoint selection read it there.
+        if let Some(i) = values.iter().position(|(n, _)| *n == self.main) {
+            values[..=i].rotate_right(1);
         }
+        Ok(Scores {
+            loss,
+            lower_is_better: matches!(self.main.as_str(), "perplexity" | "mse"),
+            metrics: values
+                .into_iter()
+                .map(|(n, v)| (n.to_string(), v))
+                .collect(),
+        })
     }
 }
 
@@ -204,99 +286,87 @@ fn argmax(v: impl Iterator<Item = f32>) -> usize {
     best.0
 }
 
-/// Interim metric functions until the metrics module lands; replaced by `crate::metrics`.
-mod metrics {
-    pub fn accuracy(p: &[i64], g: &[i64]) -> f64 {
-        p.iter().zip(g).filter(|(a, b)| a == b).count() as f64 / g.len().max(1) as f64
+#[cfg(test)]
+mod tests {
+    use ndarray::{arr2, arr3, ArrayD};
+
+    use super::*;
+
+    fn i64s(a: ndarray::Array2<i64>) -> HostTensor {
+        HostTensor::I64(a.into_dyn())
     }
-    fn counts(p: &[i64], g: &[i64], c: i64) -> (f64, f64, f64) {
-        let tp = p
-            .iter()
-            .zip(g)
-            .filter(|(a, b)| **a == c && **b == c)
-            .count() as f64;
-        let fp = p
-            .iter()
-            .zip(g)
-            .filter(|(a, b)| **a == c && **b != c)
-            .count() as f64;
-        let fneg = p
-            .iter()
-            .zip(g)
-            .filter(|(a, b)| **a != c && **b == c)
-            .count() as f64;
-        (tp, fp, fneg)
+
+    #[test]
+    fn seq_cls_reports_glue_metrics_and_the_chosen_main_one() {
+        let logits: ArrayD<f32> =
+            arr2(&[[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]]).into_dyn();
+        let y = HostTensor::I64(ndarray::arr1(&[0i64, 1, 0, 1]).into_dyn());
+        let mut a = Accumulator::new("seq-cls", None, Some("mcc")).unwrap();
+        a.add(&logits, Some(&y), 0.5, 4).unwrap();
+        let s = a.finish().unwrap();
+        // pred 0 1 1 0 vs gold 0 1 0 1: tp 1, fp 1, fn 1, tn 1.
+        assert_eq!(s.main(), ("mcc", 0.0));
+        assert_eq!(s.get("accuracy"), Some(0.5));
+        assert_eq!(s.get("f1"), Some(0.5));
+        assert!(!s.better(0.1, 0.2));
+        assert!(Accumulator::new("seq-cls", None, Some("bleu")).is_err());
     }
-    fn f1(tp: f64, fp: f64, fneg: f64) -> f64 {
-        if tp == 0.0 {
-            0.0
-        } else {
-            2.0 * tp / (2.0 * tp + fp + fneg)
-        }
+
+    #[test]
+    fn token_cls_scores_entities_over_labelled_positions() {
+        let tags: Vec<String> = ["O", "B-PER", "I-PER"].map(String::from).to_vec();
+        // One example of four positions; position 2 is a continuation sub-token (−100).
+        // Gold: B-PER I-PER (skip) O; predicted: B-PER I-PER (anything) O → one correct entity.
+        let logits: ArrayD<f32> = arr3(&[[
+            [0.0, 1.0, 0.0],
+            [0.0, 0.0, 1.0],
+            [1.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0],
+        ]])
+        .into_dyn();
+        let y = i64s(arr2(&[[1, 2, -100, 0]]));
+        let mut a = Accumulator::new("token-cls", Some(&tags), None).unwrap();
+        a.add(&logits, Some(&y), 0.1, 1).unwrap();
+        let s = a.finish().unwrap();
+        assert_eq!(s.main(), ("entity_f1", 1.0));
+        assert_eq!(s.get("token_accuracy"), Some(1.0));
+        // Predicting I-PER at the start of a chunk is still a PER chunk (IOB1 reading), but
+        // ending it early is a miss.
+        let logits: ArrayD<f32> = arr3(&[[
+            [0.0, 0.0, 1.0],
+            [1.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0],
+        ]])
+        .into_dyn();
+        let mut a = Accumulator::new("token-cls", Some(&tags), None).unwrap();
+        a.add(&logits, Some(&y), 0.1, 1).unwrap();
+        let s = a.finish().unwrap();
+        assert_eq!(s.main(), ("entity_f1", 0.0));
+        assert!(Accumulator::new("token-cls", None, None).is_err());
+        let short = vec!["O".to_string()];
+        let mut a = Accumulator::new("token-cls", Some(&short), None).unwrap();
+        assert!(a.add(&logits, Some(&y), 0.1, 1).is_err());
     }
-    pub fn f1_binary(p: &[i64], g: &[i64], pos: i64) -> f64 {
-        let (tp, fp, fneg) = counts(p, g, pos);
-        f1(tp, fp, fneg)
-    }
-    pub fn f1_macro(p: &[i64], g: &[i64]) -> f64 {
-        let mut classes: Vec<i64> = g.to_vec();
-        classes.sort();
-        classes.dedup();
-        classes.iter().map(|&c| f1_binary(p, g, c)).sum::<f64>() / classes.len().max(1) as f64
-    }
-    pub fn matthews(p: &[i64], g: &[i64]) -> f64 {
-        let (tp, fp, fneg) = counts(p, g, 1);
-        let tn = g.len() as f64 - tp - fp - fneg;
-        let d = ((tp + fp) * (tp + fneg) * (tn + fp) * (tn + fneg)).sqrt();
-        if d == 0.0 {
-            0.0
-        } else {
-            (tp * tn - fp * fneg) / d
-        }
-    }
-    pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
-        let n = a.len().max(1) as f64;
-        let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-        let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-        let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-        let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-        cov / (va * vb).sqrt().max(1e-300)
-    }
-    fn ranks(v: &[f64]) -> Vec<f64> {
-        let mut idx: Vec<usize> = (0..v.len()).collect();
-        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
-        let mut r = vec![0.0; v.len()];
-        let mut i = 0;
-        while i < idx.len() {
-            let mut j = i;
-            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-                j += 1;
-            }
-            for k in i..=j {
-                r[idx[k]] = (i + j) as f64 / 2.0 + 1.0;
-            }
-            i = j + 1;
-        }
-        r
-    }
-    pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
-        pearson(&ranks(a), &ranks(b))
-    }
-    pub fn mse(a: &[f64], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum::<f64>() / a.len().max(1) as f64
-    }
-    pub fn multilabel_micro_f1(p: &[Vec<bool>], g: &[Vec<bool>]) -> f64 {
-        let (mut tp, mut fp, mut fneg) = (0.0, 0.0, 0.0);
-        for (a, b) in p.iter().zip(g) {
-            for (x, y) in a.iter().zip(b) {
-                match (x, y) {
-                    (true, true) => tp += 1.0,
-                    (true, false) => fp += 1.0,
-                    (false, true) => fneg += 1.0,
-                    _ => {}
-                }
-            }
-        }
-        f1(tp, fp, fneg)
+
+    #[test]
+    fn regression_and_multi_label() {
+        let logits: ArrayD<f32> = arr2(&[[1.0], [2.0], [3.0]]).into_dyn();
+        let y = HostTensor::F32(arr2(&[[1.0f32], [3.0], [2.0]]).into_dyn());
+        let mut a = Accumulator::new("regression", None, Some("mse")).unwrap();
+        a.add(&logits, Some(&y), 0.0, 3).unwrap();
+        let s = a.finish().unwrap();
+        assert_eq!(s.main().0, "mse");
+        assert!((s.main().1 - 2.0 / 3.0).abs() < 1e-12);
+        assert!(s.better(0.1, 0.2), "lower MSE is better");
+        assert!((s.get("pearson").unwrap() - 0.5).abs() < 1e-12);
+        let logits: ArrayD<f32> = arr2(&[[2.0, -1.0], [-3.0, 0.5]]).into_dyn();
+        let y = HostTensor::F32(arr2(&[[1.0f32, 0.0], [0.0, 0.0]]).into_dyn());
+        let mut a = Accumulator::new("multi-label", None, None).unwrap();
+        a.add(&logits, Some(&y), 0.0, 2).unwrap();
+        let s = a.finish().unwrap();
+        assert_eq!(s.main().0, "micro_f1");
+        assert!((s.main().1 - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(s.get("subset_accuracy"), Some(0.5));
     }
 }

@@ -215,11 +215,12 @@ impl<'a> Trainer<'a> {
         resume: bool,
     ) -> Result<Trainer<'a>, TrainError> {
         let m = &art.manifest;
-        if m.task.is_none() {
+        let Some(task) = &m.task else {
             return Err(TrainError::Artifact(
                 "it has no training programs: compile it with --task".into(),
             ));
-        }
+        };
+        eval::check_metric(&task.task, cfg.metric.as_deref())?;
         let has = |k: &str| m.programs.contains_key(k);
         let (lower_group, upper_group) = match cfg.method {
             Method::Bidora => {
@@ -757,7 +758,11 @@ impl<'a> Trainer<'a> {
         let eval_sig = &self.art.manifest.programs["eval"];
         let logits_name = task.logits.clone();
         let loss_name = task.loss.clone();
-        let mut acc = eval::Accumulator::new(&task.task);
+        let mut acc = eval::Accumulator::new(
+            &task.task,
+            self.cfg.data.labels.as_deref(),
+            self.cfg.metric.as_deref(),
+        )?;
         for chunk in idx.chunks(self.cfg.eval_batch_size) {
             let b = match split {
                 "test" => self.data.test.as_ref().unwrap().batch(chunk)?,
@@ -777,7 +782,7 @@ impl<'a> Trainer<'a> {
                 .map(|(_, t)| t.clone());
             acc.add(&logits, labels.as_ref(), loss, chunk.len())?;
         }
-        let scores = acc.finish();
+        let scores = acc.finish()?;
         let mut rec = json!({"kind": "eval", "split": split,
             "phase": self.st.phase.name(self.cfg.method), "step": self.st.step,
             "global_step": self.global_step(), "loss": scores.loss, "metric": scores.main().1});
@@ -813,7 +818,10 @@ impl<'a> Trainer<'a> {
         let _ = plot::curves(
             self.log.path(),
             &self.run_dir.join("curves.svg"),
-            &eval::main_metric_name(&self.art.manifest.task.as_ref().unwrap().task),
+            &eval::main_metric_name(
+                &self.art.manifest.task.as_ref().unwrap().task,
+                self.cfg.metric.as_deref(),
+            ),
         );
         Ok((val, test))
     }
@@ -935,7 +943,10 @@ impl<'a> Trainer<'a> {
         let (val, test) = (self.evaluate("val", false)?, self.evaluate("test", false)?);
         let summary = Summary {
             method: self.cfg.method,
-            metric_name: eval::main_metric_name(&self.art.manifest.task.as_ref().unwrap().task),
+            metric_name: eval::main_metric_name(
+                &self.art.manifest.task.as_ref().unwrap().task,
+                self.cfg.metric.as_deref(),
+            ),
             final_val: val,
             final_test: test,
             best: self.st.best.clone(),
