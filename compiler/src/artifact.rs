@@ -77,6 +77,9 @@ pub struct Manifest {
     pub compiler_version: &'static str,
     /// The input model's file name (no directories: artifacts move between machines).
     pub source_model: String,
+    /// Where the input model was when the artifact was compiled (absolute), for `bidora
+    /// export` on the same machine; elsewhere it passes `--model`.
+    pub source_model_path: Option<String>,
     pub opset: i64,
     pub config: AdapterConfig,
     /// Classifier-head tensors made trainable (`--train-head`), with the adapters in

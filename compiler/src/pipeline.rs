@@ -173,6 +173,7 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             format_version: 1,
             compiler_version: env!("CARGO_PKG_VERSION"),
             source_model: source_model.to_string(),
+            source_model_path: None,
             opset: c.forward.onnx_opset().unwrap_or(0),
             config: opts.adapter.clone(),
             head_params: c.head_params.clone(),

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::ir::{Graph, Node};
 
 /// How the stored weight is laid out relative to `y = x · W`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Layout {
     /// The initializer is `[in, out]` and used as is.
@@ -40,10 +40,14 @@ pub struct Candidate {
     pub out_features: i64,
     /// Why the node cannot be adapted (e.g. a 3-D weight); it is still listed.
     pub unsupported: Option<String>,
+    /// For one block of a split fused projection: the fused weight of the input model that
+    /// `weight` was cut from (export writes the merged block back into it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_weight: Option<String>,
 }
 
 /// One block of a fused projection such as GPT-2's `c_attn` (q|k|v as column blocks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Block {
     Q,
@@ -162,6 +166,7 @@ pub fn candidates(graph: &Graph) -> Vec<Candidate> {
             in_features: in_f,
             out_features: out_f,
             unsupported,
+            fused_weight: None,
         });
     }
     out

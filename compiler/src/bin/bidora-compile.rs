@@ -240,7 +240,11 @@ fn run(cli: Cli) -> Result<()> {
         .file_name()
         .map(|s| s.to_string_lossy().to_string())
         .unwrap_or_default();
-    let art = pipeline::artifact(&compiled, &source, &opts);
+    let mut art = pipeline::artifact(&compiled, &source, &opts);
+    // Recorded so that `bidora export` finds the model without `--model` on this machine.
+    art.manifest.source_model_path = std::fs::canonicalize(&cli.model)
+        .ok()
+        .map(|p| p.to_string_lossy().to_string());
     artifact::write(&art, &out, cli.force)?;
     let files: Vec<&str> = art.programs.iter().map(|(f, _)| f.as_str()).collect();
     eprintln!(

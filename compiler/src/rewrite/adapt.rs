@@ -27,13 +27,15 @@ pub enum Method {
     Dora,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AdapterConfig {
     pub method: Method,
     pub rank: usize,
     pub alpha: f32,
+    #[serde(default)]
     pub rslora: bool,
     /// DoRA §4.3: treat the column norm as a constant in the backward pass.
+    #[serde(default)]
     pub detach_norm: bool,
     pub seed: u64,
 }
@@ -49,14 +51,18 @@ impl AdapterConfig {
 }
 
 /// What the manifest records for one adapter.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AdapterRecord {
     pub module: String,
     pub block: Option<Block>,
     /// The original linear node (for a fused block: the per-block node the split made).
     pub node: String,
     pub op: String,
+    /// The weight the adapter reads (for a fused block: the block the split cut out).
     pub weight: String,
+    /// For a fused block: the input model's fused weight that `weight` is a column block of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused_weight: Option<String>,
     pub layout: Layout,
     pub in_features: i64,
     pub out_features: i64,
@@ -206,6 +212,7 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             node: c.node.clone(),
             op: c.op.clone(),
             weight: c.weight.clone(),
+            fused_weight: c.fused_weight.clone(),
             layout: c.layout,
             in_features: din,
             out_features: dout,

@@ -13,10 +13,20 @@ fn is_head(module: &str) -> bool {
     module.split('.').any(|c| c == "classifier" || c == "score")
 }
 
-/// Returns the model with the head's weights and biases as graph inputs, and their values.
-pub fn make_trainable(model: &Model) -> Result<(Model, IndexMap<String, Tensor>)> {
-    let mut m = model.clone();
-    let g = &mut m.graph;
+/// One tensor of the classifier head: a linear op's weight or its bias.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadTensor {
+    /// The initializer's name in the model.
+    pub name: String,
+    /// The linear op's module path (`classifier.dense`).
+    pub module: String,
+    /// `Some(layout)` for the weight, `None` for the bias.
+    pub weight_layout: Option<targets::Layout>,
+}
+
+/// The head's weights and biases in graph order (no duplicates); an error listing the
+/// candidates when the model has no `classifier` or `score` linear op.
+pub fn head_tensors(g: &crate::ir::Graph) -> Result<Vec<HeadTensor>> {
     let cands = targets::candidates(g);
     let head: Vec<&targets::Candidate> = cands.iter().filter(|c| is_head(&c.module)).collect();
     if head.is_empty() {
@@ -28,9 +38,18 @@ pub fn make_trainable(model: &Model) -> Result<(Model, IndexMap<String, Tensor>)
         });
     }
     let consumers = g.consumers();
-    let mut names: Vec<String> = vec![];
+    let mut out: Vec<HeadTensor> = vec![];
     for c in head {
-        names.push(c.weight.clone());
+        let mut push = |name: String, weight_layout| {
+            if !out.iter().any(|t| t.name == name) {
+                out.push(HeadTensor {
+                    name,
+                    module: c.module.clone(),
+                    weight_layout,
+                });
+            }
+        };
+        push(c.weight.clone(), Some(c.layout));
         // The bias: Gemm's C, or the 1-D constant added right after a MatMul.
         let node = &g.nodes[c.node_index];
         let bias = if node.op_type == "Gemm" {
@@ -47,9 +66,18 @@ pub fn make_trainable(model: &Model) -> Result<(Model, IndexMap<String, Tensor>)
                     _ => None,
                 })
         };
-        names.extend(bias);
+        if let Some(b) = bias {
+            push(b, None);
+        }
     }
-    names.dedup();
+    Ok(out)
+}
+
+/// Returns the model with the head's weights and biases as graph inputs, and their values.
+pub fn make_trainable(model: &Model) -> Result<(Model, IndexMap<String, Tensor>)> {
+    let mut m = model.clone();
+    let g = &mut m.graph;
+    let names: Vec<String> = head_tensors(g)?.into_iter().map(|t| t.name).collect();
     let mut values = IndexMap::new();
     for n in names {
         let t = g

@@ -40,6 +40,7 @@ pub fn split_fused(
                         in_features: c.in_features,
                         out_features: c.out_features / 3,
                         unsupported: None,
+                        fused_weight: Some(c.weight.clone()),
                     },
                     blocks: None,
                 },
