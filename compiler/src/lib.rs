@@ -9,12 +9,14 @@
 //! - [`rewrite`]: the LoRA/DoRA rewrite and the lowering of composite nodes to plain ONNX.
 //! - [`artifact`]: the output folder (programs, `init.safetensors`, `manifest.json`).
 //! - [`dump`]: the readable text form of a graph.
+//! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
 
 pub mod artifact;
 pub mod autodiff;
 pub mod bilevel;
 pub mod dump;
 pub mod error;
+pub mod export;
 pub mod heads;
 pub mod ir;
 pub mod legalize;
