@@ -1,5 +1,6 @@
 //! `bidora`: runs artifacts written by `bidora-compile`: `train` (BiDoRA, DoRA or LoRA on a
-//! dataset, in tract or ONNX Runtime) and `check` (run every program once).
+//! dataset, in tract or ONNX Runtime), `check` (run every program once) and `export` (the
+//! trained adapters as a merged ONNX model and a peft adapter folder).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -59,6 +60,35 @@ enum Cmd {
         resume: bool,
         #[command(flatten)]
         engine: EngineArgs,
+    },
+    /// Export trained tensors: the source model with every adapter folded into its weight
+    /// (same graph, new weights) and/or a Hugging Face peft adapter folder.
+    /// Example: `bidora export run/artifact --tensors run/sst2/final.safetensors
+    /// --merged merged.onnx --peft peft_adapter/`.
+    Export {
+        /// The artifact folder written by bidora-compile.
+        artifact: PathBuf,
+        /// The trained tensors (`final.safetensors` or `best.safetensors` of a run, or the
+        /// artifact's `init.safetensors`). Example: `--tensors run/sst2/final.safetensors`.
+        #[arg(long)]
+        tensors: PathBuf,
+        /// Write the merged ONNX model here. Example: `--merged merged.onnx`.
+        #[arg(long, value_name = "FILE")]
+        merged: Option<PathBuf>,
+        /// Write a peft adapter folder here. Example: `--peft out/adapter`.
+        #[arg(long, value_name = "DIR")]
+        peft: Option<PathBuf>,
+        /// The model the artifact was compiled from, instead of the path its manifest
+        /// recorded. Example: `--model models/roberta_legacy17.onnx`.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// `base_model_name_or_path` for adapter_config.json. Example:
+        /// `--base-model FacebookAI/roberta-base`.
+        #[arg(long)]
+        base_model: Option<String>,
+        /// Replace existing outputs.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -202,6 +232,50 @@ fn check(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn export_cmd(
+    artifact: &std::path::Path,
+    tensors: &std::path::Path,
+    merged: Option<&std::path::Path>,
+    peft: Option<&std::path::Path>,
+    model: Option<&std::path::Path>,
+    base_model: Option<String>,
+    force: bool,
+) -> Result<()> {
+    use bidora_compiler::export;
+    if merged.is_none() && peft.is_none() {
+        anyhow::bail!("nothing to export: pass --merged FILE and/or --peft DIR");
+    }
+    let report = export::run(&export::ExportJob {
+        artifact,
+        tensors,
+        model,
+        merged,
+        peft,
+        peft_options: export::PeftOptions { base_model },
+        force,
+    })
+    .with_context(|| format!("cannot export {}", artifact.display()))?;
+    println!(
+        "exported {} adapters{} from {} (model {})",
+        report.adapters,
+        if report.heads > 0 {
+            format!(" and {} head tensors", report.heads)
+        } else {
+            String::new()
+        },
+        tensors.display(),
+        report.model.display()
+    );
+    if let Some(m) = merged {
+        println!("  merged model: {}", m.display());
+    }
+    if let Some(p) = peft {
+        println!("  peft adapter: {}", p.display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -222,6 +296,23 @@ fn main() -> ExitCode {
             resume,
             engine,
         } => train_cmd(&artifact, &config, &output, &set, resume, engine),
+        Cmd::Export {
+            artifact,
+            tensors,
+            merged,
+            peft,
+            model,
+            base_model,
+            force,
+        } => export_cmd(
+            &artifact,
+            &tensors,
+            merged.as_deref(),
+            peft.as_deref(),
+            model.as_deref(),
+            base_model,
+            force,
+        ),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
