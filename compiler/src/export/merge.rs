@@ -118,6 +118,7 @@ pub fn write_merged(model: &Model, path: &Path) -> Result<()> {
     }
     let proto = crate::ir::convert::model_to_proto(model);
     // onnx_io's errors name the file already.
-    crate::onnx_io::write_model_auto(&proto, path).map_err(|e| ExportError::Output(e.into()))?;
+    crate::onnx_io::write_model_auto(&proto, path)
+        .map_err(|e| ExportError::Output(Box::new(e.into())))?;
     Ok(())
 }

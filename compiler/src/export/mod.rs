@@ -132,7 +132,7 @@ pub enum ExportError {
     Model {
         path: PathBuf,
         #[source]
-        source: crate::Error,
+        source: Box<crate::Error>,
     },
 
     /// DoRA divides by the norm of each column of `W0 + s·A·B`.
@@ -144,7 +144,7 @@ pub enum ExportError {
 
     /// Writing the merged model failed (the message names the file).
     #[error(transparent)]
-    Output(crate::Error),
+    Output(Box<crate::Error>),
 }
 
 pub type Result<T, E = ExportError> = std::result::Result<T, E>;

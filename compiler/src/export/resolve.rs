@@ -50,9 +50,9 @@ pub struct Resolved {
 /// Loads the source model for an export: decoded and checked like the compiler's input, but
 /// not re-sorted, so the merged model keeps the node order of the file.
 pub fn load_source(path: &Path) -> Result<Model> {
-    let wrap = |source| ExportError::Model {
+    let wrap = |source: crate::Error| ExportError::Model {
         path: path.to_path_buf(),
-        source,
+        source: Box::new(source),
     };
     let proto = crate::onnx_io::read_model(path).map_err(|e| wrap(e.into()))?;
     let model = crate::ir::convert::model_from_proto(proto).map_err(wrap)?;
