@@ -1,0 +1,145 @@
+//! `bidora export` through the binary: both outputs from an artifact's tensors, `--model`
+//! when the manifest records no path, and a tensors file missing a key (message, exit code,
+//! nothing written).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bidora() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bidora"))
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A DoRA artifact for the BERT fixture, written by the library as the tests' artifacts are:
+/// its manifest records no model path, so `--model` is needed.
+fn compile(dir: &Path) {
+    use bidora_compiler::{heads::Task, pipeline, rewrite, targets};
+    let model = bidora_compiler::load_model(&root().join("models/bert_legacy17.onnx")).unwrap();
+    let opts = pipeline::CompileOptions {
+        targets: targets::TargetSpec::parse(&["query,value".to_string()], None).unwrap(),
+        adapter: rewrite::AdapterConfig {
+            method: rewrite::Method::Dora,
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            detach_norm: false,
+            seed: 0,
+        },
+        task: Some(Task::SeqCls),
+        train_head: true,
+        bilevel: None,
+    };
+    let c = pipeline::compile(&model, &opts).unwrap();
+    bidora_compiler::artifact::write(
+        &pipeline::artifact(&c, "bert_legacy17.onnx", &opts),
+        dir,
+        false,
+    )
+    .unwrap();
+}
+
+#[test]
+fn export_writes_the_merged_model_and_the_peft_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let (merged, peft) = (tmp.path().join("out/m.onnx"), tmp.path().join("out/peft"));
+    let run = |extra: &[&str]| {
+        bidora()
+            .arg("export")
+            .arg(&art)
+            .arg("--tensors")
+            .arg(art.join("init.safetensors"))
+            .arg("--merged")
+            .arg(&merged)
+            .arg("--peft")
+            .arg(&peft)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+
+    // No recorded model path and no --model: a clear error.
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("pass --model"), "{err}");
+
+    let model = root().join("models/bert_legacy17.onnx");
+    let out = run(&["--model", model.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("exported 4 adapters and 2 head tensors"),
+        "{stdout}"
+    );
+    assert!(merged.is_file());
+    assert!(peft.join("adapter_config.json").is_file());
+    assert!(peft.join("adapter_model.safetensors").is_file());
+
+    // Again without --force: refused, outputs kept.
+    let out = run(&["--model", model.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    let out = run(&["--model", model.to_str().unwrap(), "--force"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn export_with_a_tensor_missing_fails_naming_file_and_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    // init.safetensors without its first tensor.
+    let bytes = std::fs::read(art.join("init.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let dropped = names.remove(0);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = names
+        .iter()
+        .map(|n| (n.clone(), st.tensor(n).unwrap()))
+        .collect();
+    let bad = tmp.path().join("partial.safetensors");
+    std::fs::write(&bad, safetensors::serialize(views, None).unwrap()).unwrap();
+
+    let merged = tmp.path().join("m.onnx");
+    let out = bidora()
+        .arg("export")
+        .arg(&art)
+        .arg("--tensors")
+        .arg(&bad)
+        .arg("--merged")
+        .arg(&merged)
+        .arg("--model")
+        .arg(root().join("models/bert_legacy17.onnx"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("partial.safetensors"), "{err}");
+    assert!(err.contains(&format!("no tensor '{dropped}'")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!merged.exists(), "nothing written");
+
+    // Neither output asked for.
+    let out = bidora()
+        .arg("export")
+        .arg(&art)
+        .arg("--tensors")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to export"));
+}
