@@ -189,8 +189,21 @@ impl TractProgram {
             .iter()
             .map(|&i| to_tract(&inputs[i].1).into_tvalue())
             .collect();
-        let outs = multithread_tract_scope(self.executor.clone(), || plan.run(values))
-            .map_err(|e| self.run_err(format!("{e:?}")))?;
+        // Some kernels assert on bad data instead of returning an error (a Gather index past
+        // the table, e.g. token ids from another model's tokenizer): report it as this
+        // program's run error rather than unwinding through the caller.
+        let outs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            multithread_tract_scope(self.executor.clone(), || plan.run(values))
+        }))
+        .map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown cause".into());
+            self.run_err(format!("tract panicked: {why} (are the inputs valid for this model?)"))
+        })?
+        .map_err(|e| self.run_err(format!("{e:?}")))?;
         outs.into_iter()
             .zip(&self.output_names)
             .map(|(t, name)| {
