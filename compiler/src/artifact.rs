@@ -78,6 +78,10 @@ pub struct Manifest {
     /// The input model's file name (no directories: artifacts move between machines).
     pub source_model: String,
     pub opset: i64,
+    /// Rows of the token embedding that `input_ids` index (see [`vocab_size`]), so the runtime
+    /// can refuse token ids from a tokenizer that does not belong to the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<i64>,
     pub config: AdapterConfig,
     /// Classifier-head tensors made trainable (`--train-head`), with the adapters in
     /// `init.safetensors`.
@@ -107,6 +111,27 @@ pub struct BilevelDefaults {
     pub alpha_fd: f64,
     /// ξ is the lower level's learning rate unless set.
     pub xi: &'static str,
+}
+
+/// The vocabulary size of a model: the row count of the 2-D initializer that a `Gather` on
+/// axis 0 indexes with `input_ids` (the token embedding, in every exporter seen so far).
+/// `None` when no such Gather exists (a model without token ids, or a rewritten embedding).
+pub fn vocab_size(graph: &Graph) -> Option<i64> {
+    graph.nodes.iter().find_map(|n| {
+        let axis0 = n
+            .attributes
+            .iter()
+            .find(|a| a.name == "axis")
+            .is_none_or(|a| matches!(a.value, crate::ir::AttrValue::Int(0)));
+        if n.op_type != "Gather" || !n.domain.is_empty() || !axis0 {
+            return None;
+        }
+        if n.inputs.get(1).map(String::as_str) != Some("input_ids") {
+            return None;
+        }
+        let w = graph.initializers.get(n.inputs.first()?)?;
+        (w.dims.len() == 2).then(|| w.dims[0])
+    })
 }
 
 fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) {

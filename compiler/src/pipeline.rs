@@ -174,6 +174,7 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             compiler_version: env!("CARGO_PKG_VERSION"),
             source_model: source_model.to_string(),
             opset: c.forward.onnx_opset().unwrap_or(0),
+            vocab_size: artifact::vocab_size(&c.forward.graph),
             config: opts.adapter.clone(),
             head_params: c.head_params.clone(),
             task: c.training.as_ref().map(|t| t.head.clone()),
