@@ -114,24 +114,37 @@ pub struct BilevelDefaults {
 }
 
 /// The vocabulary size of a model: the row count of the 2-D initializer that a `Gather` on
-/// axis 0 indexes with `input_ids` (the token embedding, in every exporter seen so far).
-/// `None` when no such Gather exists (a model without token ids, or a rewritten embedding).
+/// axis 0 indexes with `input_ids`, directly or through ops that only reshape or retype it
+/// (GPT-2's exports flatten the ids with a Reshape first). `None` when there is no such
+/// Gather (a model without token ids, or a rewritten embedding).
 pub fn vocab_size(graph: &Graph) -> Option<i64> {
-    graph.nodes.iter().find_map(|n| {
-        let axis0 = n
-            .attributes
-            .iter()
-            .find(|a| a.name == "axis")
-            .is_none_or(|a| matches!(a.value, crate::ir::AttrValue::Int(0)));
-        if n.op_type != "Gather" || !n.domain.is_empty() || !axis0 {
-            return None;
+    let mut ids: std::collections::HashSet<&str> = ["input_ids"].into();
+    for n in &graph.nodes {
+        if !n.domain.is_empty() || n.inputs.is_empty() {
+            continue;
         }
-        if n.inputs.get(1).map(String::as_str) != Some("input_ids") {
-            return None;
+        let reads_ids = |k: usize| n.inputs.get(k).is_some_and(|i| ids.contains(i.as_str()));
+        match n.op_type.as_str() {
+            "Reshape" | "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Flatten"
+                if reads_ids(0) =>
+            {
+                ids.extend(n.outputs.iter().map(String::as_str));
+            }
+            "Gather" if reads_ids(1) => {
+                let axis0 = n
+                    .attributes
+                    .iter()
+                    .find(|a| a.name == "axis")
+                    .is_none_or(|a| matches!(a.value, crate::ir::AttrValue::Int(0)));
+                let w = graph.initializers.get(&n.inputs[0]);
+                if let Some(w) = w.filter(|w| axis0 && w.dims.len() == 2) {
+                    return Some(w.dims[0]);
+                }
+            }
+            _ => {}
         }
-        let w = graph.initializers.get(n.inputs.first()?)?;
-        (w.dims.len() == 2).then(|| w.dims[0])
-    })
+    }
+    None
 }
 
 fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) {

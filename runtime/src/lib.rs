@@ -1,11 +1,13 @@
 //! bidora's runtime: executes the compiler's artifact programs.
 //!
 //! [`backend`] is the execution layer (the `Backend` / `Program` traits, tract and ONNX
-//! Runtime); [`artifact`] reads artifact folders; [`optim`] is AdamW. [`tract_exec`] keeps the
+//! Runtime); [`artifact`] reads artifact folders; [`data`] reads training data in its file
+//! formats and encodes it; [`optim`] is AdamW. [`tract_exec`] keeps the
 //! original tract-only names for existing callers.
 
 pub mod artifact;
 pub mod backend;
+pub mod data;
 pub mod optim;
 pub mod tract_exec;
 pub mod train;
