@@ -81,6 +81,10 @@ pub struct Manifest {
     /// export` on the same machine; elsewhere it passes `--model`.
     pub source_model_path: Option<String>,
     pub opset: i64,
+    /// Rows of the token embedding that `input_ids` index (see [`vocab_size`]), so the runtime
+    /// can refuse token ids from a tokenizer that does not belong to the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<i64>,
     pub config: AdapterConfig,
     /// Classifier-head tensors made trainable (`--train-head`), with the adapters in
     /// `init.safetensors`.
@@ -110,6 +114,40 @@ pub struct BilevelDefaults {
     pub alpha_fd: f64,
     /// ξ is the lower level's learning rate unless set.
     pub xi: &'static str,
+}
+
+/// The vocabulary size of a model: the row count of the 2-D initializer that a `Gather` on
+/// axis 0 indexes with `input_ids`, directly or through ops that only reshape or retype it
+/// (GPT-2's exports flatten the ids with a Reshape first). `None` when there is no such
+/// Gather (a model without token ids, or a rewritten embedding).
+pub fn vocab_size(graph: &Graph) -> Option<i64> {
+    let mut ids: std::collections::HashSet<&str> = ["input_ids"].into();
+    for n in &graph.nodes {
+        if !n.domain.is_empty() || n.inputs.is_empty() {
+            continue;
+        }
+        let reads_ids = |k: usize| n.inputs.get(k).is_some_and(|i| ids.contains(i.as_str()));
+        match n.op_type.as_str() {
+            "Reshape" | "Cast" | "Identity" | "Squeeze" | "Unsqueeze" | "Flatten"
+                if reads_ids(0) =>
+            {
+                ids.extend(n.outputs.iter().map(String::as_str));
+            }
+            "Gather" if reads_ids(1) => {
+                let axis0 = n
+                    .attributes
+                    .iter()
+                    .find(|a| a.name == "axis")
+                    .is_none_or(|a| matches!(a.value, crate::ir::AttrValue::Int(0)));
+                let w = graph.initializers.get(&n.inputs[0]);
+                if let Some(w) = w.filter(|w| axis0 && w.dims.len() == 2) {
+                    return Some(w.dims[0]);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) {

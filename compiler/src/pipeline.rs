@@ -175,6 +175,7 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
             source_model: source_model.to_string(),
             source_model_path: None,
             opset: c.forward.onnx_opset().unwrap_or(0),
+            vocab_size: artifact::vocab_size(&c.forward.graph),
             config: opts.adapter.clone(),
             head_params: c.head_params.clone(),
             task: c.training.as_ref().map(|t| t.head.clone()),

@@ -33,6 +33,9 @@ pub struct Manifest {
     pub format: String,
     pub format_version: u32,
     pub source_model: String,
+    /// The token embedding's row count (absent in artifacts from older compilers).
+    #[serde(default)]
+    pub vocab_size: Option<i64>,
     pub programs: indexmap::IndexMap<String, ProgramSig>,
     #[serde(default)]
     pub task: Option<HeadInfo>,

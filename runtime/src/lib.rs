@@ -1,12 +1,14 @@
 //! bidora's runtime: executes the compiler's artifact programs.
 //!
 //! [`backend`] is the execution layer (the `Backend` / `Program` traits, tract and ONNX
-//! Runtime); [`artifact`] reads artifact folders; [`optim`] is AdamW; [`metrics`] scores
-//! predictions (classification, NER, generation); [`generate`] decodes causal LMs (greedy,
-//! beam search). [`tract_exec`] keeps the original tract-only names for existing callers.
+//! Runtime); [`artifact`] reads artifact folders; [`data`] reads training data in its file
+//! formats and encodes it; [`optim`] is AdamW; [`metrics`] scores predictions
+//! (classification, NER, generation); [`generate`] decodes causal LMs (greedy, beam search).
+//! [`tract_exec`] keeps the original tract-only names for existing callers.
 
 pub mod artifact;
 pub mod backend;
+pub mod data;
 pub mod generate;
 pub mod metrics;
 pub mod optim;

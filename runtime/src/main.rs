@@ -140,25 +140,9 @@ fn train_cmd(
     let (kind, opts) = engine.options();
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());
-    let task = art
-        .manifest
-        .task
-        .as_ref()
-        .context("the artifact has no training programs: compile it with --task")?;
-    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
-        .inputs
-        .iter()
-        .map(|i| i.name.clone())
-        .collect();
+    let spec = dataset::ModelSpec::of(&art)?;
     let base = config.parent().unwrap_or(std::path::Path::new("."));
-    let data = dataset::load(
-        &cfg.data,
-        base,
-        &eval_inputs,
-        &task.task,
-        cfg.val_ratio,
-        cfg.seed,
-    )?;
+    let data = dataset::load_for(&cfg.data, base, &spec, cfg.val_ratio, cfg.seed)?;
     eprintln!(
         "data: {} training, {} validation{} examples",
         data.train_idx.len(),

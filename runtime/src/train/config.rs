@@ -74,9 +74,11 @@ impl LevelConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
-    /// `glue-tsv`, `csv`, `jsonl`, `conll`, `reuters`, `peptide`, `e2e`.
+    /// `glue-tsv`, `csv`, `jsonl`, `peptides`, `conll`, `reuters-sgml`, `e2e` (README.md,
+    /// "Training data"; readers in `crate::data`).
     pub format: String,
-    /// The training file (split 8:2 into train and validation).
+    /// The training file (split 8:2 into train and validation). `reuters-sgml`: an `.sgm`
+    /// file or a folder of them, whose `split` training part this is.
     pub train: String,
     /// An optional held-out file evaluated alongside (reported, never trained on).
     pub test: Option<String>,
@@ -100,6 +102,16 @@ pub struct DataConfig {
     pub limit: usize,
     /// Use only the first N examples of the test file (0: all).
     pub test_limit: usize,
+    /// `conll`: the tag scheme labels use: `iob2` (IOB1 files converted) or `iob1` (as read).
+    pub tag_scheme: String,
+    /// `reuters-sgml`: `modapte`, `modlewis` or `modhayes`.
+    pub split: String,
+    /// `peptides`: what goes between residues (`" "`: one word per residue).
+    pub residue_sep: String,
+    /// `peptides`: drop repeated (sequence, label) rows.
+    pub dedup: bool,
+    /// `e2e`: what goes between the meaning representation and the reference.
+    pub prompt_sep: String,
 }
 
 impl Default for DataConfig {
@@ -118,6 +130,11 @@ impl Default for DataConfig {
             pad_to_multiple_of: 32,
             limit: 0,
             test_limit: 0,
+            tag_scheme: "iob2".into(),
+            split: "modapte".into(),
+            residue_sep: " ".into(),
+            dedup: true,
+            prompt_sep: " || ".into(),
         }
     }
 }

@@ -1,342 +1,99 @@
-//! Turning the `[data]` section of a training config into the loop's [`RunData`]: reading
-//! the files, mapping labels to ids, encoding text to token ids once up front, and padding
-//! each batch to its longest example.
-//!
-//! Formats here: GLUE-style TSV (`glue-tsv`: tab-separated, quoting off, optional header,
-//! columns by name or 0-based index) for single sentences and pairs, for the seq-cls and
-//! regression heads. Every error names the file and the line.
+//! Turning the `[data]` section of a training config into the loop's [`RunData`]: which
+//! reader of `crate::data` reads the files, which labels they map to, and the encoding of
+//! every example up front. The formats themselves live in `crate::data`.
 
-use std::path::{Path, PathBuf};
-
-use ndarray::{ArrayD, IxDyn};
+use std::path::Path;
 
 use super::config::DataConfig;
-use super::{Examples, RunData, TrainError};
-use crate::backend::HostTensor;
+use super::{RunData, TrainError};
+use crate::data::tokenize::{resolve, Encoder};
+use crate::data::{
+    at, class_id, conll, csvjson, e2e, glue, label_set, peptides, reuters, DataError, Encoded,
+    EncodedSet, Records, Target,
+};
 
-/// How text becomes token ids.
-pub enum Encoder {
-    /// A Hugging Face `tokenizer.json` (special tokens, pairs, truncation).
-    Tokenizer {
-        tok: Box<tokenizers::Tokenizer>,
-        pad: i64,
-    },
-    /// Whitespace words hashed (FNV-1a) into `3..vocab`, after a begin id 0, padded with 1:
-    /// for models without a tokenizer, such as the random test fixtures (`hash:VOCAB`).
-    Hash { vocab: u64 },
+/// What the data must fit: the eval program's inputs (whether it reads `token_type_ids`),
+/// the head's task, and the model's vocabulary size (token ids at or above it are refused).
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
+    pub inputs: Vec<String>,
+    pub task: String,
+    pub vocab_size: Option<usize>,
 }
 
-impl Encoder {
-    pub fn from_spec(spec: &str, base: &Path) -> Result<Encoder, TrainError> {
-        if let Some(v) = spec.strip_prefix("hash:") {
-            let vocab: u64 = v.parse().ok().filter(|&n| n > 3).ok_or_else(|| {
-                TrainError::Data(format!(
-                    "data.tokenizer '{spec}': hash:VOCAB needs a vocabulary size above 3"
-                ))
-            })?;
-            return Ok(Encoder::Hash { vocab });
-        }
-        if spec.is_empty() {
-            return Err(TrainError::Data(
-                "data.tokenizer is not set: a tokenizer.json path, or hash:VOCAB".into(),
-            ));
-        }
-        let path = resolve(base, spec);
-        let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
-            TrainError::Data(format!(
-                "{}: not a usable tokenizer.json: {e}",
-                path.display()
-            ))
+impl ModelSpec {
+    pub fn of(art: &crate::artifact::Artifact) -> Result<ModelSpec, TrainError> {
+        let task = art.manifest.task.as_ref().ok_or_else(|| {
+            TrainError::Artifact("it has no training programs: compile it with --task".into())
         })?;
-        let pad = tok
-            .get_padding()
-            .map(|p| p.pad_id as i64)
-            .or_else(|| {
-                ["[PAD]", "<pad>"]
-                    .iter()
-                    .find_map(|t| tok.token_to_id(t))
-                    .map(|i| i as i64)
-            })
-            .unwrap_or(0);
-        Ok(Encoder::Tokenizer {
-            tok: Box::new(tok),
-            pad,
+        Ok(ModelSpec {
+            inputs: art
+                .manifest
+                .programs
+                .get("eval")
+                .map(|p| p.inputs.iter().map(|i| i.name.clone()).collect())
+                .unwrap_or_default(),
+            task: task.task.clone(),
+            vocab_size: art
+                .manifest
+                .vocab_size
+                .and_then(|v| usize::try_from(v).ok()),
         })
     }
+}
 
-    fn pad(&self) -> i64 {
-        match self {
-            Encoder::Tokenizer { pad, .. } => *pad,
-            Encoder::Hash { .. } => 1,
+/// The encoded training file (before the train/validation split) and test file.
+pub struct Loaded {
+    pub data: EncodedSet,
+    pub test: Option<EncodedSet>,
+}
+
+/// The heads each format feeds.
+fn heads_of(format: &str) -> Result<&'static [&'static str], DataError> {
+    Ok(match format {
+        "glue-tsv" | "csv" | "jsonl" => &["seq-cls", "regression"],
+        "peptides" => &["seq-cls"],
+        "conll" => &["token-cls"],
+        "reuters-sgml" => &["multi-label"],
+        "e2e" => &["causal-lm"],
+        other => {
+            return Err(DataError::Config(format!(
+                "format '{other}' is not one of glue-tsv, csv, jsonl, peptides, conll, reuters-sgml, e2e"
+            )))
         }
-    }
-
-    /// (ids, token type ids), at most `max_len` long.
-    fn encode(
-        &self,
-        a: &str,
-        b: Option<&str>,
-        max_len: usize,
-    ) -> Result<(Vec<i64>, Vec<i64>), String> {
-        match self {
-            Encoder::Hash { vocab } => {
-                let mut ids = vec![0i64];
-                let words = a
-                    .split_whitespace()
-                    .chain(b.into_iter().flat_map(|s| s.split_whitespace()));
-                for w in words.take(max_len.saturating_sub(1)) {
-                    let h = w.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
-                        (h ^ c as u64).wrapping_mul(0x0100_0000_01b3)
-                    });
-                    ids.push(3 + (h % (vocab - 3)) as i64);
-                }
-                let n = ids.len();
-                Ok((ids, vec![0; n]))
-            }
-            Encoder::Tokenizer { tok, .. } => {
-                let enc = match b {
-                    None => tok.encode(a, true),
-                    Some(b) => tok.encode((a, b), true),
-                }
-                .map_err(|e| e.to_string())?;
-                let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
-                let mut types: Vec<i64> = enc.get_type_ids().iter().map(|&i| i as i64).collect();
-                if ids.len() > max_len {
-                    // Keep the final special token (e.g. [SEP]) when cutting.
-                    let last = ids[ids.len() - 1];
-                    ids.truncate(max_len);
-                    types.truncate(max_len);
-                    ids[max_len - 1] = last;
-                }
-                Ok((ids, types))
-            }
-        }
-    }
-}
-
-fn resolve(base: &Path, p: &str) -> PathBuf {
-    let path = Path::new(p);
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
-    }
-}
-
-#[derive(Clone, Debug)]
-enum Label {
-    Class(i64),
-    Score(f32),
-}
-
-struct Row {
-    ids: Vec<i64>,
-    types: Vec<i64>,
-    label: Label,
-}
-
-/// Encoded examples of one file.
-pub struct TextExamples {
-    rows: Vec<Row>,
-    pad: i64,
-    token_types: bool,
-    multiple: usize,
-}
-
-impl Examples for TextExamples {
-    fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
-        let b = idx.len();
-        let len = idx
-            .iter()
-            .map(|&i| self.rows[i].ids.len())
-            .max()
-            .unwrap_or(1)
-            .max(1)
-            // Few distinct lengths: the backends build one plan per input shape.
-            .next_multiple_of(self.multiple.max(1));
-        let (mut ids, mut mask, mut types) = (
-            vec![self.pad; b * len],
-            vec![0i64; b * len],
-            vec![0i64; b * len],
-        );
-        let (mut classes, mut scores) = (vec![], vec![]);
-        for (k, &i) in idx.iter().enumerate() {
-            let r = &self.rows[i];
-            for (j, (&t, &ty)) in r.ids.iter().zip(&r.types).enumerate() {
-                ids[k * len + j] = t;
-                mask[k * len + j] = 1;
-                types[k * len + j] = ty;
-            }
-            match r.label {
-                Label::Class(c) => classes.push(c),
-                Label::Score(s) => scores.push(s),
-            }
-        }
-        let t = |v: Vec<i64>| HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[b, len]), v).unwrap());
-        let mut out = vec![
-            ("input_ids".to_string(), t(ids)),
-            ("attention_mask".to_string(), t(mask)),
-        ];
-        if self.token_types {
-            out.push(("token_type_ids".to_string(), t(types)));
-        }
-        if scores.is_empty() {
-            out.push((
-                "labels".into(),
-                HostTensor::I64(ArrayD::from_shape_vec(IxDyn(&[b]), classes).unwrap()),
-            ));
-        } else {
-            out.push((
-                "labels".into(),
-                HostTensor::F32(ArrayD::from_shape_vec(IxDyn(&[b]), scores).unwrap()),
-            ));
-        }
-        Ok(out)
-    }
-}
-
-/// A parsed TSV: the header's column names (or indices) and (line number, fields) rows.
-struct Table {
-    path: PathBuf,
-    columns: Vec<String>,
-    rows: Vec<(usize, Vec<String>)>,
-}
-
-fn read_tsv(path: &Path, header: bool, limit: usize) -> Result<Table, TrainError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))?;
-    let text = String::from_utf8_lossy(&bytes);
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty());
-    let columns: Vec<String> = if header {
-        let (_, h) = lines
-            .next()
-            .ok_or_else(|| TrainError::Data(format!("{}: the file is empty", path.display())))?;
-        h.trim_start_matches('\u{feff}')
-            .split('\t')
-            .map(|c| c.trim().to_string())
-            .collect()
-    } else {
-        vec![]
-    };
-    let rows: Vec<(usize, Vec<String>)> = lines
-        .take(if limit == 0 { usize::MAX } else { limit })
-        .map(|(i, l)| (i + 1, l.split('\t').map(|f| f.to_string()).collect()))
-        .collect();
-    if rows.is_empty() {
-        return Err(TrainError::Data(format!(
-            "{}: no examples in the file",
-            path.display()
-        )));
-    }
-    Ok(Table {
-        path: path.to_path_buf(),
-        columns,
-        rows,
     })
 }
 
-impl Table {
-    fn column(&self, spec: &str) -> Result<usize, TrainError> {
-        if let Some(i) = self.columns.iter().position(|c| c == spec) {
-            return Ok(i);
-        }
-        if let Ok(i) = spec.parse::<usize>() {
-            return Ok(i);
-        }
-        Err(TrainError::Data(format!(
-            "{}: no column '{spec}' (columns: {})",
-            self.path.display(),
-            if self.columns.is_empty() {
-                "none named: the file has no header, give 0-based indices".to_string()
-            } else {
-                self.columns.join(", ")
-            }
-        )))
+/// Reads and encodes the training and test files of `cfg` for `spec`'s model.
+pub fn read(cfg: &DataConfig, base: &Path, spec: &ModelSpec) -> Result<Loaded, TrainError> {
+    let heads = heads_of(&cfg.format)?;
+    if !heads.contains(&spec.task.as_str()) {
+        return Err(DataError::Config(format!(
+            "format '{}' feeds the {} head, but the artifact's head is {}",
+            cfg.format,
+            heads.join(" or "),
+            spec.task
+        ))
+        .into());
     }
-
-    fn field<'t>(
-        &'t self,
-        line: usize,
-        row: &'t [String],
-        col: usize,
-        name: &str,
-    ) -> Result<&'t str, TrainError> {
-        row.get(col).map(|s| s.trim()).ok_or_else(|| {
-            TrainError::Data(format!(
-                "{}:{line}: the row has {} fields, column '{name}' is field {}",
-                self.path.display(),
-                row.len(),
-                col + 1
-            ))
-        })
-    }
-}
-
-/// Reads and encodes one file. `labels` maps label strings to class ids (`None` for
-/// regression, whose labels are numbers).
-fn encode_file(
-    cfg: &DataConfig,
-    path: &Path,
-    limit: usize,
-    enc: &Encoder,
-    labels: Option<&[String]>,
-    token_types: bool,
-) -> Result<TextExamples, TrainError> {
-    if cfg.format != "glue-tsv" {
-        return Err(TrainError::Data(format!(
-            "data.format '{}' is not supported here (supported: glue-tsv)",
-            cfg.format
-        )));
-    }
-    let t = read_tsv(path, cfg.header, limit)?;
-    let (ca, cl) = (t.column(&cfg.text_a)?, t.column(&cfg.label)?);
-    let cb = cfg.text_b.as_deref().map(|b| t.column(b)).transpose()?;
-    let mut rows = Vec::with_capacity(t.rows.len());
-    for (line, r) in &t.rows {
-        let a = t.field(*line, r, ca, &cfg.text_a)?;
-        let b = match (cb, &cfg.text_b) {
-            (Some(c), Some(n)) => Some(t.field(*line, r, c, n)?),
-            _ => None,
-        };
-        let raw = t.field(*line, r, cl, &cfg.label)?;
-        let label = match labels {
-            Some(names) => Label::Class(names.iter().position(|n| n == raw).ok_or_else(|| {
-                TrainError::Data(format!(
-                    "{}:{line}: unknown label '{raw}' (labels: {})",
-                    t.path.display(),
-                    names.join(", ")
-                ))
-            })? as i64),
-            None => Label::Score(raw.parse().map_err(|_| {
-                TrainError::Data(format!(
-                    "{}:{line}: label '{raw}' is not a number",
-                    t.path.display()
-                ))
-            })?),
-        };
-        let (ids, types) = enc.encode(a, b, cfg.max_len).map_err(|e| {
-            TrainError::Data(format!("{}:{line}: cannot tokenise: {e}", t.path.display()))
-        })?;
-        rows.push(Row { ids, types, label });
-    }
-    Ok(TextExamples {
-        rows,
-        pad: enc.pad(),
-        token_types,
-        multiple: cfg.pad_to_multiple_of.min(cfg.max_len.max(1)),
+    let enc = Encoder::from_spec(&cfg.tokenizer, base, cfg.max_len)?;
+    let r = Reader {
+        cfg,
+        base,
+        spec,
+        enc: &enc,
+    };
+    Ok(match cfg.format.as_str() {
+        "conll" => r.conll()?,
+        "reuters-sgml" => r.reuters()?,
+        "e2e" => r.e2e()?,
+        _ => r.sentences()?,
     })
 }
 
 /// Builds the run's data: the training file split by `val_ratio` with `seed`, and the test
 /// file. `base` resolves relative paths (the config file's folder); `model_inputs` are the
-/// eval program's inputs (whether it reads `token_type_ids`); `task` the head's task.
+/// eval program's inputs; `task` the head's task. No vocabulary check: see [`load_for`].
 pub fn load(
     cfg: &DataConfig,
     base: &Path,
@@ -345,59 +102,285 @@ pub fn load(
     val_ratio: f64,
     seed: u64,
 ) -> Result<RunData, TrainError> {
-    let enc = Encoder::from_spec(&cfg.tokenizer, base)?;
-    let token_types = model_inputs.iter().any(|n| n == "token_type_ids");
-    let train_path = resolve(base, &cfg.train);
-    let labels: Option<Vec<String>> = match task {
-        "seq-cls" => Some(match &cfg.labels {
-            Some(l) => l.clone(),
-            None => {
-                let t = read_tsv(&train_path, cfg.header, cfg.limit)?;
-                let c = t.column(&cfg.label)?;
-                let mut set: Vec<String> = t
-                    .rows
-                    .iter()
-                    .map(|(line, r)| t.field(*line, r, c, &cfg.label).map(str::to_string))
-                    .collect::<Result<_, _>>()?;
-                set.sort();
-                set.dedup();
-                set
-            }
-        }),
-        "regression" => None,
-        other => {
-            return Err(TrainError::Data(format!(
-                "the {other} head needs a data format not supported here yet (supported: glue-tsv for seq-cls and regression)"
-            )))
-        }
+    let spec = ModelSpec {
+        inputs: model_inputs.to_vec(),
+        task: task.to_string(),
+        vocab_size: None,
     };
-    let data = encode_file(
-        cfg,
-        &train_path,
-        cfg.limit,
-        &enc,
-        labels.as_deref(),
-        token_types,
-    )?;
-    let test = cfg
-        .test
-        .as_ref()
-        .map(|p| {
-            encode_file(
-                cfg,
-                &resolve(base, p),
-                cfg.test_limit,
-                &enc,
-                labels.as_deref(),
-                token_types,
-            )
-        })
-        .transpose()?;
-    let (train_idx, val_idx) = super::split(data.len(), val_ratio, seed);
+    load_for(cfg, base, &spec, val_ratio, seed)
+}
+
+/// [`load`] for a model described by `spec` (see [`ModelSpec::of`]). Data-to-text sets are
+/// split by prompt, so no meaning representation is on both sides.
+pub fn load_for(
+    cfg: &DataConfig,
+    base: &Path,
+    spec: &ModelSpec,
+    val_ratio: f64,
+    seed: u64,
+) -> Result<RunData, TrainError> {
+    let Loaded { data, test } = read(cfg, base, spec)?;
+    let (train_idx, val_idx) = match &data.references {
+        Some(r) => {
+            let (_, gv) = super::split(r.groups.len(), val_ratio, seed);
+            let mut in_val = vec![false; r.groups.len()];
+            for g in gv {
+                in_val[g] = true;
+            }
+            let (mut t, mut v) = (vec![], vec![]);
+            for (i, &g) in r.example_group.iter().enumerate() {
+                if in_val[g] {
+                    v.push(i)
+                } else {
+                    t.push(i)
+                }
+            }
+            (t, v)
+        }
+        None => super::split(data.rows.len(), val_ratio, seed),
+    };
     Ok(RunData {
         data: Box::new(data),
         train_idx,
         val_idx,
-        test: test.map(|t| Box::new(t) as Box<dyn Examples>),
+        test: test.map(|t| Box::new(t) as Box<dyn super::Examples>),
     })
+}
+
+struct Reader<'a> {
+    cfg: &'a DataConfig,
+    base: &'a Path,
+    spec: &'a ModelSpec,
+    enc: &'a Encoder,
+}
+
+impl Reader<'_> {
+    fn set(&self, rows: Vec<Encoded>, labels: Vec<String>) -> EncodedSet {
+        EncodedSet {
+            rows,
+            labels,
+            pad: self.enc.pad(),
+            token_types: self.spec.inputs.iter().any(|n| n == "token_type_ids"),
+            multiple: self.cfg.pad_to_multiple_of,
+            max_len: self.cfg.max_len,
+            references: None,
+        }
+    }
+
+    fn test_path(&self) -> Option<std::path::PathBuf> {
+        self.cfg.test.as_deref().map(|p| resolve(self.base, p))
+    }
+
+    fn vocab(&self, file: &Path, line: usize, ids: &[i64]) -> Result<(), DataError> {
+        self.enc
+            .check_vocab(ids, self.spec.vocab_size)
+            .map_err(|m| at(file, line, m))
+    }
+
+    /// glue-tsv, csv, jsonl, peptides: one text (or pair) and one label per record.
+    fn records(&self, path: &Path, limit: usize) -> Result<Records, DataError> {
+        let c = self.cfg;
+        let cols = glue::Columns {
+            text_a: &c.text_a,
+            text_b: c.text_b.as_deref(),
+            label: &c.label,
+        };
+        match c.format.as_str() {
+            "glue-tsv" => glue::read(path, c.header, &cols, limit),
+            "csv" => csvjson::read_csv(path, c.header, &cols, limit),
+            "jsonl" => csvjson::read_jsonl(path, &cols, limit),
+            _ => Ok(peptides::read(path, &c.residue_sep, c.dedup, limit)?.records),
+        }
+    }
+
+    fn encode_records(
+        &self,
+        recs: &Records,
+        labels: Option<&[String]>,
+    ) -> Result<Vec<Encoded>, DataError> {
+        let f = &recs.file;
+        recs.rows
+            .iter()
+            .map(|r| {
+                let target = match labels {
+                    Some(names) => Target::Class(class_id(f, r.line, &r.label, names)?),
+                    None => Target::Score(
+                        r.label
+                            .parse::<f32>()
+                            .ok()
+                            .filter(|v| v.is_finite())
+                            .ok_or_else(|| {
+                                at(f, r.line, format!("label '{}' is not a number", r.label))
+                            })?,
+                    ),
+                };
+                let p = self
+                    .enc
+                    .encode(&r.text_a, r.text_b.as_deref())
+                    .map_err(|e| at(f, r.line, format!("cannot tokenise: {e}")))?;
+                self.vocab(f, r.line, &p.ids)?;
+                Ok(Encoded {
+                    line: r.line,
+                    ids: p.ids,
+                    types: p.types,
+                    target,
+                })
+            })
+            .collect()
+    }
+
+    fn sentences(&self) -> Result<Loaded, DataError> {
+        let c = self.cfg;
+        let train = self.records(&resolve(self.base, &c.train), c.limit)?;
+        let labels: Option<Vec<String>> = (self.spec.task == "seq-cls").then(|| {
+            c.labels.clone().unwrap_or_else(|| {
+                if c.format == "peptides" {
+                    // The files are binary by construction (the descriptor names two
+                    // classes); a slice of only positives must still mean class 1.
+                    vec!["0".into(), "1".into()]
+                } else {
+                    label_set(train.rows.iter().map(|r| r.label.as_str()))
+                }
+            })
+        });
+        let data = self.set(
+            self.encode_records(&train, labels.as_deref())?,
+            labels.clone().unwrap_or_default(),
+        );
+        let test = match self.test_path() {
+            Some(p) => {
+                let recs = self.records(&p, c.test_limit)?;
+                Some(self.set(
+                    self.encode_records(&recs, labels.as_deref())?,
+                    labels.unwrap_or_default(),
+                ))
+            }
+            None => None,
+        };
+        Ok(Loaded { data, test })
+    }
+
+    fn conll(&self) -> Result<Loaded, DataError> {
+        let c = self.cfg;
+        let scheme = conll::Scheme::parse(&c.tag_scheme)?;
+        let train_path = resolve(self.base, &c.train);
+        let train = conll::read(&train_path, scheme, c.limit)?;
+        let labels = c.labels.clone().unwrap_or_else(|| {
+            label_set(train.iter().flat_map(|s| s.tags.iter().map(String::as_str)))
+        });
+        let encode = |path: &Path, sents: &[conll::Sentence]| -> Result<Vec<Encoded>, DataError> {
+            sents
+                .iter()
+                .map(|s| {
+                    let line = s.lines.first().copied().unwrap_or(0);
+                    let p = self
+                        .enc
+                        .encode_words(&s.words)
+                        .map_err(|e| at(path, line, format!("cannot tokenise: {e}")))?;
+                    self.vocab(path, line, &p.ids)?;
+                    let y = conll::first_subword_labels(path, s, &p.words, &labels)?;
+                    Ok(Encoded {
+                        line,
+                        ids: p.ids,
+                        types: p.types,
+                        target: Target::Tokens(y),
+                    })
+                })
+                .collect()
+        };
+        let data = self.set(encode(&train_path, &train)?, labels.clone());
+        let test = match self.test_path() {
+            Some(p) => {
+                let sents = conll::read(&p, scheme, c.test_limit)?;
+                Some(self.set(encode(&p, &sents)?, labels.clone()))
+            }
+            None => None,
+        };
+        Ok(Loaded { data, test })
+    }
+
+    fn reuters(&self) -> Result<Loaded, DataError> {
+        let c = self.cfg;
+        let split = reuters::Split::parse(&c.split)?;
+        let take = |docs: Vec<reuters::Doc>, part, limit: usize| -> Vec<reuters::Doc> {
+            docs.into_iter()
+                .filter(|d| d.part(split) == Some(part))
+                .take(if limit == 0 { usize::MAX } else { limit })
+                .collect()
+        };
+        let train_path = resolve(self.base, &c.train);
+        let all = reuters::read(&train_path)?;
+        let test_docs = match self.test_path() {
+            Some(p) => reuters::read(&p)?,
+            None => all.clone(),
+        };
+        let train = take(all, reuters::Part::Train, c.limit);
+        if train.is_empty() {
+            return Err(DataError::File {
+                file: train_path,
+                message: format!("no documents in the {} training part", c.split),
+            });
+        }
+        let test = take(test_docs, reuters::Part::Test, c.test_limit);
+        let labels = c.labels.clone().unwrap_or_else(|| {
+            label_set(
+                train
+                    .iter()
+                    .flat_map(|d| d.topics.iter().map(String::as_str)),
+            )
+        });
+        if labels.is_empty() {
+            return Err(DataError::Config(format!(
+                "no topics in the {} training part to learn",
+                c.split
+            )));
+        }
+        let encode = |docs: &[reuters::Doc]| -> Result<Vec<Encoded>, DataError> {
+            docs.iter()
+                .map(|d| {
+                    let p = self
+                        .enc
+                        .encode(&d.text(), None)
+                        .map_err(|e| at(&d.file, d.line, format!("cannot tokenise: {e}")))?;
+                    self.vocab(&d.file, d.line, &p.ids)?;
+                    Ok(Encoded {
+                        line: d.line,
+                        ids: p.ids,
+                        types: p.types,
+                        target: Target::MultiHot(reuters::multi_hot(&d.topics, &labels)),
+                    })
+                })
+                .collect()
+        };
+        let data = self.set(encode(&train)?, labels.clone());
+        let test = (!test.is_empty())
+            .then(|| encode(&test))
+            .transpose()?
+            .map(|rows| self.set(rows, labels.clone()));
+        Ok(Loaded { data, test })
+    }
+
+    fn e2e(&self) -> Result<Loaded, DataError> {
+        let c = self.cfg;
+        let read = |path: &Path, limit: usize| -> Result<EncodedSet, DataError> {
+            let pairs = e2e::read(path, limit)?;
+            let rows = pairs
+                .iter()
+                .map(|p| {
+                    let e = e2e::encode(self.enc, path, p, &c.prompt_sep, c.max_len)?;
+                    self.vocab(path, p.line, &e.ids)?;
+                    Ok(e)
+                })
+                .collect::<Result<Vec<_>, DataError>>()?;
+            let mut set = self.set(rows, vec![]);
+            set.references = Some(e2e::references(&pairs));
+            Ok(set)
+        };
+        let data = read(&resolve(self.base, &c.train), c.limit)?;
+        let test = self
+            .test_path()
+            .map(|p| read(&p, c.test_limit))
+            .transpose()?;
+        Ok(Loaded { data, test })
+    }
 }

@@ -76,6 +76,10 @@ pub trait Examples {
     /// Program inputs for these examples: the model's inputs (`input_ids`, ...) and `labels`,
     /// padded to the longest example of the batch.
     fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError>;
+    /// Data-to-text sets: every prompt's human references, for scoring generations.
+    fn references(&self) -> Option<&crate::data::References> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
