@@ -637,14 +637,18 @@ fn trainer_runs_on_conll_with_a_token_cls_fixture() {
     let run = dir.path().join("run");
     let mut t = bidora_runtime::train::Trainer::new(cfg, &art, &tract, data, &run, false).unwrap();
     t.progress = false;
-    let s = t.run_to_end(None).unwrap().unwrap();
+    // The fixture's head is GPT-2's 1000-way LM projection standing in for a tagger: the
+    // four training steps run on the CoNLL batches, and scoring then refuses predictions that
+    // the 7 tag names (collected from the training file) cannot name.
+    let err = t.run_to_end(None).unwrap_err().to_string();
     let steps = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter(|l| l.contains("\"kind\":\"step\""))
         .count();
     assert_eq!(steps, 4);
-    assert_eq!(s.metric_name, "token_accuracy");
-    let test = s.final_test.expect("the test file is scored");
-    assert!(test.loss.is_finite());
+    assert!(
+        err.contains("names 7 tags") && err.contains("1000 classes"),
+        "{err}"
+    );
 }

@@ -72,6 +72,10 @@ impl Examples for EncodedSet {
         self.rows.len()
     }
 
+    fn label_names(&self) -> Option<&[String]> {
+        (!self.labels.is_empty()).then_some(self.labels.as_slice())
+    }
+
     fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
         let rows: Vec<&Encoded> = idx
             .iter()

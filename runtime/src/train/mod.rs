@@ -80,6 +80,11 @@ pub trait Examples {
     fn references(&self) -> Option<&crate::data::References> {
         None
     }
+    /// The class or tag names in id order, when the set knows them (read from the config or
+    /// collected from the training file): evaluation names entities by them.
+    fn label_names(&self) -> Option<&[String]> {
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -762,11 +767,13 @@ impl<'a> Trainer<'a> {
         let eval_sig = &self.art.manifest.programs["eval"];
         let logits_name = task.logits.clone();
         let loss_name = task.loss.clone();
-        let mut acc = eval::Accumulator::new(
-            &task.task,
-            self.cfg.data.labels.as_deref(),
-            self.cfg.metric.as_deref(),
-        )?;
+        let labels = self
+            .cfg
+            .data
+            .labels
+            .as_deref()
+            .or_else(|| self.data.data.label_names());
+        let mut acc = eval::Accumulator::new(&task.task, labels, self.cfg.metric.as_deref())?;
         for chunk in idx.chunks(self.cfg.eval_batch_size) {
             let b = match split {
                 "test" => self.data.test.as_ref().unwrap().batch(chunk)?,
