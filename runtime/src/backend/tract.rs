@@ -201,7 +201,9 @@ impl TractProgram {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown cause".into());
-            self.run_err(format!("tract panicked: {why} (are the inputs valid for this model?)"))
+            self.run_err(format!(
+                "tract panicked: {why} (are the inputs valid for this model?)"
+            ))
         })?
         .map_err(|e| self.run_err(format!("{e:?}")))?;
         outs.into_iter()
