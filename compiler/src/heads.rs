@@ -12,6 +12,7 @@
 //! | `multi-label` | `labels: f32[batch, n]` in {0, 1} | mean binary cross-entropy with logits |
 //! | `token-cls` | `labels: i64[batch, seq]`, -100 ignored | cross-entropy over labelled tokens |
 //! | `causal-lm` | none: `input_ids` shifted, `attention_mask` masks padding | shifted cross-entropy |
+//! | `causal-lm` with `--lm-labels` | `labels: i64[batch, seq]` aligned with `input_ids`, -100 ignored (a prompt, padding) | shifted cross-entropy over the kept labels |
 
 use crate::error::{Error, Result};
 use crate::ir::builder::Builder;
@@ -41,8 +42,15 @@ pub struct Head {
 }
 
 /// Appends the loss for `task` to `model` (whose first output is the logits) and makes the
-/// loss a graph output after the logits.
-pub fn attach(model: &Model, task: Task) -> Result<(Model, Head)> {
+/// loss a graph output after the logits. `lm_labels` (causal-lm only): read the targets from
+/// a `labels` input in Hugging Face's convention (aligned with `input_ids`, shifted here,
+/// -100 ignored) instead of from `input_ids`, so a data-to-text prompt is not scored.
+pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head)> {
+    if lm_labels && task != Task::CausalLm {
+        return Err(Error::Other(format!(
+            "--lm-labels applies to --task causal-lm, not {task:?}"
+        )));
+    }
     let facts = shape::infer(model)?;
     let mut m = model.clone();
     let logits = m
@@ -106,6 +114,14 @@ pub fn attach(model: &Model, task: Task) -> Result<(Model, Head)> {
                     let zero = b.constant("zero_i", Tensor::from_i64("", vec![], &[0]));
                     let safe = b.op("Where", "safe_labels", &[&keep, "labels", &zero], vec![]);
                     (safe, Some(keep))
+                }
+                _ if lm_labels => {
+                    labels.push((
+                        "labels".to_string(),
+                        DataType::Int64,
+                        vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
+                    ));
+                    causal_lm_given_labels(&mut b, model, &lf)?
                 }
                 _ => causal_lm_labels(&mut b, model, &lf)?,
             };
@@ -256,6 +272,71 @@ fn masked_mean(b: &mut Builder, v: &str, keep: &str) -> String {
     let one = b.constant("one", Tensor::from_f32("", vec![], &[1.0]));
     let den = b.op("Max", "count_at_least_1", &[&den0, &one], vec![]);
     b.op("Div", "mean", &[&num, &den], vec![])
+}
+
+/// Next-token targets from a `labels` input aligned with `input_ids`: position t is scored
+/// against `labels[t+1]` unless that is -100; the last position is never scored.
+fn causal_lm_given_labels(
+    b: &mut Builder,
+    model: &Model,
+    lf: &shape::Fact,
+) -> Result<(String, Option<String>)> {
+    if lf.rank() != 3 {
+        return Err(Error::Other(format!(
+            "causal-lm needs logits [batch, seq, vocab], got {}",
+            lf.display()
+        )));
+    }
+    if !model.graph.inputs.iter().any(|i| i.name == "input_ids") {
+        return Err(Error::Other(
+            "causal-lm needs a graph input input_ids".into(),
+        ));
+    }
+    let one = b.ints("one", &[1]);
+    let axis1 = b.ints("axis1", &[1]);
+    let big = b.ints("end", &[i64::MAX]);
+    let next = b.op(
+        "Slice",
+        "labels_next",
+        &["labels", &one, &big, &axis1],
+        vec![],
+    );
+    // One ignored column at the end, shaped [batch, 1] from the labels' runtime shape.
+    let shape = b.op("Shape", "labels_shape", &["labels"], vec![]);
+    let zero_i = b.ints("zero", &[0]);
+    let batch = b.op(
+        "Gather",
+        "batch",
+        &[&shape, &zero_i],
+        vec![("axis", AttrValue::Int(0))],
+    );
+    let col_shape = b.op(
+        "Concat",
+        "col_shape",
+        &[&batch, &one],
+        vec![("axis", AttrValue::Int(0))],
+    );
+    let ignored_col = b.op(
+        "ConstantOfShape",
+        "ignored_col",
+        &[&col_shape],
+        vec![(
+            "value",
+            AttrValue::Tensor(Tensor::from_i64("", vec![1], &[IGNORE_INDEX])),
+        )],
+    );
+    let shifted = b.op(
+        "Concat",
+        "shifted_labels",
+        &[&next, &ignored_col],
+        vec![("axis", AttrValue::Int(1))],
+    );
+    let ignore = b.constant("ignore", Tensor::from_i64("", vec![], &[IGNORE_INDEX]));
+    let is_ignored = b.op("Equal", "is_ignored", &[&shifted, &ignore], vec![]);
+    let keep = b.op("Not", "keep", &[&is_ignored], vec![]);
+    let zero = b.constant("zero_i", Tensor::from_i64("", vec![], &[0]));
+    let safe = b.op("Where", "safe_labels", &[&keep, &shifted, &zero], vec![]);
+    Ok((safe, Some(keep)))
 }
 
 /// Labels for next-token prediction without slicing the logits: position t is scored against

@@ -21,6 +21,8 @@ pub struct CompileOptions {
     pub train_head: bool,
     /// With a task and DoRA adapters: emit BiDoRA's lower and upper programs.
     pub bilevel: Option<BilevelOptions>,
+    /// causal-lm: targets from a `labels` input (-100 ignored) rather than `input_ids`.
+    pub lm_labels: bool,
 }
 
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -83,7 +85,7 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     let training = match opts.task {
         None => None,
         Some(task) => {
-            let (with_loss, head) = heads::attach(&lowered, task)?;
+            let (with_loss, head) = heads::attach(&lowered, task, opts.lm_labels)?;
             if let Some(bo) = opts.bilevel {
                 let groups = Groups::new(&adapted.adapters, &head_params)?;
                 let lower = bilevel::lower_program(

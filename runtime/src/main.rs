@@ -141,6 +141,13 @@ fn train_cmd(
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());
     let spec = dataset::ModelSpec::of(&art)?;
+    if cfg.data.format == "e2e" && !spec.inputs.iter().any(|i| i == "labels") {
+        eprintln!(
+            "warning: the artifact's causal-lm head reads no `labels`, so the E2E prompts are \
+             scored as well as the references; compile with `--lm-labels` to score only the \
+             references"
+        );
+    }
     let base = config.parent().unwrap_or(std::path::Path::new("."));
     let data = dataset::load_for(&cfg.data, base, &spec, cfg.val_ratio, cfg.seed)?;
     eprintln!(

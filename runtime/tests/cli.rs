@@ -25,6 +25,7 @@ fn compile(dir: &Path) {
         task: Some(Task::SeqCls),
         train_head: false,
         bilevel: None,
+        lm_labels: false,
     };
     let c = pipeline::compile(&model, &opts).unwrap();
     bidora_compiler::artifact::write(

@@ -589,6 +589,7 @@ fn trainer_runs_on_conll_with_a_token_cls_fixture() {
         task: Some(Task::TokenCls),
         train_head: false,
         bilevel: None,
+        lm_labels: false,
     };
     let c = pipeline::compile(&model, &opts).unwrap();
     let out = dir.path().join("artifact");

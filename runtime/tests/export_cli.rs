@@ -34,6 +34,7 @@ fn compile(dir: &Path) {
         task: Some(Task::SeqCls),
         train_head: true,
         bilevel: None,
+        lm_labels: false,
     };
     let c = pipeline::compile(&model, &opts).unwrap();
     bidora_compiler::artifact::write(

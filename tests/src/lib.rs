@@ -61,6 +61,7 @@ pub fn options(targets: Vec<String>, method: Method) -> CompileOptions {
         task: None,
         train_head: false,
         bilevel: None,
+        lm_labels: false,
     }
 }
 

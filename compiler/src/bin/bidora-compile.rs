@@ -135,6 +135,12 @@ struct Cli {
     #[arg(long)]
     train_head: bool,
 
+    /// With --task causal-lm: read the targets from a `labels` input aligned with input_ids
+    /// (-100 ignored, shifted by the loss), so a data-to-text prompt and padding are not
+    /// scored; the `e2e` data format provides such labels. Example: `--lm-labels`.
+    #[arg(long)]
+    lm_labels: bool,
+
     /// BiDoRA's hypergradient estimator for upper.onnx (emitted with --task and DoRA):
     /// `fd` (the paper's central difference), `fd-forward` (one-sided, reuses the lower
     /// step's magnitude gradient), `exact` (double backward), `first-order` (ξ = 0),
@@ -204,6 +210,7 @@ fn run(cli: Cli) -> Result<()> {
             TaskArg::CausalLm => Task::CausalLm,
         }),
         train_head: cli.train_head,
+        lm_labels: cli.lm_labels,
         bilevel: (cli.task.is_some() && cli.method == MethodArg::Dora && !cli.no_bilevel)
             .then_some(BilevelOptions {
                 hypergrad: match cli.hypergrad {
