@@ -57,12 +57,8 @@ fn eval(lm_labels: bool, labels: Option<Vec<i64>>) -> (ArrayD<f32>, f32) {
 fn ignored_labels_are_not_scored() {
     let mut labels = ids();
     // Row 0: a 3-token prompt; row 1: the last 2 positions are padding.
-    for t in 0..3 {
-        labels[t] = -100;
-    }
-    for t in S - 2..S {
-        labels[S + t] = -100;
-    }
+    labels[..3].fill(-100);
+    labels[2 * S - 2..].fill(-100);
     let (logits, loss) = eval(true, Some(labels.clone()));
     let (mut sum, mut n) = (0f64, 0usize);
     for b in 0..B {
