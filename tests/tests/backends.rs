@@ -320,3 +320,31 @@ fn auto_takes_ort_when_a_library_is_found_and_says_so() {
         None => assert_eq!(auto.name(), "tract", "{d}"),
     }
 }
+
+/// A token id past the embedding table (another model's tokenizer) is a run error naming the
+/// program in both backends, not a crash, and the program stays usable.
+#[test]
+fn out_of_vocabulary_ids_are_a_run_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, path, init) = bert_forward(dir.path());
+    let mut good = batch(&model, 2, 8);
+    good.extend(init);
+    let mut bad = good.clone();
+    for (n, t) in bad.iter_mut() {
+        if n == "input_ids" {
+            *t = HostTensor::I64(ArrayD::from_elem(IxDyn(&[2, 8]), 5000));
+        }
+    }
+    let mut backends = vec![tract_backend()];
+    backends.extend(ort_backend());
+    for backend in backends {
+        let mut p = backend.load(&path).unwrap();
+        let e = p.run(&bad).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::Run { .. }) && e.to_string().contains("forward.onnx"),
+            "{}: {e}",
+            backend.name()
+        );
+        p.run(&good).unwrap();
+    }
+}
