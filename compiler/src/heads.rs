@@ -107,12 +107,7 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
                         DataType::Int64,
                         vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
                     ));
-                    let ignore =
-                        b.constant("ignore", Tensor::from_i64("", vec![], &[IGNORE_INDEX]));
-                    let is_ignored = b.op("Equal", "is_ignored", &["labels", &ignore], vec![]);
-                    let keep = b.op("Not", "keep", &[&is_ignored], vec![]);
-                    let zero = b.constant("zero_i", Tensor::from_i64("", vec![], &[0]));
-                    let safe = b.op("Where", "safe_labels", &[&keep, "labels", &zero], vec![]);
+                    let (safe, keep) = ignore_mask(&mut b, "labels");
                     (safe, Some(keep))
                 }
                 _ if lm_labels => {
@@ -274,6 +269,63 @@ fn masked_mean(b: &mut Builder, v: &str, keep: &str) -> String {
     b.op("Div", "mean", &[&num, &den], vec![])
 }
 
+/// One column `[batch, 1]` of `value`, batch read from `like`'s runtime shape: appended after
+/// a `[:, 1:]` slice, it keeps shifted targets as long as the logits. `one` is the `[1]`
+/// constant the caller already has.
+fn end_column(
+    b: &mut Builder,
+    like: &str,
+    one: &str,
+    value: i64,
+    shape_name: &str,
+    name: &str,
+) -> String {
+    let shape = b.op("Shape", shape_name, &[like], vec![]);
+    let zero_i = b.ints("zero", &[0]);
+    let batch = b.op(
+        "Gather",
+        "batch",
+        &[&shape, &zero_i],
+        vec![("axis", AttrValue::Int(0))],
+    );
+    let col_shape = b.op(
+        "Concat",
+        "col_shape",
+        &[&batch, one],
+        vec![("axis", AttrValue::Int(0))],
+    );
+    b.op(
+        "ConstantOfShape",
+        name,
+        &[&col_shape],
+        vec![(
+            "value",
+            AttrValue::Tensor(Tensor::from_i64("", vec![1], &[value])),
+        )],
+    )
+}
+
+/// (labels with -100 replaced by 0, the mask of kept positions): the one-hot product needs a
+/// valid class everywhere, the mask drops the ignored positions from the mean.
+fn ignore_mask(b: &mut Builder, labels: &str) -> (String, String) {
+    let ignore = b.constant("ignore", Tensor::from_i64("", vec![], &[IGNORE_INDEX]));
+    let is_ignored = b.op("Equal", "is_ignored", &[labels, &ignore], vec![]);
+    let keep = b.op("Not", "keep", &[&is_ignored], vec![]);
+    let zero = b.constant("zero_i", Tensor::from_i64("", vec![], &[0]));
+    let safe = b.op("Where", "safe_labels", &[&keep, labels, &zero], vec![]);
+    (safe, keep)
+}
+
+fn need_lm_logits(lf: &shape::Fact) -> Result<()> {
+    if lf.rank() != 3 {
+        return Err(Error::Other(format!(
+            "causal-lm needs logits [batch, seq, vocab], got {}",
+            lf.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Next-token targets from a `labels` input aligned with `input_ids`: position t is scored
 /// against `labels[t+1]` unless that is -100; the last position is never scored.
 fn causal_lm_given_labels(
@@ -281,12 +333,7 @@ fn causal_lm_given_labels(
     model: &Model,
     lf: &shape::Fact,
 ) -> Result<(String, Option<String>)> {
-    if lf.rank() != 3 {
-        return Err(Error::Other(format!(
-            "causal-lm needs logits [batch, seq, vocab], got {}",
-            lf.display()
-        )));
-    }
+    need_lm_logits(lf)?;
     if !model.graph.inputs.iter().any(|i| i.name == "input_ids") {
         return Err(Error::Other(
             "causal-lm needs a graph input input_ids".into(),
@@ -301,29 +348,13 @@ fn causal_lm_given_labels(
         &["labels", &one, &big, &axis1],
         vec![],
     );
-    // One ignored column at the end, shaped [batch, 1] from the labels' runtime shape.
-    let shape = b.op("Shape", "labels_shape", &["labels"], vec![]);
-    let zero_i = b.ints("zero", &[0]);
-    let batch = b.op(
-        "Gather",
-        "batch",
-        &[&shape, &zero_i],
-        vec![("axis", AttrValue::Int(0))],
-    );
-    let col_shape = b.op(
-        "Concat",
-        "col_shape",
-        &[&batch, &one],
-        vec![("axis", AttrValue::Int(0))],
-    );
-    let ignored_col = b.op(
-        "ConstantOfShape",
+    let ignored_col = end_column(
+        b,
+        "labels",
+        &one,
+        IGNORE_INDEX,
+        "labels_shape",
         "ignored_col",
-        &[&col_shape],
-        vec![(
-            "value",
-            AttrValue::Tensor(Tensor::from_i64("", vec![1], &[IGNORE_INDEX])),
-        )],
     );
     let shifted = b.op(
         "Concat",
@@ -331,11 +362,7 @@ fn causal_lm_given_labels(
         &[&next, &ignored_col],
         vec![("axis", AttrValue::Int(1))],
     );
-    let ignore = b.constant("ignore", Tensor::from_i64("", vec![], &[IGNORE_INDEX]));
-    let is_ignored = b.op("Equal", "is_ignored", &[&shifted, &ignore], vec![]);
-    let keep = b.op("Not", "keep", &[&is_ignored], vec![]);
-    let zero = b.constant("zero_i", Tensor::from_i64("", vec![], &[0]));
-    let safe = b.op("Where", "safe_labels", &[&keep, &shifted, &zero], vec![]);
+    let (safe, keep) = ignore_mask(b, &shifted);
     Ok((safe, Some(keep)))
 }
 
@@ -346,12 +373,7 @@ fn causal_lm_labels(
     model: &Model,
     lf: &shape::Fact,
 ) -> Result<(String, Option<String>)> {
-    if lf.rank() != 3 {
-        return Err(Error::Other(format!(
-            "causal-lm needs logits [batch, seq, vocab], got {}",
-            lf.display()
-        )));
-    }
+    need_lm_logits(lf)?;
     let has = |n: &str| model.graph.inputs.iter().any(|i| i.name == n);
     if !has("input_ids") || !has("attention_mask") {
         return Err(Error::Other(
@@ -373,30 +395,7 @@ fn causal_lm_labels(
         &["attention_mask", &one, &big, &axis1],
         vec![],
     );
-    // One zero column at the end, shaped [batch, 1] from the ids' runtime shape.
-    let shape = b.op("Shape", "ids_shape", &["input_ids"], vec![]);
-    let zero_i = b.ints("zero", &[0]);
-    let batch = b.op(
-        "Gather",
-        "batch",
-        &[&shape, &zero_i],
-        vec![("axis", AttrValue::Int(0))],
-    );
-    let col_shape = b.op(
-        "Concat",
-        "col_shape",
-        &[&batch, &one],
-        vec![("axis", AttrValue::Int(0))],
-    );
-    let zeros = b.op(
-        "ConstantOfShape",
-        "zero_col",
-        &[&col_shape],
-        vec![(
-            "value",
-            AttrValue::Tensor(Tensor::from_i64("", vec![1], &[0])),
-        )],
-    );
+    let zeros = end_column(b, "input_ids", &one, 0, "ids_shape", "zero_col");
     let labels = b.op(
         "Concat",
         "shifted_ids",
