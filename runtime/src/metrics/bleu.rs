@@ -55,12 +55,8 @@ fn closest_length(hyp_len: usize, refs: &[Vec<String>]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{close, mteval_tokenize};
+    use super::super::{close, mteval_tokenize, words as t};
     use super::*;
-
-    fn t(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
-    }
 
     #[test]
     fn by_hand() {

@@ -106,12 +106,8 @@ pub fn corpus_cider(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> Result<f
 
 #[cfg(test)]
 mod tests {
-    use super::super::close;
+    use super::super::{close, words as t};
     use super::*;
-
-    fn t(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
-    }
 
     #[test]
     fn by_hand() {

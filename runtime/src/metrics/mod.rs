@@ -87,3 +87,9 @@ fn f1_counts(tp: f64, fp: f64, fneg: f64) -> f64 {
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
 }
+
+/// A sentence already tokenised by spaces, for hand-worked cases.
+#[cfg(test)]
+fn words(s: &str) -> Vec<String> {
+    s.split_whitespace().map(str::to_string).collect()
+}

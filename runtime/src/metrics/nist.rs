@@ -67,12 +67,8 @@ fn length_penalty(ratio: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::close;
+    use super::super::{close, words as t};
     use super::*;
-
-    fn t(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
-    }
 
     #[test]
     fn by_hand() {

@@ -55,12 +55,8 @@ pub fn corpus_rouge_l(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> Result
 
 #[cfg(test)]
 mod tests {
-    use super::super::close;
+    use super::super::{close, words as t};
     use super::*;
-
-    fn t(s: &str) -> Vec<String> {
-        s.split_whitespace().map(str::to_string).collect()
-    }
 
     #[test]
     fn by_hand() {
