@@ -1,39 +1,22 @@
 //! `bidora check` on a compiled artifact, and on a folder that is not one.
 
 use std::path::Path;
-use std::process::Command;
 
-fn bidora() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bidora"))
-}
+mod common;
+use common::bidora;
 
 /// Writes an artifact for the BERT fixture with the compiler's library (DoRA on q/v, seq-cls).
 fn compile(dir: &Path) {
-    use bidora_compiler::{heads::Task, pipeline, rewrite, targets};
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let model = bidora_compiler::load_model(&root.join("models/bert_legacy17.onnx")).unwrap();
-    let opts = pipeline::CompileOptions {
-        targets: targets::TargetSpec::parse(&["query,value".to_string()], None).unwrap(),
-        adapter: rewrite::AdapterConfig {
-            method: rewrite::Method::Dora,
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            detach_norm: false,
-            seed: 0,
-        },
-        task: Some(Task::SeqCls),
-        train_head: false,
-        bilevel: None,
-        lm_labels: false,
-    };
-    let c = pipeline::compile(&model, &opts).unwrap();
-    bidora_compiler::artifact::write(
-        &pipeline::artifact(&c, "bert_legacy17.onnx", &opts),
+    use bidora_compiler::{heads::Task, rewrite::Method};
+    common::write_artifact(
         dir,
+        "bert_legacy17.onnx",
+        "query,value",
+        Method::Dora,
+        Task::SeqCls,
         false,
-    )
-    .unwrap();
+        0,
+    );
 }
 
 #[test]

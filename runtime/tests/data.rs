@@ -4,6 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
+mod common;
+
 use bidora_runtime::backend::HostTensor;
 use bidora_runtime::data::{reuters, Target};
 use bidora_runtime::train::dataset::{self, Loaded, ModelSpec};
@@ -512,45 +514,42 @@ fn bad_rows_are_errors_naming_file_and_line() {
     );
 
     // Format-specific: a CoNLL tag, a Reuters attribute, a peptide, an E2E column.
-    let (d, f) = tmp("x.conll", "EU NNP I-NP I-ORG\nrejects VBZ I-VP Q-X\n");
-    let t = format!("data.train={f}");
-    let e = err(
-        d.path(),
-        &["data.format=conll", &t, "data.tokenizer=hash:100"],
-        "token-cls",
-        None,
-    );
-    assert!(e.contains("x.conll:2:") && e.contains("'Q-X'"), "{e}");
-    let (d, f) = tmp(
-        "x.sgm",
-        "<!DOCTYPE lewis>\n\n<REUTERS TOPICS=\"YES\" NEWID=\"1\">\n</REUTERS>\n",
-    );
-    let t = format!("data.train={f}");
-    let e = err(
-        d.path(),
-        &["data.format=reuters-sgml", &t, "data.tokenizer=hash:100"],
-        "multi-label",
-        None,
-    );
-    assert!(e.contains("x.sgm:3:") && e.contains("LEWISSPLIT"), "{e}");
-    let (d, f) = tmp("p.csv", "2,1,A,B\nKLLK,1\nKL7K,0\n");
-    let t = format!("data.train={f}");
-    let e = err(
-        d.path(),
-        &["data.format=peptides", &t, "data.tokenizer=hash:100"],
-        "seq-cls",
-        None,
-    );
-    assert!(e.contains("p.csv:3:") && e.contains("'KL7K'"), "{e}");
-    let (d, f) = tmp("t.csv", "MR\n\"name[X]\"\n");
-    let t = format!("data.train={f}");
-    let e = err(
-        d.path(),
-        &["data.format=e2e", &t, "data.tokenizer=hash:100"],
-        "causal-lm",
-        None,
-    );
-    assert!(e.contains("t.csv") && e.contains("no column 'ref'"), "{e}");
+    let cases: [(&str, &str, &str, &str, [&str; 2]); 4] = [
+        (
+            "x.conll",
+            "EU NNP I-NP I-ORG\nrejects VBZ I-VP Q-X\n",
+            "conll",
+            "token-cls",
+            ["x.conll:2:", "'Q-X'"],
+        ),
+        (
+            "x.sgm",
+            "<!DOCTYPE lewis>\n\n<REUTERS TOPICS=\"YES\" NEWID=\"1\">\n</REUTERS>\n",
+            "reuters-sgml",
+            "multi-label",
+            ["x.sgm:3:", "LEWISSPLIT"],
+        ),
+        (
+            "p.csv",
+            "2,1,A,B\nKLLK,1\nKL7K,0\n",
+            "peptides",
+            "seq-cls",
+            ["p.csv:3:", "'KL7K'"],
+        ),
+        (
+            "t.csv",
+            "MR\n\"name[X]\"\n",
+            "e2e",
+            "causal-lm",
+            ["t.csv", "no column 'ref'"],
+        ),
+    ];
+    for (name, text, format, task, needles) in cases {
+        let (d, f) = tmp(name, text);
+        let (fm, t) = (format!("data.format={format}"), format!("data.train={f}"));
+        let e = err(d.path(), &[&fm, &t, "data.tokenizer=hash:100"], task, None);
+        assert!(needles.iter().all(|n| e.contains(n)), "{format}: {e}");
+    }
 
     // A format for another head.
     let e = err(
@@ -567,38 +566,21 @@ fn bad_rows_are_errors_naming_file_and_line() {
 #[test]
 fn trainer_runs_on_conll_with_a_token_cls_fixture() {
     use bidora_compiler::heads::Task;
-    use bidora_compiler::pipeline::{self, CompileOptions};
-    use bidora_compiler::rewrite::{AdapterConfig, Method as AdapterMethod};
-    use bidora_compiler::targets::TargetSpec;
+    use bidora_compiler::rewrite::Method as AdapterMethod;
     use bidora_runtime::artifact::Artifact;
     use bidora_runtime::backend;
 
     let dir = tempfile::tempdir().unwrap();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let model = bidora_compiler::load_model(&root.join("models/gpt2_legacy17.onnx")).unwrap();
-    let opts = CompileOptions {
-        targets: TargetSpec::parse(&["c_attn:q,v".to_string()], None).unwrap(),
-        adapter: AdapterConfig {
-            method: AdapterMethod::Lora,
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            detach_norm: false,
-            seed: 7,
-        },
-        task: Some(Task::TokenCls),
-        train_head: false,
-        bilevel: None,
-        lm_labels: false,
-    };
-    let c = pipeline::compile(&model, &opts).unwrap();
     let out = dir.path().join("artifact");
-    bidora_compiler::artifact::write(
-        &pipeline::artifact(&c, "gpt2_legacy17.onnx", &opts),
+    common::write_artifact(
         &out,
+        "gpt2_legacy17.onnx",
+        "c_attn:q,v",
+        AdapterMethod::Lora,
+        Task::TokenCls,
         false,
-    )
-    .unwrap();
+        7,
+    );
     let art = Artifact::open(&out).unwrap();
     assert_eq!(art.manifest.vocab_size, Some(1000));
 

@@ -2,47 +2,24 @@
 //! when the manifest records no path, and a tensors file missing a key (message, exit code,
 //! nothing written).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-fn bidora() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_bidora"))
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
+mod common;
+use common::{bidora, root};
 
 /// A DoRA artifact for the BERT fixture, written by the library as the tests' artifacts are:
 /// its manifest records no model path, so `--model` is needed.
 fn compile(dir: &Path) {
-    use bidora_compiler::{heads::Task, pipeline, rewrite, targets};
-    let model = bidora_compiler::load_model(&root().join("models/bert_legacy17.onnx")).unwrap();
-    let opts = pipeline::CompileOptions {
-        targets: targets::TargetSpec::parse(&["query,value".to_string()], None).unwrap(),
-        adapter: rewrite::AdapterConfig {
-            method: rewrite::Method::Dora,
-            rank: 4,
-            alpha: 8.0,
-            rslora: false,
-            detach_norm: false,
-            seed: 0,
-        },
-        task: Some(Task::SeqCls),
-        train_head: true,
-        bilevel: None,
-        lm_labels: false,
-    };
-    let c = pipeline::compile(&model, &opts).unwrap();
-    bidora_compiler::artifact::write(
-        &pipeline::artifact(&c, "bert_legacy17.onnx", &opts),
+    use bidora_compiler::{heads::Task, rewrite::Method};
+    common::write_artifact(
         dir,
-        false,
-    )
-    .unwrap();
+        "bert_legacy17.onnx",
+        "query,value",
+        Method::Dora,
+        Task::SeqCls,
+        true,
+        0,
+    );
 }
 
 #[test]

@@ -1,0 +1,54 @@
+//! Helpers shared by the runtime's integration tests (each test file compiles this module on
+//! its own and uses only part of it, hence the allowance).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use bidora_compiler::heads::Task;
+use bidora_compiler::rewrite::{AdapterConfig, Method};
+use bidora_compiler::{pipeline, targets::TargetSpec};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The `bidora` binary under test.
+pub fn bidora() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bidora"))
+}
+
+/// Compiles the fixture `models/{fixture}` with the compiler's library (rank 4, α 8, no
+/// BiDoRA programs) into the artifact folder `dir`. Its manifest records no model path.
+pub fn write_artifact(
+    dir: &Path,
+    fixture: &str,
+    target: &str,
+    method: Method,
+    task: Task,
+    train_head: bool,
+    seed: u64,
+) {
+    let model = bidora_compiler::load_model(&root().join("models").join(fixture)).unwrap();
+    let opts = pipeline::CompileOptions {
+        targets: TargetSpec::parse(&[target.to_string()], None).unwrap(),
+        adapter: AdapterConfig {
+            method,
+            rank: 4,
+            alpha: 8.0,
+            rslora: false,
+            detach_norm: false,
+            seed,
+        },
+        task: Some(task),
+        train_head,
+        bilevel: None,
+        lm_labels: false,
+    };
+    let c = pipeline::compile(&model, &opts).unwrap();
+    bidora_compiler::artifact::write(&pipeline::artifact(&c, fixture, &opts), dir, false).unwrap();
+}
