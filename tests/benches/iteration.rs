@@ -15,10 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use bidora_compiler::bilevel::Hypergrad;
-use bidora_compiler::heads::Task;
 use bidora_compiler::load_model;
-use bidora_compiler::pipeline::{self, BilevelOptions};
-use bidora_compiler::regularizer::RegVariant;
 use bidora_compiler::rewrite::Method as AdapterMethod;
 use bidora_runtime::artifact::Artifact;
 use bidora_runtime::backend::{self, Backend, BackendKind, BackendOptions, HostTensor};
@@ -65,17 +62,8 @@ impl Examples for Synthetic {
 
 fn artifact(dir: &Path, method: AdapterMethod, mode: Option<Hypergrad>) -> Artifact {
     let model = load_model(&repo_root().join("models/minilm-sst2/model.onnx")).unwrap();
-    let mut opts = options(qv_targets("bert"), method);
-    opts.task = Some(Task::SeqCls);
-    opts.train_head = true;
-    opts.bilevel = mode.map(|hypergrad| BilevelOptions {
-        hypergrad,
-        regularizer: RegVariant::Paper,
-    });
-    let c = pipeline::compile(&model, &opts).unwrap();
-    let art = pipeline::artifact(&c, "model.onnx", &opts);
-    bidora_compiler::artifact::write(&art, dir, true).unwrap();
-    Artifact::open(dir).unwrap()
+    let opts = seq_cls_options(qv_targets("bert"), method, mode);
+    write_artifact(&model, &opts, "model.onnx", dir)
 }
 
 /// Median seconds per part over the timed steps of one run.

@@ -65,6 +65,36 @@ pub fn options(targets: Vec<String>, method: Method) -> CompileOptions {
     }
 }
 
+/// Sequence classification with a trained head and, given a hypergradient mode, BiDoRA's
+/// lower/upper programs (paper regulariser): what the trainer tests and benches compile.
+pub fn seq_cls_options(
+    targets: Vec<String>,
+    method: Method,
+    hypergrad: Option<bidora_compiler::bilevel::Hypergrad>,
+) -> CompileOptions {
+    let mut opts = options(targets, method);
+    opts.task = Some(bidora_compiler::heads::Task::SeqCls);
+    opts.train_head = true;
+    opts.bilevel = hypergrad.map(|hypergrad| pipeline::BilevelOptions {
+        hypergrad,
+        regularizer: bidora_compiler::regularizer::RegVariant::Paper,
+    });
+    opts
+}
+
+/// Compiles `model` into the new artifact folder `dir` and opens it as the
+/// runtime does; `name` is the model file name the manifest records.
+pub fn write_artifact(
+    model: &Model,
+    opts: &CompileOptions,
+    name: &str,
+    dir: &Path,
+) -> bidora_runtime::artifact::Artifact {
+    let c = pipeline::compile(model, opts).unwrap();
+    bidora_compiler::artifact::write(&pipeline::artifact(&c, name, opts), dir, false).unwrap();
+    bidora_runtime::artifact::Artifact::open(dir).unwrap()
+}
+
 /// Deterministic token ids and an attention mask with one padded position, batch 2 × seq 8:
 /// the same input `models/make_fixtures.py` saved torch's reference logits for. Ids stay
 /// below 20 so that every fixture's vocabulary (ESM's has 33 tokens) covers them.

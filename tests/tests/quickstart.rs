@@ -5,12 +5,10 @@
 use std::path::Path;
 
 use bidora_compiler::bilevel::Hypergrad;
-use bidora_compiler::heads::Task;
 use bidora_compiler::load_model;
-use bidora_compiler::pipeline::{self, BilevelOptions};
-use bidora_compiler::regularizer::RegVariant;
+use bidora_compiler::pipeline;
 use bidora_compiler::rewrite::Method as AdapterMethod;
-use bidora_runtime::artifact::Artifact;
+
 use bidora_runtime::backend::{self, HostTensor};
 use bidora_runtime::tract_exec::TractProgram;
 use bidora_runtime::train::{dataset, TrainConfig, Trainer};
@@ -91,24 +89,10 @@ fn shipped_model_matches_torch_and_adapters_at_init_reproduce_it() {
 fn short_bidora_run_on_the_sst2_subset_beats_chance() {
     let dir = tempfile::tempdir().unwrap();
     let model = load_model(&model_path()).unwrap();
-    let mut opts = options(qv_targets("bert"), AdapterMethod::Dora);
+    let mut opts = seq_cls_options(qv_targets("bert"), AdapterMethod::Dora, Some(Hypergrad::Fd));
     opts.adapter.rank = 8;
     opts.adapter.alpha = 16.0;
-    opts.task = Some(Task::SeqCls);
-    opts.train_head = true;
-    opts.bilevel = Some(BilevelOptions {
-        hypergrad: Hypergrad::Fd,
-        regularizer: RegVariant::Paper,
-    });
-    let c = pipeline::compile(&model, &opts).unwrap();
-    let art_dir = dir.path().join("artifact");
-    bidora_compiler::artifact::write(
-        &pipeline::artifact(&c, "model.onnx", &opts),
-        &art_dir,
-        false,
-    )
-    .unwrap();
-    let art = Artifact::open(&art_dir).unwrap();
+    let art = write_artifact(&model, &opts, "model.onnx", &dir.path().join("artifact"));
 
     // The quickstart's own config, shortened: 40 iterations on 640 sentences, no retrain,
     // scored on the first 256 sentences of SST-2 dev.

@@ -5,10 +5,7 @@
 use std::path::Path;
 
 use bidora_compiler::bilevel::Hypergrad;
-use bidora_compiler::heads::Task;
 use bidora_compiler::load_model;
-use bidora_compiler::pipeline::{self, BilevelOptions};
-use bidora_compiler::regularizer::RegVariant;
 use bidora_compiler::rewrite::Method as AdapterMethod;
 use bidora_runtime::artifact::Artifact;
 use bidora_runtime::backend::{self, HostTensor};
@@ -69,20 +66,14 @@ impl Examples for Hashed {
 
 fn artifact(dir: &Path, method: AdapterMethod) -> Artifact {
     let model = load_model(&repo_root().join("models/roberta_legacy17.onnx")).unwrap();
-    let mut opts = options(qv_targets("roberta"), method);
-    opts.task = Some(Task::SeqCls);
-    opts.train_head = true;
-    if method == AdapterMethod::Dora {
-        opts.bilevel = Some(BilevelOptions {
-            hypergrad: Hypergrad::Fd,
-            regularizer: RegVariant::Paper,
-        });
-    }
-    let c = pipeline::compile(&model, &opts).unwrap();
-    let art = pipeline::artifact(&c, "roberta_legacy17.onnx", &opts);
-    let out = dir.join("artifact");
-    bidora_compiler::artifact::write(&art, &out, false).unwrap();
-    Artifact::open(&out).unwrap()
+    let fd = (method == AdapterMethod::Dora).then_some(Hypergrad::Fd);
+    let opts = seq_cls_options(qv_targets("roberta"), method, fd);
+    write_artifact(
+        &model,
+        &opts,
+        "roberta_legacy17.onnx",
+        &dir.join("artifact"),
+    )
 }
 
 fn config(method: Method, extra: &[&str]) -> TrainConfig {

@@ -169,19 +169,11 @@ type BilevelRun = ((f32, f32), (f32, f32), Vec<(String, ArrayD<f32>)>);
 /// Returns the mean (train loss, val loss) before and after, and the final tensors.
 fn bilevel(iterations: usize, lr_lower: f32, lr_upper: f32) -> BilevelRun {
     use bidora_compiler::bilevel::{self, Hypergrad};
-    use bidora_compiler::pipeline::BilevelOptions;
-    use bidora_compiler::regularizer::RegVariant;
 
     let data = sst2();
     let (tr, va) = data.split_at(24);
     let model = load_model(&repo_root().join("models/roberta_legacy17.onnx")).unwrap();
-    let mut opts = options(qv_targets("roberta"), Method::Dora);
-    opts.task = Some(Task::SeqCls);
-    opts.train_head = true;
-    opts.bilevel = Some(BilevelOptions {
-        hypergrad: Hypergrad::Fd,
-        regularizer: RegVariant::Paper,
-    });
+    let opts = seq_cls_options(qv_targets("roberta"), Method::Dora, Some(Hypergrad::Fd));
     let c = pipeline::compile(&model, &opts).unwrap();
     let b = c.bilevel.as_ref().unwrap();
     let t = c.training.as_ref().unwrap();
