@@ -49,6 +49,9 @@ pub struct ProgramLm<'a> {
     fixed: Vec<(String, HostTensor)>,
     logits: usize,
     pad_id: i64,
+    /// Sequence lengths are padded up to a multiple of this, so a backend that plans per
+    /// input shape (tract) sees few shapes over a generation.
+    multiple: usize,
 }
 
 impl<'a> ProgramLm<'a> {
@@ -79,13 +82,27 @@ impl<'a> ProgramLm<'a> {
             fixed,
             logits: idx,
             pad_id,
+            multiple: 1,
         })
+    }
+
+    /// Pads every batch's length up to a multiple of `m` (right padding: with causal
+    /// attention it changes no real position's logits).
+    pub fn pad_to_multiple_of(mut self, m: usize) -> Self {
+        self.multiple = m.max(1);
+        self
     }
 }
 
 impl NextToken for ProgramLm<'_> {
     fn next_logits(&mut self, seqs: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, GenerateError> {
-        let (b, s) = (seqs.len(), seqs.iter().map(Vec::len).max().unwrap_or(0));
+        let b = seqs.len();
+        let s = seqs
+            .iter()
+            .map(Vec::len)
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(self.multiple);
         if seqs.iter().any(Vec::is_empty) {
             return Err(GenerateError::EmptyPrompt);
         }

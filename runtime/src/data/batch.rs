@@ -51,6 +51,9 @@ pub struct EncodedSet {
     pub multiple: usize,
     pub max_len: usize,
     pub references: Option<References>,
+    /// Data-to-text sets: how generated ids become text (shared by the training and test
+    /// files).
+    pub codec: Option<std::sync::Arc<super::tokenize::TextCodec>>,
 }
 
 impl EncodedSet {
@@ -172,5 +175,19 @@ impl Examples for EncodedSet {
 
     fn references(&self) -> Option<&References> {
         self.references.as_ref()
+    }
+
+    fn text_codec(&self) -> Option<&super::tokenize::TextCodec> {
+        self.codec.as_deref()
+    }
+
+    fn prompt(&self, i: usize) -> Option<Vec<i64>> {
+        let r = self.rows.get(i)?;
+        let Target::Tokens(labels) = &r.target else {
+            return None;
+        };
+        let ignore = bidora_compiler::heads::IGNORE_INDEX;
+        let n = labels.iter().take_while(|&&y| y == ignore).count();
+        (n > 0 && n < r.ids.len()).then(|| r.ids[..n].to_vec())
     }
 }

@@ -1,6 +1,7 @@
 //! Text → token ids: a Hugging Face `tokenizer.json` (the `tokenizers` crate), or hashed
 //! whitespace words for models without a tokenizer (the random test fixtures).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use tokenizers::{TruncationParams, TruncationStrategy};
@@ -209,6 +210,25 @@ impl Encoder {
         }
     }
 
+    /// What turns this encoder's ids back into text. A tokenizer decodes any id; hashing
+    /// cannot be inverted, so `hash:VOCAB` decodes through the words of `texts` (the data's
+    /// prompts and references: every word a model trained on them can have learnt), the first
+    /// word on a collision and `<id>` for an id no word hashes to.
+    pub fn decoder<'t>(&self, texts: impl IntoIterator<Item = &'t str>) -> Decoder {
+        match self {
+            Encoder::Tokenizer { plain, .. } => Decoder::Tokenizer(plain.clone()),
+            Encoder::Hash { vocab, .. } => {
+                let mut words = HashMap::new();
+                for w in texts.into_iter().flat_map(str::split_whitespace) {
+                    words
+                        .entry(hash(*vocab, w))
+                        .or_insert_with(|| w.to_string());
+                }
+                Decoder::Words(words)
+            }
+        }
+    }
+
     /// Refuses ids the model has no embedding row for: the tokenizer is not the model's.
     pub fn check_vocab(&self, ids: &[i64], vocab: Option<usize>) -> Result<(), String> {
         let Some(v) = vocab else { return Ok(()) };
@@ -223,5 +243,60 @@ impl Encoder {
                 }
             )),
         }
+    }
+}
+
+/// Token ids back to text (see [`Encoder::decoder`]).
+pub enum Decoder {
+    Tokenizer(Box<tokenizers::Tokenizer>),
+    Words(HashMap<i64, String>),
+}
+
+impl Decoder {
+    /// The text of `ids`, special tokens dropped.
+    pub fn decode(&self, ids: &[i64]) -> Result<String, String> {
+        match self {
+            Decoder::Tokenizer(tok) => {
+                let ids: Vec<u32> = ids
+                    .iter()
+                    .map(|&i| u32::try_from(i).map_err(|_| format!("token id {i} is negative")))
+                    .collect::<Result<_, _>>()?;
+                tok.decode(&ids, true).map_err(|e| e.to_string())
+            }
+            Decoder::Words(words) => Ok(ids
+                .iter()
+                .map(|i| words.get(i).cloned().unwrap_or_else(|| format!("<{i}>")))
+                .collect::<Vec<_>>()
+                .join(" ")),
+        }
+    }
+}
+
+/// What generating text from a set needs besides the model: ids back to text, the id that
+/// ends a text, and an id to pad sequences with.
+pub struct TextCodec {
+    pub decoder: Decoder,
+    pub eos: i64,
+    pub pad: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashed_words_decode_through_the_words_of_the_data() {
+        let enc = Encoder::from_spec("hash:1000", Path::new("."), 64).unwrap();
+        let text = "name[Alimentum] is in the city centre .";
+        let dec = enc.decoder([text, "another text"]);
+        let ids = enc.encode_plain(text).unwrap();
+        assert_eq!(dec.decode(&ids).unwrap(), text);
+        // An id no word of the data hashes to is shown, not dropped.
+        let seen: Vec<i64> = "name[Alimentum] is in the city centre . another text"
+            .split_whitespace()
+            .map(|w| hash(1000, w))
+            .collect();
+        let unseen = (3..1000).find(|i| !seen.contains(i)).unwrap();
+        assert_eq!(dec.decode(&[ids[0], unseen]).unwrap(), format!("name[Alimentum] <{unseen}>"));
     }
 }

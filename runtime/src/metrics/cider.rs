@@ -8,7 +8,7 @@
 //! counts (its length counter sits under `n == 1`, the bigram index), which equals the word
 //! count difference whenever both sentences have a word. Inputs are token lists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use super::{check_corpus, ngrams, MetricError};
 
@@ -16,7 +16,7 @@ const N: usize = 4;
 const SIGMA: f64 = 6.0;
 
 struct Vector {
-    weights: [HashMap<Vec<String>, f64>; N],
+    weights: [BTreeMap<Vec<String>, f64>; N],
     norms: [f64; N],
     length: f64,
 }
@@ -25,7 +25,7 @@ fn grams(tokens: &[String]) -> [ngrams::Counts<'_>; N] {
     std::array::from_fn(|n| ngrams::count(tokens, n + 1))
 }
 
-fn vector(tokens: &[String], df: &HashMap<&[String], f64>, log_docs: f64) -> Vector {
+fn vector(tokens: &[String], df: &BTreeMap<&[String], f64>, log_docs: f64) -> Vector {
     let mut v = Vector {
         weights: Default::default(),
         norms: [0.0; N],
@@ -66,7 +66,7 @@ pub fn segment_cider(
     refs: &[Vec<Vec<String>>],
 ) -> Result<Vec<f64>, MetricError> {
     check_corpus(hyps, refs)?;
-    let mut df: HashMap<&[String], f64> = HashMap::new();
+    let mut df: BTreeMap<&[String], f64> = BTreeMap::new();
     for rs in refs {
         let seen: HashSet<&[String]> = rs
             .iter()

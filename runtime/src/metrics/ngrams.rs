@@ -1,8 +1,10 @@
 //! n-gram counting shared by the generation metrics; n-grams borrow the tokens.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
-pub type Counts<'a> = HashMap<&'a [String], usize>;
+/// Ordered, so that scores summed over n-grams (CIDEr, NIST) add in one order and a text
+/// scores the same bits every time (a HashMap's random order changed the last bit).
+pub type Counts<'a> = BTreeMap<&'a [String], usize>;
 
 /// Counts of the n-grams of exactly length `n`.
 pub fn count(tokens: &[String], n: usize) -> Counts<'_> {

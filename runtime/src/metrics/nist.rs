@@ -12,7 +12,7 @@
 //! strings to satisfy mteval get shorter mean lengths. Perl's treatment of the token "0" as
 //! false in its prefix lookup is not reproduced.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use super::{check_corpus, ngrams, MetricError};
 
@@ -20,7 +20,7 @@ const N: usize = 5;
 
 pub fn corpus_nist(hyps: &[Vec<String>], refs: &[Vec<Vec<String>>]) -> Result<f64, MetricError> {
     check_corpus(hyps, refs)?;
-    let mut counts: HashMap<&[String], usize> = HashMap::new();
+    let mut counts: BTreeMap<&[String], usize> = BTreeMap::new();
     let mut words = 0usize;
     for r in refs.iter().flatten() {
         words += r.len();

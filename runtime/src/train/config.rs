@@ -139,6 +139,38 @@ impl Default for DataConfig {
     }
 }
 
+/// Generating text at evaluation (causal-lm heads on data-to-text sets such as E2E): each
+/// split's prompts are decoded and scored against their references with the E2E metrics
+/// (BLEU, NIST, ROUGE-L, CIDEr; `crate::metrics::generation`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerationConfig {
+    /// Tokens generated per prompt at most; 0 turns generation off.
+    pub max_new_tokens: usize,
+    /// 1: greedy decoding; more: beam search with this many beams (the paper's E2E setup
+    /// follows LoRA's: 10 beams, length penalty 0.8).
+    pub beam_width: usize,
+    /// Exponent of beam search's length normalisation.
+    pub length_penalty: f64,
+    /// Score only the first N prompts of a split (0: all).
+    pub max_prompts: usize,
+    /// Generate at every evaluation; otherwise only at the end of each phase (and always
+    /// when `metric` is a generation metric, which selects the best checkpoint).
+    pub every_eval: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        GenerationConfig {
+            max_new_tokens: 64,
+            beam_width: 1,
+            length_penalty: 1.0,
+            max_prompts: 0,
+            every_eval: false,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
@@ -172,6 +204,7 @@ pub struct TrainConfig {
     pub lower: LevelConfig,
     pub upper: LevelConfig,
     pub data: DataConfig,
+    pub generation: GenerationConfig,
 }
 
 impl Default for TrainConfig {
@@ -195,6 +228,7 @@ impl Default for TrainConfig {
             lower: LevelConfig::default(),
             upper: LevelConfig::default(),
             data: DataConfig::default(),
+            generation: GenerationConfig::default(),
         }
     }
 }
@@ -268,6 +302,9 @@ impl TrainConfig {
             if !(0.0..=1.0).contains(&l.warmup_ratio) {
                 return Err(format!("{name}.warmup_ratio must be in [0, 1]"));
             }
+        }
+        if self.generation.beam_width == 0 {
+            return Err("generation.beam_width must be at least 1".into());
         }
         if self.data.train.is_empty() {
             return Err("data.train (the training file) is not set".into());

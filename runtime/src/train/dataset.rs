@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::config::DataConfig;
 use super::{RunData, TrainError};
-use crate::data::tokenize::{resolve, Encoder};
+use crate::data::tokenize::{resolve, Encoder, TextCodec};
 use crate::data::{
     at, class_id, conll, csvjson, e2e, glue, label_set, peptides, reuters, DataError, Encoded,
     EncodedSet, Records, Target,
@@ -164,6 +164,7 @@ impl Reader<'_> {
             multiple: self.cfg.pad_to_multiple_of,
             max_len: self.cfg.max_len,
             references: None,
+            codec: None,
         }
     }
 
@@ -362,8 +363,22 @@ impl Reader<'_> {
 
     fn e2e(&self) -> Result<Loaded, DataError> {
         let c = self.cfg;
-        let read = |path: &Path, limit: usize| -> Result<EncodedSet, DataError> {
-            let pairs = e2e::read(path, limit)?;
+        let train_path = resolve(self.base, &c.train);
+        let train = e2e::read(&train_path, c.limit)?;
+        let test = self
+            .test_path()
+            .map(|p| e2e::read(&p, c.test_limit).map(|pairs| (p, pairs)))
+            .transpose()?;
+        let texts = train
+            .iter()
+            .chain(test.iter().flat_map(|(_, t)| t))
+            .flat_map(|p| [p.mr.as_str(), p.reference.as_str()]);
+        let codec = std::sync::Arc::new(TextCodec {
+            decoder: self.enc.decoder(texts),
+            eos: self.enc.eos()?,
+            pad: self.enc.pad(),
+        });
+        let set = |path: &Path, pairs: &[e2e::Pair]| -> Result<EncodedSet, DataError> {
             let rows = pairs
                 .iter()
                 .map(|p| {
@@ -373,14 +388,13 @@ impl Reader<'_> {
                 })
                 .collect::<Result<Vec<_>, DataError>>()?;
             let mut set = self.set(rows, vec![]);
-            set.references = Some(e2e::references(&pairs));
+            set.references = Some(e2e::references(pairs));
+            set.codec = Some(codec.clone());
             Ok(set)
         };
-        let data = read(&resolve(self.base, &c.train), c.limit)?;
-        let test = self
-            .test_path()
-            .map(|p| read(&p, c.test_limit))
-            .transpose()?;
-        Ok(Loaded { data, test })
+        Ok(Loaded {
+            data: set(&train_path, &train)?,
+            test: test.map(|(p, pairs)| set(&p, &pairs)).transpose()?,
+        })
     }
 }

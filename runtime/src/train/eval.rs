@@ -7,7 +7,7 @@
 //! | regression | pearson, spearman, mse | STS-B: pearson (spearman also logged) |
 //! | multi-label | micro_f1 (sigmoid > 0.5), macro_f1, subset_accuracy | |
 //! | token-cls | entity_f1, entity_precision, entity_recall, token_accuracy | |
-//! | causal-lm | perplexity (lower is better) | |
+//! | causal-lm | perplexity (lower is better); with generation: bleu, nist, rouge_l, cider | `bleu` for E2E |
 //!
 //! seq-cls `f1` is the F1 of class 1 when the head has two classes (GLUE's MRPC/QQP F1) and
 //! the macro F1 otherwise. token-cls scores entities (conlleval's chunks) over the labelled
@@ -64,7 +64,7 @@ pub fn metric_names(task: &str) -> &'static [&'static str] {
             "entity_recall",
             "token_accuracy",
         ],
-        _ => &["perplexity"],
+        _ => &["perplexity", "bleu", "nist", "rouge_l", "cider"],
     }
 }
 
@@ -107,6 +107,8 @@ pub struct Accumulator {
     /// token-cls: per example, the tag names at its labelled positions.
     seq_pred: Vec<Vec<String>>,
     seq_gold: Vec<Vec<String>>,
+    /// causal-lm: the scores of generated texts, when this evaluation generated.
+    generation: Option<crate::metrics::GenerationScores>,
 }
 
 impl Accumulator {
@@ -141,6 +143,7 @@ impl Accumulator {
             rows_gold: vec![],
             seq_pred: vec![],
             seq_gold: vec![],
+            generation: None,
         })
     }
 
@@ -216,6 +219,11 @@ impl Accumulator {
         Ok(())
     }
 
+    /// Adds the scores of texts generated from the split (causal-lm).
+    pub fn add_generation(&mut self, s: crate::metrics::GenerationScores) {
+        self.generation = Some(s);
+    }
+
     pub fn finish(self) -> Result<Scores, TrainError> {
         let loss = self.loss_sum / self.count.max(1) as f64;
         let (p, g) = (&self.pred, &self.gold);
@@ -259,8 +267,26 @@ impl Accumulator {
                     ("token_accuracy", metrics::accuracy(p, g)),
                 ]
             }
-            _ => vec![("perplexity", loss.exp())],
+            _ => {
+                let mut v = vec![("perplexity", loss.exp())];
+                if let Some(g) = &self.generation {
+                    v.extend([
+                        ("bleu", g.bleu),
+                        ("nist", g.nist),
+                        ("rouge_l", g.rouge_l),
+                        ("cider", g.cider),
+                    ]);
+                }
+                v
+            }
         };
+        if !values.iter().any(|(n, _)| *n == self.main) {
+            return Err(TrainError::Data(format!(
+                "evaluation: the main metric '{}' was not computed (generation metrics need \
+                 generation at this evaluation)",
+                self.main
+            )));
+        }
         // The main metric first: `Scores::main` and best-checkpoint selection read it there.
         if let Some(i) = values.iter().position(|(n, _)| *n == self.main) {
             values[..=i].rotate_right(1);

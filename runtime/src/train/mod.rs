@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dataset;
 pub mod eval;
+pub mod generation;
 pub mod log;
 pub mod plot;
 pub mod schedule;
@@ -83,6 +84,15 @@ pub trait Examples {
     /// The class or tag names in id order, when the set knows them (read from the config or
     /// collected from the training file): evaluation names entities by them.
     fn label_names(&self) -> Option<&[String]> {
+        None
+    }
+    /// Data-to-text sets: how generated ids become text.
+    fn text_codec(&self) -> Option<&crate::data::tokenize::TextCodec> {
+        None
+    }
+    /// Causal-lm sets: example `i`'s prompt, the tokens before its first scored one (None
+    /// when every token is scored).
+    fn prompt(&self, _i: usize) -> Option<Vec<i64>> {
         None
     }
 }
@@ -166,6 +176,8 @@ struct Programs {
     lower: Option<Box<dyn Program>>,
     upper: Option<Box<dyn Program>>,
     eval: Box<dyn Program>,
+    /// `forward.onnx`, for generating text at evaluation (causal-lm on data-to-text sets).
+    forward: Option<Box<dyn Program>>,
 }
 
 /// Indices of named outputs of a program.
@@ -210,6 +222,9 @@ pub struct Trainer<'a> {
     /// Seconds spent in this step per part (programs by key, "optim", "data"), logged with
     /// the step so the slowest part of an iteration is visible.
     secs: Vec<(&'static str, f64)>,
+    /// The last phase-end evaluation (global step, val, test): the final summary reuses it
+    /// rather than evaluating (and generating) the same tensors again.
+    last_eval: Option<(usize, Option<eval::Scores>, Option<eval::Scores>)>,
 }
 
 impl<'a> Trainer<'a> {
@@ -280,7 +295,37 @@ impl<'a> Trainer<'a> {
                 None
             },
             eval: load("eval")?,
+            forward: if task.task == "causal-lm"
+                && cfg.generation.max_new_tokens > 0
+                && generation::unavailable(&*data.data).is_none()
+                && has("forward")
+            {
+                Some(load("forward")?)
+            } else {
+                None
+            },
         };
+        if let Some(metric) = cfg
+            .metric
+            .as_deref()
+            .filter(|m| generation::is_generation_metric(m))
+        {
+            let why = if cfg.generation.max_new_tokens == 0 {
+                Some("generation.max_new_tokens is 0")
+            } else if let Some(why) = generation::unavailable(&*data.data) {
+                Some(why)
+            } else if !has("forward") {
+                Some("the artifact has no forward.onnx")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(TrainError::Config {
+                    origin: "metric".into(),
+                    message: format!("'{metric}' scores generated text, but {why}"),
+                });
+            }
+        }
         if data.train_idx.is_empty() {
             return Err(TrainError::Data("the training split is empty".into()));
         }
@@ -353,6 +398,7 @@ impl<'a> Trainer<'a> {
             last_checkpoint: None,
             progress: true,
             secs: vec![],
+            last_eval: None,
         };
         if let Some(dir) = existing {
             t.restore(&dir)?;
@@ -750,8 +796,14 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Evaluates the current tensors on a split; logs and returns the scores.
-    fn evaluate(&mut self, split: &str, log: bool) -> Result<Option<eval::Scores>, TrainError> {
+    /// Evaluates the current tensors on a split; logs and returns the scores. `generate`:
+    /// also generate text and score it, where the head and data allow (causal-lm, e2e).
+    fn evaluate(
+        &mut self,
+        split: &str,
+        log: bool,
+        generate: bool,
+    ) -> Result<Option<eval::Scores>, TrainError> {
         let idx: Vec<usize> = match split {
             "val" => self.data.val_idx.clone(),
             "train" => self.data.train_idx.clone(),
@@ -793,6 +845,60 @@ impl<'a> Trainer<'a> {
                 .map(|(_, t)| t.clone());
             acc.add(&logits, labels.as_ref(), loss, chunk.len())?;
         }
+        let mut generation_secs = None;
+        if let (true, Some(fwd)) = (generate, self.progs.forward.as_mut()) {
+            let set: &dyn Examples = match split {
+                "test" => &**self.data.test.as_ref().expect("checked above"),
+                _ => &*self.data.data,
+            };
+            if generation::unavailable(set).is_none() {
+                let t = Instant::now();
+                let want: std::collections::HashSet<&str> =
+                    fwd.input_names().iter().map(String::as_str).collect();
+                let fixed = self
+                    .params
+                    .iter()
+                    .filter(|(n, _)| want.contains(n.as_str()))
+                    .map(|(n, a)| (n.clone(), HostTensor::F32(a.clone())))
+                    .collect();
+                let logits = fwd
+                    .output_names()
+                    .iter()
+                    .find(|n| **n == task.logits)
+                    .or(fwd.output_names().first())
+                    .cloned()
+                    .unwrap_or_default();
+                let file = self.art.manifest.programs["forward"].file.clone();
+                let model = generation::Model {
+                    program: &mut **fwd,
+                    file: &file,
+                    logits: &logits,
+                    fixed,
+                    pad_to_multiple_of: self.cfg.data.pad_to_multiple_of,
+                };
+                let (g, texts) = generation::generate_and_score(
+                    model,
+                    set,
+                    &idx,
+                    &self.cfg.generation,
+                    self.cfg.eval_batch_size,
+                )?;
+                acc.add_generation(g);
+                if log {
+                    let mut jsonl = String::new();
+                    for t in &texts {
+                        jsonl.push_str(&serde_json::to_string(t).expect("strings serialise"));
+                        jsonl.push('\n');
+                    }
+                    let path = self.run_dir.join("generations").join(format!(
+                        "{split}-step{:06}.jsonl",
+                        self.global_step()
+                    ));
+                    checkpoint::write_atomic(&path, jsonl.as_bytes())?;
+                }
+                generation_secs = Some(t.elapsed().as_secs_f64());
+            }
+        }
         let scores = acc.finish()?;
         let mut rec = json!({"kind": "eval", "split": split,
             "phase": self.st.phase.name(self.cfg.method), "step": self.st.step,
@@ -800,17 +906,33 @@ impl<'a> Trainer<'a> {
         for (k, v) in &scores.metrics {
             rec[k.as_str()] = json!(v);
         }
+        if let Some(t) = generation_secs {
+            rec["generation_secs"] = json!(t);
+        }
         if log {
             self.log.write(rec)?;
         }
         Ok(Some(scores))
     }
 
+    /// Evaluates on validation and test, and keeps the best tensors. `phase_end`: the end of
+    /// a phase, where generation runs even when not configured for every evaluation.
     fn eval_and_select(
         &mut self,
+        phase_end: bool,
     ) -> Result<(Option<eval::Scores>, Option<eval::Scores>), TrainError> {
-        let val = self.evaluate("val", true)?;
-        let test = self.evaluate("test", true)?;
+        let generate = phase_end
+            || self.cfg.generation.every_eval
+            || self
+                .cfg
+                .metric
+                .as_deref()
+                .is_some_and(generation::is_generation_metric);
+        let val = self.evaluate("val", true, generate)?;
+        let test = self.evaluate("test", true, generate)?;
+        if phase_end {
+            self.last_eval = Some((self.global_step(), val.clone(), test.clone()));
+        }
         if let Some(v) = &val {
             let (_, metric) = v.main();
             let better = match &self.st.best {
@@ -907,7 +1029,7 @@ impl<'a> Trainer<'a> {
             let total_phase = self.phase_steps(phase);
             if self.st.step >= total_phase {
                 // End of the phase: evaluate, checkpoint, move on.
-                self.eval_and_select()?;
+                self.eval_and_select(true)?;
                 let next = match (self.cfg.method, phase) {
                     (Method::Bidora, Phase::Search) if self.cfg.retrain_steps > 0 => Phase::Retrain,
                     _ => Phase::Done,
@@ -940,7 +1062,7 @@ impl<'a> Trainer<'a> {
             bar.inc(1);
             let s = self.st.step;
             if self.cfg.eval_every > 0 && s.is_multiple_of(self.cfg.eval_every) && s < total_phase {
-                self.eval_and_select()?;
+                self.eval_and_select(false)?;
             }
             if self.cfg.checkpoint_every > 0
                 && s.is_multiple_of(self.cfg.checkpoint_every)
@@ -951,7 +1073,14 @@ impl<'a> Trainer<'a> {
         }
         bar.finish_and_clear();
         self.save_params("final")?;
-        let (val, test) = (self.evaluate("val", false)?, self.evaluate("test", false)?);
+        // The tensors of the last phase-end evaluation, unless the run resumed after it.
+        let (val, test) = match self.last_eval.take() {
+            Some((step, val, test)) if step == self.global_step() => (val, test),
+            _ => (
+                self.evaluate("val", false, true)?,
+                self.evaluate("test", false, true)?,
+            ),
+        };
         let summary = Summary {
             method: self.cfg.method,
             metric_name: eval::main_metric_name(
