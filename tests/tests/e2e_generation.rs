@@ -104,7 +104,14 @@ fn training_on_e2e_is_scored_by_generation_and_the_texts_are_the_models() {
     let evals = train(cfg.clone(), &art, &run);
     assert_eq!(evals.len(), 2, "step 75 and the phase end: {evals:?}");
     let last = evals.last().unwrap();
-    for k in ["perplexity", "bleu", "nist", "rouge_l", "cider", "generation_secs"] {
+    for k in [
+        "perplexity",
+        "bleu",
+        "nist",
+        "rouge_l",
+        "cider",
+        "generation_secs",
+    ] {
         assert!(last[k].as_f64().is_some(), "{k} missing from {last}");
     }
     let (bleu, rouge) = (
@@ -196,8 +203,54 @@ fn a_generation_metric_is_refused_where_nothing_generates() {
         Ok(_) => panic!("metric = bleu without generation was accepted"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("bleu") && err.contains("max_new_tokens"), "{err}");
+    assert!(
+        err.contains("bleu") && err.contains("max_new_tokens"),
+        "{err}"
+    );
     // And a generation metric is not a seq-cls metric.
     let e = TrainConfig::parse("metric = 'bleu'\n[data]\ntrain = 'x'\n", "t.toml", &[]).unwrap();
     assert!(bidora_runtime::train::eval::check_metric("seq-cls", e.metric.as_deref()).is_err());
+}
+
+#[test]
+fn the_e2e_example_config_runs() {
+    // examples/e2e as its README compiles and trains it, cut to a few steps and prompts
+    // (and decoding by beam search).
+    let dir = tempfile::tempdir().unwrap();
+    let model = load_model(&repo_root().join("models/gpt2_legacy17.onnx")).unwrap();
+    let mut opts = options(
+        ["c_attn", "c_proj", "c_fc"].map(String::from).to_vec(),
+        AdapterMethod::Dora,
+    );
+    opts.adapter.rank = 16;
+    opts.task = Some(Task::CausalLm);
+    opts.lm_labels = true;
+    opts.bilevel = Some(bidora_compiler::pipeline::BilevelOptions {
+        hypergrad: bidora_compiler::bilevel::Hypergrad::Fd,
+        regularizer: bidora_compiler::regularizer::RegVariant::Paper,
+    });
+    let art = write_artifact(&model, &opts, "gpt2_legacy17.onnx", &dir.path().join("a"));
+    let example = repo_root().join("examples/e2e");
+    let toml = std::fs::read_to_string(example.join("train.toml")).unwrap();
+    let cfg = TrainConfig::parse(
+        &toml,
+        "examples/e2e/train.toml",
+        &[
+            "steps=2",
+            "retrain_steps=1",
+            "eval_every=0",
+            "generation.max_prompts=2",
+            "generation.max_new_tokens=4",
+            "generation.beam_width=2",
+        ]
+        .map(String::from),
+    )
+    .unwrap();
+    let spec = ModelSpec::of(&art).unwrap();
+    let data = dataset::load_for(&cfg.data, &example, &spec, cfg.val_ratio, cfg.seed).unwrap();
+    let mut t = Trainer::new(cfg, &art, &tract(), data, &dir.path().join("run"), false).unwrap();
+    t.progress = false;
+    let s = t.run_to_end(None).unwrap().unwrap();
+    let test = s.final_test.unwrap();
+    assert!(test.get("bleu").is_some() && test.get("cider").is_some());
 }

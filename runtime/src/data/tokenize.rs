@@ -297,6 +297,9 @@ mod tests {
             .map(|w| hash(1000, w))
             .collect();
         let unseen = (3..1000).find(|i| !seen.contains(i)).unwrap();
-        assert_eq!(dec.decode(&[ids[0], unseen]).unwrap(), format!("name[Alimentum] <{unseen}>"));
+        assert_eq!(
+            dec.decode(&[ids[0], unseen]).unwrap(),
+            format!("name[Alimentum] <{unseen}>")
+        );
     }
 }

@@ -106,7 +106,12 @@ pub fn generate_and_score(
     } else {
         for (_, p) in &prompts {
             let best = beam_search(&mut lm, p, &opts).map_err(run)?;
-            tokens.push(best.into_iter().next().map(|h| h.tokens).unwrap_or_default());
+            tokens.push(
+                best.into_iter()
+                    .next()
+                    .map(|h| h.tokens)
+                    .unwrap_or_default(),
+            );
         }
     }
     let mut out = Vec::with_capacity(prompts.len());

@@ -890,10 +890,10 @@ impl<'a> Trainer<'a> {
                         jsonl.push_str(&serde_json::to_string(t).expect("strings serialise"));
                         jsonl.push('\n');
                     }
-                    let path = self.run_dir.join("generations").join(format!(
-                        "{split}-step{:06}.jsonl",
-                        self.global_step()
-                    ));
+                    let path = self
+                        .run_dir
+                        .join("generations")
+                        .join(format!("{split}-step{:06}.jsonl", self.global_step()));
                     checkpoint::write_atomic(&path, jsonl.as_bytes())?;
                 }
                 generation_secs = Some(t.elapsed().as_secs_f64());
