@@ -10,6 +10,7 @@
 //! - [`artifact`]: the output folder (programs, `init.safetensors`, `manifest.json`).
 //! - [`dump`]: the readable text form of a graph.
 //! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
+//! - [`optim`]: AdamW as an ONNX program (the runtime's device-resident optimiser).
 
 pub mod artifact;
 pub mod autodiff;
@@ -22,6 +23,7 @@ pub mod ir;
 pub mod legalize;
 pub mod onnx_io;
 pub mod ops;
+pub mod optim;
 pub mod pipeline;
 pub mod proto;
 pub mod regularizer;

@@ -58,6 +58,14 @@ enum Cmd {
         /// Continue the run in the output folder from its newest checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Keep the trainable tensors, gradients and AdamW moments in the backend's memory
+        /// between runs, and run AdamW there as an ONNX program (the default with `--device
+        /// cuda`; on the CPU it changes where nothing lives, so it is off).
+        #[arg(long, conflicts_with = "no_resident")]
+        resident: bool,
+        /// Move every value through host memory on every run, even with `--device cuda`.
+        #[arg(long)]
+        no_resident: bool,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -130,6 +138,7 @@ fn train_cmd(
     output: &std::path::Path,
     set: &[String],
     resume: bool,
+    resident: Option<bool>,
     engine: EngineArgs,
 ) -> Result<()> {
     use bidora_runtime::train::{dataset, TrainConfig, Trainer};
@@ -160,6 +169,10 @@ fn train_cmd(
             .unwrap_or_default()
     );
     let mut trainer = Trainer::new(cfg, &art, &*engine, data, output, resume)?;
+    if resident.unwrap_or(opts.device != backend::Device::Cpu) {
+        eprintln!("resident: tensors, gradients and AdamW moments stay in the backend's memory");
+        trainer = trainer.resident(&*engine)?;
+    }
     let summary = trainer.run_to_end(None)?.expect("runs to the end");
     let show = |s: &Option<bidora_runtime::train::eval::Scores>| {
         s.as_ref()
@@ -285,8 +298,22 @@ fn main() -> ExitCode {
             output,
             set,
             resume,
+            resident,
+            no_resident,
             engine,
-        } => train_cmd(&artifact, &config, &output, &set, resume, engine),
+        } => train_cmd(
+            &artifact,
+            &config,
+            &output,
+            &set,
+            resume,
+            match (resident, no_resident) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            engine,
+        ),
         Cmd::Export {
             artifact,
             tensors,

@@ -54,10 +54,8 @@ impl AdamW {
         grads: &HashMap<String, ArrayD<f32>>,
         lr: f32,
     ) {
-        self.step += 1;
+        let (bc1, bc2) = self.begin_step();
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (name, p) in params.iter_mut() {
             let Some(g) = grads.get(name) else { continue };
             let m = self
@@ -79,6 +77,34 @@ impl AdamW {
 }
 
 impl AdamW {
+    /// Counts a step and returns its bias corrections `(1 − β1ᵗ, 1 − β2ᵗ)`.
+    pub fn begin_step(&mut self) -> (f32, f32) {
+        self.step += 1;
+        let c = self.cfg;
+        (
+            1.0 - c.beta1.powi(self.step as i32),
+            1.0 - c.beta2.powi(self.step as i32),
+        )
+    }
+
+    /// The scalar inputs of `bidora_compiler::optim`'s AdamW program for the next step at
+    /// learning rate `lr`, computed in f32 as [`AdamW::step`] computes them.
+    pub fn program_scalars(&mut self, lr: f32) -> Vec<(&'static str, f32)> {
+        let (bc1, bc2) = self.begin_step();
+        let c = self.cfg;
+        vec![
+            ("lr", lr),
+            ("beta1", c.beta1),
+            ("one_minus_beta1", 1.0 - c.beta1),
+            ("beta2", c.beta2),
+            ("one_minus_beta2", 1.0 - c.beta2),
+            ("eps", c.eps),
+            ("weight_decay", c.weight_decay),
+            ("bc1", bc1),
+            ("bc2", bc2),
+        ]
+    }
+
     /// Steps taken (for bias correction); saved in checkpoints.
     pub fn steps(&self) -> u32 {
         self.step

@@ -337,3 +337,135 @@ fn tract_and_onnxruntime_give_the_same_loss_curve() {
     );
     assert!(worst <= 1e-4, "{worst:e}");
 }
+
+fn ort_or_skip() -> Option<Box<dyn backend::Backend>> {
+    match backend::select(
+        backend::BackendKind::Ort,
+        &backend::BackendOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    ) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(
+                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
+                "BIDORA_REQUIRE_ORT=1 but: {e}"
+            );
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+    }
+}
+
+type Losses = Vec<(String, f64)>;
+type Tensors = Vec<(String, ndarray::ArrayD<f32>)>;
+
+/// Runs BiDoRA (search and retrain) on `b`, host or resident; returns the loss curve and the
+/// final tensors.
+fn run_on(
+    b: &dyn backend::Backend,
+    art: &Artifact,
+    run: &Path,
+    resident: bool,
+    stop_after: Option<usize>,
+    resume: bool,
+) -> Option<(Losses, Tensors)> {
+    let c = config(Method::Bidora, &["steps=20", "retrain_steps=6"]);
+    let d = data(&c);
+    let mut t = Trainer::new(c, art, b, d, run, resume).unwrap();
+    t.progress = false;
+    if resident {
+        t = t.resident(b).unwrap();
+    }
+    t.run_to_end(stop_after).unwrap()?;
+    let tensors =
+        bidora_runtime::train::checkpoint::read_safetensors(&run.join("final.safetensors"))
+            .unwrap();
+    Some((step_losses(run), tensors))
+}
+
+fn worst_rel(a: &[(String, f64)], b: &[(String, f64)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x.1 - y.1).abs() / x.1.abs().max(1e-12))
+        .fold(0.0, f64::max)
+}
+
+fn worst_tensor_diff(
+    a: &[(String, ndarray::ArrayD<f32>)],
+    b: &[(String, ndarray::ArrayD<f32>)],
+) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|((n, x), (m, y))| {
+            assert_eq!(n, m);
+            max_abs_diff(x, y)
+        })
+        .fold(0.0, f32::max)
+}
+
+/// Resident mode (tensors, gradients and AdamW moments kept in the backend's memory, AdamW as
+/// an ONNX program) gives the host mode's run: on tract, and on ONNX Runtime through
+/// IoBinding (CPU memory here; the same path allocates on the GPU under CUDA).
+#[test]
+fn resident_mode_gives_the_host_run_on_both_backends() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    let tract = tract();
+    let ort = ort_or_skip();
+    let mut backends: Vec<(&str, &dyn backend::Backend)> = vec![("tract", &tract)];
+    if let Some(o) = &ort {
+        backends.push(("ort", &**o));
+    }
+    for (name, b) in backends {
+        let host = run_on(
+            b,
+            &art,
+            &dir.path().join(format!("{name}-host")),
+            false,
+            None,
+            false,
+        )
+        .unwrap();
+        let res = run_on(
+            b,
+            &art,
+            &dir.path().join(format!("{name}-res")),
+            true,
+            None,
+            false,
+        )
+        .unwrap();
+        assert_eq!(host.0.len(), 26);
+        let (dl, dt) = (
+            worst_rel(&host.0, &res.0),
+            worst_tensor_diff(&host.1, &res.1),
+        );
+        eprintln!("{name}: resident vs host: losses {dl:.2e} relative, final tensors {dt:.2e}");
+        assert!(
+            dl <= 1e-5 && dt <= 1e-5,
+            "{name}: losses {dl:e}, tensors {dt:e}"
+        );
+        assert!(dir
+            .path()
+            .join(format!("{name}-res/programs/adamw-upper.onnx"))
+            .exists());
+    }
+}
+
+/// A resident run killed and resumed (the checkpoint brings the resident values to the
+/// host and back) ends where the uninterrupted resident run does, bit for bit on tract.
+#[test]
+fn a_resident_run_resumes_to_the_same_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    let tract = tract();
+    let full = run_on(&tract, &art, &dir.path().join("full"), true, None, false).unwrap();
+    let cut = dir.path().join("cut");
+    assert!(run_on(&tract, &art, &cut, true, Some(13), false).is_none());
+    let resumed = run_on(&tract, &art, &cut, true, None, true).unwrap();
+    assert!(full.1 == resumed.1, "final tensors differ");
+    assert_eq!(full.0, resumed.0, "loss curves differ");
+}

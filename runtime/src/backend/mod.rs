@@ -63,6 +63,71 @@ impl HostTensor {
     }
 }
 
+/// A tensor kept in a backend's own memory between runs: with ONNX Runtime an `OrtValue` on
+/// the session's device (GPU memory under CUDA), so trainable tensors, gradients and optimiser
+/// moments go from one program to the next without crossing to the host. tract has no device:
+/// its resident values are host tensors.
+pub struct Resident(Box<dyn ResidentValue>);
+
+/// What a backend keeps behind a [`Resident`].
+pub trait ResidentValue: Send {
+    /// A host copy (device → host for a GPU value).
+    fn to_host(&self) -> Result<HostTensor, BackendError>;
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+impl ResidentValue for HostTensor {
+    fn to_host(&self) -> Result<HostTensor, BackendError> {
+        Ok(self.clone())
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Resident {
+    pub fn new(v: impl ResidentValue + 'static) -> Resident {
+        Resident(Box::new(v))
+    }
+    pub fn to_host(&self) -> Result<HostTensor, BackendError> {
+        self.0.to_host()
+    }
+    /// The backend's own value (for the backend that made it).
+    pub fn downcast_ref<T: 'static>(&self) -> Option<&T> {
+        self.0.as_any().downcast_ref()
+    }
+}
+
+impl fmt::Debug for Resident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Resident(..)")
+    }
+}
+
+/// A program input for [`Program::run_resident`]: host memory or resident.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg<'a> {
+    Host(&'a HostTensor),
+    Resident(&'a Resident),
+}
+
+/// A program output of [`Program::run_resident`].
+#[derive(Debug)]
+pub enum Output {
+    Host(HostTensor),
+    Resident(Resident),
+}
+
+impl Output {
+    /// The host tensor of an output that was not kept resident.
+    pub fn host(&self) -> Option<&HostTensor> {
+        match self {
+            Output::Host(t) => Some(t),
+            Output::Resident(_) => None,
+        }
+    }
+}
+
 /// An execution engine. Object-safe, so callers hold a `Box<dyn Backend>` chosen at run time.
 pub trait Backend: Send + Sync {
     /// `tract` or `ort`.
@@ -83,6 +148,46 @@ pub trait Program: Send {
     /// Runs once. Every graph input must be given by name (any order); a name the graph does
     /// not have is an error, so a misspelt input is not silently ignored.
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<HostTensor>, BackendError>;
+
+    /// Runs once with inputs in host memory or resident, keeping the outputs `keep` names
+    /// resident (the others come back to the host). The default, for backends without a
+    /// device, moves everything through [`Program::run`].
+    fn run_resident(
+        &mut self,
+        inputs: &[(String, Arg<'_>)],
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Output>, BackendError> {
+        let host = inputs
+            .iter()
+            .map(|(n, a)| {
+                Ok((
+                    n.clone(),
+                    match a {
+                        Arg::Host(t) => (*t).clone(),
+                        Arg::Resident(r) => r.to_host()?,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let outs = self.run(&host)?;
+        Ok(self
+            .output_names()
+            .iter()
+            .zip(outs)
+            .map(|(n, t)| {
+                if keep(n) {
+                    Output::Resident(Resident::new(t))
+                } else {
+                    Output::Host(t)
+                }
+            })
+            .collect())
+    }
+
+    /// A resident copy of `t` where this program runs (host → device under CUDA).
+    fn upload(&self, t: &HostTensor) -> Result<Resident, BackendError> {
+        Ok(Resident::new(t.clone()))
+    }
 }
 
 /// `--backend`: which engine.
@@ -226,10 +331,10 @@ pub enum BackendError {
 /// Checks `inputs` against a program's input names; returns, for each input in graph order,
 /// the index of its value in `inputs`. With `allow_extra`, values for other names are skipped
 /// rather than refused.
-pub(crate) fn match_inputs(
+pub(crate) fn match_inputs<V>(
     program: &str,
     expected: &[String],
-    inputs: &[(String, HostTensor)],
+    inputs: &[(String, V)],
     allow_extra: bool,
 ) -> Result<Vec<usize>, BackendError> {
     let unknown: Vec<String> = inputs

@@ -6,11 +6,13 @@
 //!
 //! CUDA: `Device::Cuda` registers the CUDA execution provider with `error_on_failure`, so a
 //! library without it (the CPU wheel) or missing CUDA/cuDNN libraries is an error rather than
-//! a silent fall back to the CPU. Values still travel through host memory on every run:
-//! inputs are copied to the device and outputs back. Keeping the trainable tensors and the
-//! optimiser state on the device between runs (an `IoBinding` with device-allocated outputs
-//! fed back as the next step's inputs) is not implemented yet, and none of the CUDA path has
-//! run on a GPU: the project's machines have none.
+//! a silent fall back to the CPU. [`Program::run`] takes and returns host tensors (copied to
+//! the device and back on each run); [`Program::run_resident`] runs through an `IoBinding`
+//! whose kept outputs are allocated on the session's device and can be bound as the next
+//! run's inputs, which is how the trainer's resident mode keeps trainable tensors, gradients
+//! and AdamW moments on the GPU. On the CPU provider the same path runs (device = host
+//! memory) and is what the tests check; none of the CUDA path has run on a GPU: the
+//! project's machines have none.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -18,13 +20,14 @@ use std::sync::Mutex;
 
 use ort::environment::Environment;
 use ort::ep::{self, ExecutionProvider};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue, SessionInputs};
-use ort::value::{PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef};
+use ort::value::{DynTensor, PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef};
 
 use super::locate::{self, Located};
 use super::{match_inputs, program_label, Backend, BackendError, BackendOptions, Device};
-use super::{HostTensor, Program};
+use super::{Arg, HostTensor, Output, Program, Resident, ResidentValue};
 
 pub struct OrtBackend {
     lib: Located,
@@ -151,7 +154,9 @@ impl Backend for OrtBackend {
     }
 
     fn load(&self, path: &Path) -> Result<Box<dyn Program>, BackendError> {
-        Ok(Box::new(OrtProgram::new(self.session(path)?, path)))
+        let mut p = OrtProgram::new(self.session(path)?, path);
+        p.device = self.device;
+        Ok(Box::new(p))
     }
 }
 
@@ -161,6 +166,8 @@ pub struct OrtProgram {
     label: String,
     input_names: Vec<String>,
     output_names: Vec<String>,
+    /// Where resident values live.
+    device: Device,
 }
 
 impl OrtProgram {
@@ -182,8 +189,115 @@ impl OrtProgram {
             label: program_label(path),
             input_names,
             output_names,
+            device: Device::Cpu,
         }
     }
+
+    fn err(&self, message: String) -> BackendError {
+        BackendError::Run {
+            backend: "ort",
+            program: self.label.clone(),
+            message,
+        }
+    }
+
+    /// The memory resident values are allocated in.
+    fn resident_memory(&self) -> ort::Result<MemoryInfo<'static>> {
+        match self.device {
+            Device::Cpu => MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+            Device::Cuda(id) => MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id,
+                AllocatorType::Device,
+                MemoryType::Default,
+            ),
+        }
+    }
+}
+
+/// An ONNX Runtime value kept between runs (on the session's device).
+struct OrtResident(DynTensor);
+
+impl ResidentValue for OrtResident {
+    fn to_host(&self) -> Result<HostTensor, BackendError> {
+        let err = |e: ort::Error| BackendError::Run {
+            backend: "ort",
+            program: "(resident value)".into(),
+            message: format!("copying to the host: {e}"),
+        };
+        let copied;
+        let v = if self.0.memory_info().is_cpu_accessible() {
+            &self.0
+        } else {
+            copied = self.0.to(AllocationDevice::CPU, 0).map_err(err)?;
+            &copied
+        };
+        host_of(v).map_err(|e| e.into_backend("(resident value)", "value"))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+enum HostError {
+    Ort(ort::Error),
+    Type(String),
+}
+
+impl HostError {
+    /// The error for output `what` of `program`.
+    fn into_backend(self, program: &str, what: &str) -> BackendError {
+        match self {
+            HostError::Ort(e) => BackendError::Run {
+                backend: "ort",
+                program: program.to_string(),
+                message: format!("output '{what}': {e}"),
+            },
+            HostError::Type(dtype) => BackendError::UnsupportedType {
+                program: program.to_string(),
+                what: format!("output '{what}'"),
+                dtype,
+            },
+        }
+    }
+}
+
+/// A host copy of a CPU-accessible value.
+fn host_of<T: ort::value::TensorValueTypeMarker + ?Sized>(
+    v: &ort::value::Value<T>,
+) -> Result<HostTensor, HostError> {
+    Ok(match v.dtype().tensor_type() {
+        Some(TensorElementType::Float32) => HostTensor::F32(
+            v.try_extract_array::<f32>()
+                .map_err(HostError::Ort)?
+                .to_owned(),
+        ),
+        Some(TensorElementType::Float64) => HostTensor::F64(
+            v.try_extract_array::<f64>()
+                .map_err(HostError::Ort)?
+                .to_owned(),
+        ),
+        Some(TensorElementType::Int64) => HostTensor::I64(
+            v.try_extract_array::<i64>()
+                .map_err(HostError::Ort)?
+                .to_owned(),
+        ),
+        other => return Err(HostError::Type(format!("{other:?}"))),
+    })
+}
+
+/// An owned ONNX Runtime tensor holding a copy of `t` in host memory.
+fn owned_value(t: &HostTensor) -> ort::Result<DynTensor> {
+    Ok(match t {
+        HostTensor::F32(a) => Tensor::from_array(a.as_standard_layout().into_owned())?.upcast(),
+        HostTensor::F64(a) => Tensor::from_array(a.as_standard_layout().into_owned())?.upcast(),
+        HostTensor::I64(a) => Tensor::from_array(a.as_standard_layout().into_owned())?.upcast(),
+    })
 }
 
 /// A view of `a` when its memory is in standard order (no copy), a standard-order copy
@@ -240,27 +354,87 @@ impl Program for OrtProgram {
             let v = outs
                 .get(name)
                 .ok_or_else(|| run_err(format!("output '{name}' is missing")))?;
-            let conv = |e: ort::Error| run_err(format!("output '{name}': {e}"));
-            let t = match v.dtype().tensor_type() {
-                Some(TensorElementType::Float32) => {
-                    HostTensor::F32(v.try_extract_array::<f32>().map_err(conv)?.to_owned())
-                }
-                Some(TensorElementType::Float64) => {
-                    HostTensor::F64(v.try_extract_array::<f64>().map_err(conv)?.to_owned())
-                }
-                Some(TensorElementType::Int64) => {
-                    HostTensor::I64(v.try_extract_array::<i64>().map_err(conv)?.to_owned())
-                }
-                other => {
-                    return Err(BackendError::UnsupportedType {
-                        program: label.clone(),
-                        what: format!("output '{name}'"),
-                        dtype: format!("{other:?}"),
-                    })
-                }
-            };
+            let t = host_of(v).map_err(|e| e.into_backend(label, name))?;
             result.push(t);
         }
         Ok(result)
+    }
+
+    fn run_resident(
+        &mut self,
+        inputs: &[(String, Arg<'_>)],
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<Output>, BackendError> {
+        let order = match_inputs(&self.label, &self.input_names, inputs, false)?;
+        let memory = self
+            .resident_memory()
+            .map_err(|e| self.err(format!("device memory: {e}")))?;
+        let host_memory = MemoryInfo::new(
+            AllocationDevice::CPU,
+            0,
+            AllocatorType::Device,
+            MemoryType::Default,
+        )
+        .map_err(|e| self.err(format!("host memory: {e}")))?;
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(|e| self.err(format!("binding: {e}")))?;
+        for (name, &i) in self.input_names.iter().zip(&order) {
+            let bound = match inputs[i].1 {
+                Arg::Host(t) => owned_value(t).and_then(|v| binding.bind_input(name, &v)),
+                Arg::Resident(r) => match r.downcast_ref::<OrtResident>() {
+                    Some(v) => binding.bind_input(name, &v.0),
+                    None => {
+                        return Err(self.err(format!(
+                            "input '{name}': a resident value of another backend"
+                        )))
+                    }
+                },
+            };
+            bound.map_err(|e| self.err(format!("input '{name}': {e}")))?;
+        }
+        for name in &self.output_names {
+            let mem = if keep(name) { &memory } else { &host_memory };
+            binding
+                .bind_output_to_device(name, mem)
+                .map_err(|e| self.err(format!("output '{name}': {e}")))?;
+        }
+        let label = self.label.clone();
+        let run_err = |message: String| BackendError::Run {
+            backend: "ort",
+            program: label.clone(),
+            message,
+        };
+        let mut outs = self
+            .session
+            .run_binding(&binding)
+            .map_err(|e| run_err(e.to_string()))?;
+        let mut result = Vec::with_capacity(self.output_names.len());
+        for name in &self.output_names {
+            let v = outs
+                .remove(name.as_str())
+                .ok_or_else(|| run_err(format!("output '{name}' is missing")))?;
+            let t: DynTensor = v
+                .downcast()
+                .map_err(|e| run_err(format!("output '{name}' is not a tensor: {e}")))?;
+            result.push(if keep(name) {
+                Output::Resident(Resident::new(OrtResident(t)))
+            } else {
+                Output::Host(host_of(&t).map_err(|e| e.into_backend(&label, name))?)
+            });
+        }
+        Ok(result)
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<Resident, BackendError> {
+        let v = owned_value(t).map_err(|e| self.err(format!("upload: {e}")))?;
+        let v = match self.device {
+            Device::Cpu => v,
+            Device::Cuda(id) => v
+                .to(AllocationDevice::CUDA, id)
+                .map_err(|e| self.err(format!("upload to {}: {e}", self.device)))?,
+        };
+        Ok(Resident::new(OrtResident(v)))
     }
 }

@@ -24,6 +24,7 @@ pub mod eval;
 pub mod generation;
 pub mod log;
 pub mod plot;
+pub mod resident;
 pub mod schedule;
 pub mod stream;
 
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::artifact::Artifact;
-use crate::backend::{Backend, HostTensor, Program};
+use crate::backend::{Arg, Backend, HostTensor, Output, Program, Resident};
 use crate::optim::AdamW;
 pub use config::{Method, RetrainFrom, TrainConfig};
 use stream::{Stream, StreamState};
@@ -200,6 +201,12 @@ fn f32_of(t: &HostTensor, what: &str) -> Result<ArrayD<f32>, TrainError> {
     })
 }
 
+/// Gradients from a program run: host arrays, or values kept resident.
+enum Grads<'o> {
+    Host(HashMap<String, ArrayD<f32>>),
+    Resident(HashMap<String, &'o Resident>),
+}
+
 pub struct Trainer<'a> {
     pub cfg: TrainConfig,
     art: &'a Artifact,
@@ -225,6 +232,10 @@ pub struct Trainer<'a> {
     /// The last phase-end evaluation (global step, val, test): the final summary reuses it
     /// rather than evaluating (and generating) the same tensors again.
     last_eval: Option<(usize, Option<eval::Scores>, Option<eval::Scores>)>,
+    /// Resident mode's device-side tensors (see [`Trainer::resident`]).
+    res: Option<resident::State>,
+    /// Whether the resident tensors have moved since the host copies were taken.
+    host_stale: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -399,6 +410,8 @@ impl<'a> Trainer<'a> {
             progress: true,
             secs: vec![],
             last_eval: None,
+            res: None,
+            host_stale: false,
         };
         if let Some(dir) = existing {
             t.restore(&dir)?;
@@ -446,6 +459,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn checkpoint(&mut self) -> Result<(), TrainError> {
+        self.sync_host()?;
         self.st.train = self.streams[0].state;
         self.st.val = self.streams[1].state;
         self.st.all = self.streams[2].state;
@@ -564,31 +578,6 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Gradients of `group` from a program's outputs (names from the manifest's `of`).
-    fn grads_of(
-        &self,
-        prog_key: &str,
-        out: &[HostTensor],
-        idx: &HashMap<String, usize>,
-        role: &str,
-        group: &[String],
-    ) -> Result<HashMap<String, ArrayD<f32>>, TrainError> {
-        let sig = &self.art.manifest.programs[prog_key];
-        let mut g = HashMap::new();
-        for o in sig.outputs.iter().filter(|o| o.role == role) {
-            let Some(of) = &o.of else { continue };
-            if !group.contains(of) {
-                continue;
-            }
-            let a = f32_of(&out[idx[&o.name]], &sig.file)?;
-            if a.iter().any(|x| !x.is_finite()) {
-                return Err(self.non_finite(&format!("the {role} of {of}")));
-            }
-            g.insert(of.clone(), a);
-        }
-        Ok(g)
-    }
-
     fn loss_output(&self, prog_key: &str) -> Result<String, TrainError> {
         let sig = &self.art.manifest.programs[prog_key];
         sig.outputs
@@ -629,29 +618,28 @@ impl<'a> Trainer<'a> {
             * schedule::linear_warmup_decay(k, total, self.cfg.lower.warmup_ratio) as f64;
         let mut rec = json!({"kind": "step", "phase": phase.name(self.cfg.method),
             "step": k, "global_step": self.global_step(), "lr": lr});
+        let lower_group = self.lower_group.clone();
         match (self.cfg.method, phase) {
             (Method::Bidora, Phase::Search) => {
                 let b_tr = self.batch(0)?;
                 let gamma = self.gamma();
-                let lower = self.progs.lower.take().expect("loaded");
-                let inputs = self.feed(
-                    &*lower,
+                let keep = self.role_outputs("lower", "gradient");
+                let res = self.exec(
+                    "lower",
                     &[("", &b_tr)],
                     vec![("gamma".into(), scalar(gamma))],
-                );
-                let res = self.run(lower, "lower", &inputs)?;
-                let idx = outputs(&**self.progs.lower.as_ref().unwrap());
-                let g =
-                    self.grads_of("lower", &res, &idx, "gradient", &self.lower_group.clone())?;
-                let loss_name = self.loss_output("lower")?;
-                let loss = f32_of(&res[idx[&loss_name]], "lower.onnx")?.sum() as f64;
+                    &[],
+                    &|n| keep.contains(n),
+                )?;
+                let g = self.grads("lower", &res, "gradient", &lower_group)?;
+                let loss = self.host_sum("lower", &res, &self.loss_output("lower")?)?;
                 rec["loss"] = json!(loss);
                 if let Some(r) = self.art.manifest.programs["lower"]
                     .outputs
                     .iter()
                     .find(|o| o.role == "regularizer")
                 {
-                    rec["reg"] = json!(f32_of(&res[idx[&r.name]], "lower.onnx")?.sum());
+                    rec["reg"] = json!(self.host_sum("lower", &res, &r.name)?);
                 }
                 if !loss.is_finite() {
                     return Err(self.non_finite("the training loss"));
@@ -673,106 +661,125 @@ impl<'a> Trainer<'a> {
                             .as_ref()
                             .map_or(0.01, |b| b.defaults.alpha_fd)
                     });
-                    // The lower step's outputs the upper program reads by name: g (and, in
+                    // The upper program reads the lower step's outputs by name: g (and, in
                     // fd-forward, ∇_M L_tr).
-                    let upper = self.progs.upper.take().expect("loaded");
-                    let lower_outs: Vec<(String, HostTensor)> = self
-                        .progs
-                        .lower
-                        .as_ref()
-                        .unwrap()
-                        .output_names()
-                        .iter()
-                        .zip(res.iter())
-                        .map(|(n, t)| (n.clone(), t.clone()))
-                        .collect();
-                    let mut extra = vec![
-                        ("xi".into(), scalar(xi)),
-                        ("alpha_fd".into(), scalar(alpha)),
-                    ];
-                    extra.extend(lower_outs);
-                    let inputs = self.feed(&*upper, &[("train.", &b_tr), ("val.", &b_val)], extra);
-                    let ures = self.run(upper, "upper", &inputs)?;
-                    let uidx = outputs(&**self.progs.upper.as_ref().unwrap());
-                    let h = self.grads_of(
+                    let keep = self.role_outputs("upper", "hypergradient");
+                    let ures = self.exec(
                         "upper",
-                        &ures,
-                        &uidx,
-                        "hypergradient",
-                        &self.upper_group.clone(),
+                        &[("train.", &b_tr), ("val.", &b_val)],
+                        vec![
+                            ("xi".into(), scalar(xi)),
+                            ("alpha_fd".into(), scalar(alpha)),
+                        ],
+                        &res,
+                        &|n| keep.contains(n),
                     )?;
-                    let vl = f32_of(&ures[uidx["val.loss"]], "upper.onnx")?.sum() as f64;
-                    rec["upper_val_loss"] = json!(vl);
+                    let h = self.grads("upper", &ures, "hypergradient", &self.upper_group)?;
+                    rec["upper_val_loss"] = json!(self.host_sum("upper", &ures, "val.loss")?);
                     rec["lr_upper"] = json!(lr_u);
-                    let t = Instant::now();
-                    self.opt_upper.step(&mut self.params, &h, lr_u as f32);
-                    self.time("optim", t);
+                    self.optimize(resident::Level::Upper, h, lr_u as f32)?;
                     self.st.upper_step += 1;
                 }
-                let t = Instant::now();
-                self.opt_lower.step(&mut self.params, &g, lr as f32);
-                self.time("optim", t);
+                self.optimize(resident::Level::Lower, g, lr as f32)?;
             }
-            (Method::Bidora, Phase::Retrain) => {
-                let b = self.batch(2)?;
-                let gamma = self.gamma();
-                let lower = self.progs.lower.take().expect("loaded");
-                let inputs = self.feed(&*lower, &[("", &b)], vec![("gamma".into(), scalar(gamma))]);
-                let res = self.run(lower, "lower", &inputs)?;
-                let idx = outputs(&**self.progs.lower.as_ref().unwrap());
-                let g =
-                    self.grads_of("lower", &res, &idx, "gradient", &self.lower_group.clone())?;
-                let loss =
-                    f32_of(&res[idx[&self.loss_output("lower")?]], "lower.onnx")?.sum() as f64;
+            (method, phase) => {
+                // BiDoRA's retrain (the lower program on train ∪ val, M frozen) or a
+                // single-level method's train_step.
+                let (key, stream) = match (method, phase) {
+                    (Method::Bidora, _) => ("lower", 2),
+                    _ => ("train_step", 0),
+                };
+                let b = self.batch(stream)?;
+                let extra = match key {
+                    "lower" => vec![("gamma".into(), scalar(self.gamma()))],
+                    _ => vec![],
+                };
+                let keep = self.role_outputs(key, "gradient");
+                let res = self.exec(key, &[("", &b)], extra, &[], &|n| keep.contains(n))?;
+                let g = self.grads(key, &res, "gradient", &lower_group)?;
+                let loss = self.host_sum(key, &res, &self.loss_output(key)?)?;
                 if !loss.is_finite() {
                     return Err(self.non_finite("the training loss"));
                 }
                 rec["loss"] = json!(loss);
-                let t = Instant::now();
-                self.opt_lower.step(&mut self.params, &g, lr as f32);
-                self.time("optim", t);
-            }
-            (_, _) => {
-                let b = self.batch(0)?;
-                let step = self.progs.step.take().expect("loaded");
-                let inputs = self.feed(&*step, &[("", &b)], vec![]);
-                let res = self.run(step, "train_step", &inputs)?;
-                let idx = outputs(&**self.progs.step.as_ref().unwrap());
-                let g = self.grads_of(
-                    "train_step",
-                    &res,
-                    &idx,
-                    "gradient",
-                    &self.lower_group.clone(),
-                )?;
-                let loss = f32_of(
-                    &res[idx[&self.loss_output("train_step")?]],
-                    "train_step.onnx",
-                )?
-                .sum() as f64;
-                if !loss.is_finite() {
-                    return Err(self.non_finite("the training loss"));
-                }
-                rec["loss"] = json!(loss);
-                let t = Instant::now();
-                self.opt_lower.step(&mut self.params, &g, lr as f32);
-                self.time("optim", t);
+                self.optimize(resident::Level::Lower, g, lr as f32)?;
             }
         }
         self.st.step += 1;
         Ok(rec)
     }
 
-    /// Runs a program taken out of its slot and puts it back (feeding it reads `self`, so
-    /// it cannot stay borrowed from `self` meanwhile).
-    fn run(
+    /// Names of `key`'s outputs with this role: what resident mode keeps on the device.
+    fn role_outputs(&self, key: &str, role: &str) -> std::collections::HashSet<String> {
+        self.art.manifest.programs[key]
+            .outputs
+            .iter()
+            .filter(|o| o.role == role)
+            .map(|o| o.name.clone())
+            .collect()
+    }
+
+    /// Runs program `key` (taken out of its slot and put back: feeding it reads `self`) on
+    /// the batches, the trainable tensors, `extra` host values and `prev` (an earlier
+    /// program's outputs, read by name). In resident mode the tensors are the resident ones
+    /// and the outputs `keep` names stay resident; otherwise everything is on the host.
+    fn exec(
         &mut self,
-        mut p: Box<dyn Program>,
-        key: &str,
-        inputs: &[(String, HostTensor)],
-    ) -> Result<Vec<HostTensor>, TrainError> {
+        key: &'static str,
+        batches: &[(&str, &[(String, HostTensor)])],
+        extra: Vec<(String, HostTensor)>,
+        prev: &[(String, Output)],
+        keep: &dyn Fn(&str) -> bool,
+    ) -> Result<Vec<(String, Output)>, TrainError> {
+        let mut p = self.slot(key).take().expect("loaded");
         let t = Instant::now();
-        let r = p.run(inputs);
+        let r = match &self.res {
+            None => {
+                let mut extra = extra;
+                extra.extend(
+                    prev.iter()
+                        .filter_map(|(n, o)| o.host().map(|t| (n.clone(), t.clone()))),
+                );
+                let inputs = self.feed(&*p, batches, extra);
+                p.run(&inputs)
+                    .map(|o| o.into_iter().map(Output::Host).collect::<Vec<_>>())
+            }
+            Some(res) => {
+                let want: std::collections::HashSet<&str> =
+                    p.input_names().iter().map(String::as_str).collect();
+                let mut args: Vec<(String, Arg<'_>)> = vec![];
+                for (prefix, b) in batches {
+                    for (n, t) in b.iter() {
+                        let name = format!("{prefix}{n}");
+                        if want.contains(name.as_str()) {
+                            args.push((name, Arg::Host(t)));
+                        }
+                    }
+                }
+                for (n, r) in &res.params {
+                    if want.contains(n.as_str()) {
+                        args.push((n.clone(), Arg::Resident(r)));
+                    }
+                }
+                for (n, t) in &extra {
+                    if want.contains(n.as_str()) {
+                        args.push((n.clone(), Arg::Host(t)));
+                    }
+                }
+                for (n, o) in prev {
+                    if want.contains(n.as_str()) {
+                        args.push((
+                            n.clone(),
+                            match o {
+                                Output::Host(t) => Arg::Host(t),
+                                Output::Resident(r) => Arg::Resident(r),
+                            },
+                        ));
+                    }
+                }
+                p.run_resident(&args, keep)
+            }
+        };
         self.time(
             match key {
                 "lower" => "lower",
@@ -781,11 +788,127 @@ impl<'a> Trainer<'a> {
             },
             t,
         );
+        let names = p.output_names().to_vec();
         *self.slot(key) = Some(p);
-        r.map_err(|e| TrainError::Run {
+        let outs = r.map_err(|e| TrainError::Run {
             program: self.art.manifest.programs[key].file.clone(),
             message: e.to_string(),
+        })?;
+        Ok(names.into_iter().zip(outs).collect())
+    }
+
+    /// The sum of a host output (a loss).
+    fn host_sum(
+        &self,
+        key: &str,
+        outs: &[(String, Output)],
+        name: &str,
+    ) -> Result<f64, TrainError> {
+        let file = &self.art.manifest.programs[key].file;
+        let t = outs
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, o)| o.host())
+            .ok_or_else(|| TrainError::Run {
+                program: file.clone(),
+                message: format!("no host output '{name}'"),
+            })?;
+        Ok(f32_of(t, file)?.sum() as f64)
+    }
+
+    /// The gradients of `group` among `key`'s outputs of this role (names from the
+    /// manifest's `of`): host arrays, checked finite, or resident values.
+    fn grads<'o>(
+        &self,
+        key: &str,
+        outs: &'o [(String, Output)],
+        role: &str,
+        group: &[String],
+    ) -> Result<Grads<'o>, TrainError> {
+        let sig = &self.art.manifest.programs[key];
+        let mut host = HashMap::new();
+        let mut res = HashMap::new();
+        for o in sig.outputs.iter().filter(|o| o.role == role) {
+            let Some(of) = &o.of else { continue };
+            if !group.contains(of) {
+                continue;
+            }
+            match outs.iter().find(|(n, _)| *n == o.name).map(|(_, v)| v) {
+                Some(Output::Host(t)) => {
+                    let a = f32_of(t, &sig.file)?;
+                    if a.iter().any(|x| !x.is_finite()) {
+                        return Err(self.non_finite(&format!("the {role} of {of}")));
+                    }
+                    host.insert(of.clone(), a);
+                }
+                Some(Output::Resident(r)) => {
+                    res.insert(of.clone(), r);
+                }
+                None => {
+                    return Err(TrainError::Run {
+                        program: sig.file.clone(),
+                        message: format!("no output '{}'", o.name),
+                    })
+                }
+            }
+        }
+        Ok(if res.is_empty() {
+            Grads::Host(host)
+        } else {
+            Grads::Resident(res)
         })
+    }
+
+    /// One AdamW step of a level's group, where the gradients are.
+    fn optimize(
+        &mut self,
+        level: resident::Level,
+        grads: Grads<'_>,
+        lr: f32,
+    ) -> Result<(), TrainError> {
+        let t = Instant::now();
+        let opt = match level {
+            resident::Level::Lower => &mut self.opt_lower,
+            resident::Level::Upper => &mut self.opt_upper,
+        };
+        match (grads, self.res.as_mut()) {
+            (Grads::Host(g), _) => opt.step(&mut self.params, &g, lr),
+            (Grads::Resident(g), Some(res)) => {
+                res.step(level, opt, &g, lr)?;
+                self.host_stale = true;
+            }
+            (Grads::Resident(_), None) => unreachable!("resident outputs only in resident mode"),
+        }
+        self.time("optim", t);
+        Ok(())
+    }
+
+    /// Brings the host tensors and AdamW moments up to date with the resident ones.
+    fn sync_host(&mut self) -> Result<(), TrainError> {
+        if let (Some(res), true) = (&self.res, self.host_stale) {
+            res.download(&mut self.params, [&mut self.opt_lower, &mut self.opt_upper])?;
+            self.host_stale = false;
+        }
+        Ok(())
+    }
+
+    /// Resident mode: from here on the trainable tensors, gradients and AdamW moments stay
+    /// in `backend`'s memory (the GPU under ONNX Runtime's CUDA provider) and the optimiser
+    /// runs there as an ONNX program; `backend` must be the one the programs were loaded
+    /// with. See `resident.rs`.
+    pub fn resident(mut self, backend: &dyn Backend) -> Result<Self, TrainError> {
+        let groups = [
+            (resident::Level::Lower, self.lower_group.as_slice()),
+            (resident::Level::Upper, self.upper_group.as_slice()),
+        ];
+        self.res = Some(resident::State::new(
+            backend,
+            &self.run_dir,
+            &self.params,
+            &groups,
+            [&self.opt_lower, &self.opt_upper],
+        )?);
+        Ok(self)
     }
 
     fn slot(&mut self, key: &str) -> &mut Option<Box<dyn Program>> {
@@ -804,6 +927,7 @@ impl<'a> Trainer<'a> {
         log: bool,
         generate: bool,
     ) -> Result<Option<eval::Scores>, TrainError> {
+        self.sync_host()?;
         let idx: Vec<usize> = match split {
             "val" => self.data.val_idx.clone(),
             "train" => self.data.train_idx.clone(),
@@ -960,7 +1084,8 @@ impl<'a> Trainer<'a> {
     }
 
     /// The trained tensors under their artifact names (what `bidora export --weights` reads).
-    fn save_params(&self, name: &str) -> Result<(), TrainError> {
+    fn save_params(&mut self, name: &str) -> Result<(), TrainError> {
+        self.sync_host()?;
         let t: Vec<(String, &ArrayD<f32>)> =
             self.params.iter().map(|(n, a)| (n.clone(), a)).collect();
         let mut meta = HashMap::new();
@@ -976,7 +1101,8 @@ impl<'a> Trainer<'a> {
         )
     }
 
-    fn enter_retrain(&mut self) {
+    fn enter_retrain(&mut self) -> Result<(), TrainError> {
+        self.sync_host()?;
         if self.cfg.retrain_from == RetrainFrom::Init {
             for (n, a) in self.params.iter_mut() {
                 if self.lower_group.contains(n) {
@@ -994,6 +1120,11 @@ impl<'a> Trainer<'a> {
         );
         self.st.phase = Phase::Retrain;
         self.st.step = 0;
+        // The host changed the tensors (and the lower moments): resident copies follow.
+        if let Some(res) = self.res.as_mut() {
+            res.upload(&self.params, [&self.opt_lower, &self.opt_upper])?;
+        }
+        Ok(())
     }
 
     /// Runs to the end (or to `stop_after` more steps, for tests that simulate a kill).
@@ -1036,7 +1167,7 @@ impl<'a> Trainer<'a> {
                 };
                 if next == Phase::Retrain {
                     self.save_params("search")?;
-                    self.enter_retrain();
+                    self.enter_retrain()?;
                 } else {
                     self.st.phase = Phase::Done;
                 }
