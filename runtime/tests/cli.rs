@@ -1,4 +1,5 @@
-//! `bidora check` on a compiled artifact, and on a folder that is not one.
+//! `bidora check` on a compiled artifact, and on a folder that is not one; `bidora train`
+//! through the CLI.
 
 use std::path::Path;
 
@@ -179,4 +180,71 @@ fn check_on_cuda_without_a_gpu_build_is_a_clear_error() {
         e.contains("cuda") && e.contains("CUDA") && !e.contains("panicked"),
         "{e}"
     );
+}
+
+/// `bidora train` end to end through the CLI: a config file with relative data paths,
+/// `--set` overrides, resident mode on request, and the run folder's outputs.
+#[test]
+fn train_runs_a_config_and_writes_the_run_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let cfg = tmp.path().join("train.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "method = 'dora'\nsteps = 6\nbatch_size = 4\n[data]\nformat = 'glue-tsv'\n\
+             train = '{}'\ntext_a = 'sentence1'\ntext_b = 'sentence2'\ntokenizer = 'hash:100'\n\
+             max_len = 32\n",
+            data.join("rte-train-head21.tsv").display()
+        ),
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let out = bidora()
+        .args([
+            "train",
+            "--threads",
+            "1",
+            "--resident",
+            "--set",
+            "lower.lr=1e-2",
+        ])
+        .arg(&art)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resident"), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("validation: accuracy"), "{stdout}");
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "final.safetensors",
+        "curves.svg",
+        "programs/adamw-lower.onnx",
+    ] {
+        assert!(run.join(f).exists(), "{f} missing");
+    }
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(saved.contains("lr = 0.01"), "{saved}");
+    // The two modes cannot both be asked for.
+    let out = bidora()
+        .args(["train", "--resident", "--no-resident"])
+        .arg(&art)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("-o")
+        .arg(tmp.path().join("run2"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }
