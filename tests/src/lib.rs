@@ -219,3 +219,37 @@ pub fn model_of(graph: ir::Graph) -> Model {
 pub fn f32_input(name: &str, dims: &[Dim]) -> ValueInfo {
     ValueInfo::new(name, ValueType::tensor(DataType::Float, dims.to_vec()))
 }
+
+/// One-thread tract, the tests' default engine.
+pub fn tract1() -> Box<dyn bidora_runtime::backend::Backend> {
+    use bidora_runtime::backend::{select, BackendKind, BackendOptions};
+    select(
+        BackendKind::Tract,
+        &BackendOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// One-thread ONNX Runtime, or `None` with a message where no library is installed (the
+/// test then checks tract alone); under `BIDORA_REQUIRE_ORT=1` (CI) a missing library fails.
+pub fn ort1() -> Option<Box<dyn bidora_runtime::backend::Backend>> {
+    use bidora_runtime::backend::{select, BackendKind, BackendOptions};
+    let opts = BackendOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    match select(BackendKind::Ort, &opts) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            assert!(
+                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
+                "BIDORA_REQUIRE_ORT=1 but the ort backend is unavailable: {e}"
+            );
+            eprintln!("SKIPPED the ONNX Runtime part: no library ({e}); pip install onnxruntime");
+            None
+        }
+    }
+}

@@ -14,7 +14,7 @@ use bidora_compiler::load_model;
 use bidora_compiler::rewrite::Method;
 use bidora_runtime::backend::tract::{TractProgram, PLAN_CACHE};
 use bidora_runtime::backend::{
-    select, Backend, BackendError, BackendKind, BackendOptions, Device, HostTensor, Program,
+    select, BackendError, BackendKind, BackendOptions, Device, HostTensor, Program,
 };
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
@@ -27,25 +27,6 @@ fn opts() -> BackendOptions {
         threads: 1,
         ..BackendOptions::default()
     }
-}
-
-/// The ort backend, or `None` (with a message) where no library is installed.
-fn ort_backend() -> Option<Box<dyn Backend>> {
-    match select(BackendKind::Ort, &opts()) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
-                "BIDORA_REQUIRE_ORT=1 but the ort backend is unavailable: {e}"
-            );
-            eprintln!("SKIPPED: no ONNX Runtime library ({e}); pip install onnxruntime");
-            None
-        }
-    }
-}
-
-fn tract_backend() -> Box<dyn Backend> {
-    select(BackendKind::Tract, &opts()).unwrap()
 }
 
 /// The values among `all` that `p` takes, in `all`'s order.
@@ -125,9 +106,9 @@ fn programs(
 
 #[test]
 fn forward_train_step_and_eval_agree_between_tract_and_ort() {
-    let Some(ort) = ort_backend() else { return };
+    let Some(ort) = ort1() else { return };
     eprintln!("{}", ort.description());
-    let tract = tract_backend();
+    let tract = tract1();
     let mut worst: f64 = 0.0;
     for path in fixtures() {
         let name = path.file_stem().unwrap().to_string_lossy().to_string();
@@ -209,11 +190,11 @@ fn tract_keeps_one_plan_per_input_shape_and_a_bounded_cache() {
 
 #[test]
 fn ort_runs_any_sequence_length_like_tract() {
-    let Some(ort) = ort_backend() else { return };
+    let Some(ort) = ort1() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (model, path, init) = bert_forward(dir.path());
     let mut o = ort.load(&path).unwrap();
-    let mut t = tract_backend().load(&path).unwrap();
+    let mut t = tract1().load(&path).unwrap();
     for (b, s) in [(2, 8), (3, 5), (1, 16)] {
         let mut inputs = batch(&model, b, s);
         inputs.extend(init.iter().cloned());
@@ -230,8 +211,8 @@ fn missing_and_unknown_inputs_are_named() {
     let (model, path, init) = bert_forward(dir.path());
     let mut good = batch(&model, 2, 8);
     good.extend(init);
-    let mut backends = vec![tract_backend()];
-    backends.extend(ort_backend());
+    let mut backends = vec![tract1()];
+    backends.extend(ort1());
     for backend in backends {
         let mut p = backend.load(&path).unwrap();
         let missing: Vec<_> = good
@@ -297,7 +278,7 @@ fn devices_the_machine_lacks_are_clear_errors() {
         .err()
         .expect("tract has no CUDA");
     assert!(e.to_string().contains("CPU only"), "{e}");
-    if ort_backend().is_none() {
+    if ort1().is_none() {
         return;
     }
     match select(BackendKind::Ort, &cuda) {
@@ -315,7 +296,7 @@ fn auto_takes_ort_when_a_library_is_found_and_says_so() {
     let auto = select(BackendKind::Auto, &opts()).unwrap();
     let d = auto.description();
     assert!(d.contains("auto"), "{d}");
-    match ort_backend() {
+    match ort1() {
         Some(_) => assert_eq!(auto.name(), "ort", "{d}"),
         None => assert_eq!(auto.name(), "tract", "{d}"),
     }
@@ -335,8 +316,8 @@ fn out_of_vocabulary_ids_are_a_run_error() {
             *t = HostTensor::I64(ArrayD::from_elem(IxDyn(&[2, 8]), 5000));
         }
     }
-    let mut backends = vec![tract_backend()];
-    backends.extend(ort_backend());
+    let mut backends = vec![tract1()];
+    backends.extend(ort1());
     for backend in backends {
         let mut p = backend.load(&path).unwrap();
         let e = p.run(&bad).unwrap_err();

@@ -56,22 +56,11 @@ fn config(extra: &[&str]) -> TrainConfig {
     TrainConfig::parse("", "test", &sets).unwrap()
 }
 
-fn tract() -> backend::tract::TractBackend {
-    backend::tract::TractBackend::new(
-        &backend::BackendOptions {
-            threads: 1,
-            ..Default::default()
-        },
-        None,
-    )
-    .unwrap()
-}
-
 /// Trains with `cfg` into `run`; returns the eval records of the test split.
 fn train(cfg: TrainConfig, art: &Artifact, run: &Path) -> Vec<Value> {
     let spec = ModelSpec::of(art).unwrap();
     let data = dataset::load_for(&cfg.data, &data_dir(), &spec, cfg.val_ratio, cfg.seed).unwrap();
-    let mut t = Trainer::new(cfg, art, &tract(), data, run, false).unwrap();
+    let mut t = Trainer::new(cfg, art, &*tract1(), data, run, false).unwrap();
     t.progress = false;
     t.run_to_end(None).unwrap().unwrap();
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -146,7 +135,7 @@ fn training_on_e2e_is_scored_by_generation_and_the_texts_are_the_models() {
         .map(|(n, a)| (n, HostTensor::F32(a)))
         .collect();
     let sig = &art.manifest.programs["forward"];
-    let mut program = backend::Backend::load(&tract(), &art.dir.join(&sig.file)).unwrap();
+    let mut program = backend::Backend::load(&*tract1(), &art.dir.join(&sig.file)).unwrap();
     let mut lm = ProgramLm::new(&mut *program, fixed, "logits", codec.pad).unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 32,
@@ -199,7 +188,7 @@ fn a_generation_metric_is_refused_where_nothing_generates() {
     let spec = ModelSpec::of(&art).unwrap();
     let cfg = config(&["steps=1", "metric=bleu", "generation.max_new_tokens=0"]);
     let data = dataset::load_for(&cfg.data, &data_dir(), &spec, cfg.val_ratio, cfg.seed).unwrap();
-    let err = match Trainer::new(cfg, &art, &tract(), data, &dir.path().join("r"), false) {
+    let err = match Trainer::new(cfg, &art, &*tract1(), data, &dir.path().join("r"), false) {
         Ok(_) => panic!("metric = bleu without generation was accepted"),
         Err(e) => e.to_string(),
     };
@@ -248,7 +237,7 @@ fn the_e2e_example_config_runs() {
     .unwrap();
     let spec = ModelSpec::of(&art).unwrap();
     let data = dataset::load_for(&cfg.data, &example, &spec, cfg.val_ratio, cfg.seed).unwrap();
-    let mut t = Trainer::new(cfg, &art, &tract(), data, &dir.path().join("run"), false).unwrap();
+    let mut t = Trainer::new(cfg, &art, &*tract1(), data, &dir.path().join("run"), false).unwrap();
     t.progress = false;
     let s = t.run_to_end(None).unwrap().unwrap();
     let test = s.final_test.unwrap();

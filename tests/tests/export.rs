@@ -127,18 +127,8 @@ fn opts() -> BackendOptions {
 /// tract, plus ONNX Runtime where a library is installed (required under
 /// `BIDORA_REQUIRE_ORT=1`, as in CI).
 fn backends() -> Vec<(&'static str, Box<dyn Backend>)> {
-    let mut v: Vec<(&'static str, Box<dyn Backend>)> =
-        vec![("tract", select(BackendKind::Tract, &opts()).unwrap())];
-    match select(BackendKind::Ort, &opts()) {
-        Ok(b) => v.push(("ort", b)),
-        Err(e) => {
-            assert!(
-                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
-                "BIDORA_REQUIRE_ORT=1 but the ort backend is unavailable: {e}"
-            );
-            eprintln!("SKIPPED ort half: no ONNX Runtime library ({e})");
-        }
-    }
+    let mut v: Vec<(&'static str, Box<dyn Backend>)> = vec![("tract", tract1())];
+    v.extend(ort1().map(|b| ("ort", b)));
     v
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use bidora_compiler::optim::{adamw_program, grad_name, m_name, next_name, v_name};
-use bidora_runtime::backend::{self, HostTensor};
+use bidora_runtime::backend::HostTensor;
 use bidora_runtime::optim::{AdamW, AdamWConfig};
 use bidora_tests::*;
 use ndarray::ArrayD;
@@ -39,24 +39,8 @@ fn the_adamw_program_matches_the_host_adamw() {
         eps: 1e-6,
         weight_decay: 0.01,
     };
-    let mut backends = vec![backend::select(
-        backend::BackendKind::Tract,
-        &backend::BackendOptions::default(),
-    )
-    .unwrap()];
-    match backend::select(
-        backend::BackendKind::Ort,
-        &backend::BackendOptions::default(),
-    ) {
-        Ok(b) => backends.push(b),
-        Err(e) => {
-            assert!(
-                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
-                "{e}"
-            );
-            eprintln!("SKIPPED onnxruntime: {e}");
-        }
-    }
+    let mut backends = vec![tract1()];
+    backends.extend(ort1());
     for b in &backends {
         let mut program = b.load(&path).unwrap();
         let mut host = AdamW::new(cfg);

@@ -104,20 +104,9 @@ fn data(cfg: &TrainConfig) -> RunData {
     }
 }
 
-fn tract() -> backend::tract::TractBackend {
-    backend::tract::TractBackend::new(
-        &backend::BackendOptions {
-            threads: 1,
-            ..Default::default()
-        },
-        None,
-    )
-    .unwrap()
-}
-
 fn trainer<'a>(cfg: TrainConfig, art: &'a Artifact, run: &Path, resume: bool) -> Trainer<'a> {
     let d = data(&cfg);
-    let mut t = Trainer::new(cfg, art, &tract(), d, run, resume).unwrap();
+    let mut t = Trainer::new(cfg, art, &*tract1(), d, run, resume).unwrap();
     t.progress = false;
     t
 }
@@ -239,7 +228,7 @@ fn single_level_baselines_run_on_their_artifacts() {
     let e = Trainer::new(
         config(Method::Bidora, &[]),
         &lora,
-        &tract(),
+        &*tract1(),
         d,
         &dir.path().join("x"),
         false,
@@ -293,27 +282,11 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
 /// library): the per-step losses agree to 1e-4 relative.
 #[test]
 fn tract_and_onnxruntime_give_the_same_loss_curve() {
-    let ort = match backend::select(
-        backend::BackendKind::Ort,
-        &backend::BackendOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    ) {
-        Ok(b) => b,
-        Err(e) => {
-            assert!(
-                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
-                "BIDORA_REQUIRE_ORT=1 but: {e}"
-            );
-            eprintln!("SKIPPED: {e}");
-            return;
-        }
-    };
+    let Some(ort) = ort1() else { return };
     let dir = tempfile::tempdir().unwrap();
     let art = artifact(dir.path(), AdapterMethod::Dora);
     let cfg = || config(Method::Bidora, &["steps=20", "retrain_steps=0"]);
-    let runs: Vec<Vec<(String, f64)>> = [&tract() as &dyn backend::Backend, &*ort]
+    let runs: Vec<Vec<(String, f64)>> = [&*tract1(), &*ort]
         .iter()
         .enumerate()
         .map(|(k, b)| {
@@ -336,26 +309,6 @@ fn tract_and_onnxruntime_give_the_same_loss_curve() {
         "tract vs onnxruntime over 20 BiDoRA iterations: worst relative difference {worst:.2e}"
     );
     assert!(worst <= 1e-4, "{worst:e}");
-}
-
-fn ort_or_skip() -> Option<Box<dyn backend::Backend>> {
-    match backend::select(
-        backend::BackendKind::Ort,
-        &backend::BackendOptions {
-            threads: 1,
-            ..Default::default()
-        },
-    ) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(
-                std::env::var("BIDORA_REQUIRE_ORT").as_deref() != Ok("1"),
-                "BIDORA_REQUIRE_ORT=1 but: {e}"
-            );
-            eprintln!("SKIPPED: {e}");
-            None
-        }
-    }
 }
 
 type Losses = Vec<(String, f64)>;
@@ -413,9 +366,9 @@ fn worst_tensor_diff(
 fn resident_mode_gives_the_host_run_on_both_backends() {
     let dir = tempfile::tempdir().unwrap();
     let art = artifact(dir.path(), AdapterMethod::Dora);
-    let tract = tract();
-    let ort = ort_or_skip();
-    let mut backends: Vec<(&str, &dyn backend::Backend)> = vec![("tract", &tract)];
+    let tract = tract1();
+    let ort = ort1();
+    let mut backends: Vec<(&str, &dyn backend::Backend)> = vec![("tract", &*tract)];
     if let Some(o) = &ort {
         backends.push(("ort", &**o));
     }
@@ -461,11 +414,11 @@ fn resident_mode_gives_the_host_run_on_both_backends() {
 fn a_resident_run_resumes_to_the_same_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let art = artifact(dir.path(), AdapterMethod::Dora);
-    let tract = tract();
-    let full = run_on(&tract, &art, &dir.path().join("full"), true, None, false).unwrap();
+    let tract = tract1();
+    let full = run_on(&*tract, &art, &dir.path().join("full"), true, None, false).unwrap();
     let cut = dir.path().join("cut");
-    assert!(run_on(&tract, &art, &cut, true, Some(13), false).is_none());
-    let resumed = run_on(&tract, &art, &cut, true, None, true).unwrap();
+    assert!(run_on(&*tract, &art, &cut, true, Some(13), false).is_none());
+    let resumed = run_on(&*tract, &art, &cut, true, None, true).unwrap();
     assert!(full.1 == resumed.1, "final tensors differ");
     assert_eq!(full.0, resumed.0, "loss curves differ");
 }
