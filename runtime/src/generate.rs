@@ -26,14 +26,22 @@ use crate::backend::{BackendError, HostTensor, Program};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
+    /// (Not marked as the error's source: the message already carries it, and reporters
+    /// that print the source chain would say it twice.)
     #[error("running the model: {0}")]
-    Run(#[from] BackendError),
+    Run(BackendError),
     #[error("the model program: {0}")]
     Program(String),
     #[error("an empty prompt has no position to predict from")]
     EmptyPrompt,
     #[error("beam_width must be at least 1")]
     NoBeams,
+}
+
+impl From<BackendError> for GenerateError {
+    fn from(e: BackendError) -> Self {
+        GenerateError::Run(e)
+    }
 }
 
 /// Something that predicts the next token after each of several sequences.

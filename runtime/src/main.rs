@@ -1,6 +1,7 @@
 //! `bidora`: runs artifacts written by `bidora-compile`: `train` (BiDoRA, DoRA or LoRA on a
-//! dataset, in tract or ONNX Runtime), `check` (run every program once) and `export` (the
-//! trained adapters as a merged ONNX model and a peft adapter folder).
+//! dataset, in tract or ONNX Runtime), `check` (run every program once), `generate` (text
+//! from a causal LM with trained adapters) and `export` (the trained adapters as a merged
+//! ONNX model and a peft adapter folder).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,38 @@ enum Cmd {
         /// Move every value through host memory on every run, even with `--device cuda`.
         #[arg(long)]
         no_resident: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// Generate text with a causal-LM artifact and trained tensors: greedy or beam search
+    /// over `forward.onnx`, one output line per prompt.
+    /// Example: `bidora generate runs/e2e-gpt2 --tensors runs/e2e/final.safetensors
+    /// --tokenizer examples/e2e/tokenizer.json --prompt "name[Aromi], eatType[pub] || "`.
+    Generate {
+        /// The artifact folder written by bidora-compile.
+        artifact: PathBuf,
+        /// The trained tensors (a run's `final.safetensors` or `best.safetensors`, or the
+        /// artifact's `init.safetensors`).
+        #[arg(long)]
+        tensors: PathBuf,
+        /// The model's tokenizer.json. Example: `--tokenizer examples/e2e/tokenizer.json`.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// A prompt, repeatable. Example: `--prompt "name[Aromi] || "`.
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// A file of prompts, one per line.
+        #[arg(long, value_name = "FILE")]
+        prompts: Option<PathBuf>,
+        /// Tokens generated per prompt at most.
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        /// 1: greedy; more: beam search with this many beams.
+        #[arg(long, default_value_t = 1)]
+        beam_width: usize,
+        /// Exponent of beam search's length normalisation.
+        #[arg(long, default_value_t = 1.0)]
+        length_penalty: f64,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -280,6 +313,98 @@ fn export_cmd(
     Ok(())
 }
 
+struct GenerateArgs {
+    tensors: PathBuf,
+    tokenizer: PathBuf,
+    prompts: Vec<String>,
+    opts: bidora_runtime::generate::GenerateOptions,
+}
+
+fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs) -> Result<()> {
+    use bidora_runtime::data::tokenize::Encoder;
+    use bidora_runtime::generate::{beam_search, greedy, ProgramLm};
+    let art = Artifact::open(artifact)?;
+    let sig = art
+        .manifest
+        .programs
+        .get("forward")
+        .with_context(|| format!("{} has no forward.onnx", artifact.display()))?;
+    if a.prompts.is_empty() {
+        anyhow::bail!("no prompt: give --prompt TEXT or --prompts FILE");
+    }
+    let enc = Encoder::from_spec(
+        &a.tokenizer.display().to_string(),
+        std::path::Path::new("."),
+        usize::MAX,
+    )?;
+    let eos = enc.eos()?;
+    let decoder = enc.decoder([]);
+    let tensors = bidora_runtime::train::checkpoint::read_safetensors(&a.tensors)?;
+    let (kind, opts) = engine.options();
+    let engine = backend::select(kind, &opts).context("choosing the backend")?;
+    eprintln!("backend: {}", engine.description());
+    let mut program = engine.load(&art.dir.join(&sig.file))?;
+    let want: Vec<String> = program.input_names().to_vec();
+    let fixed: Vec<(String, HostTensor)> = tensors
+        .into_iter()
+        .filter(|(n, _)| want.contains(n))
+        .map(|(n, t)| (n, HostTensor::F32(t)))
+        .collect();
+    let missing: Vec<&String> = want
+        .iter()
+        .filter(|n| *n != "input_ids" && *n != "attention_mask")
+        .filter(|n| !fixed.iter().any(|(f, _)| f == *n))
+        .collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "{} lacks tensor(s) {} that forward.onnx reads (a run of another artifact?)",
+            a.tensors.display(),
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let logits = sig.outputs[0].name.clone();
+    let mut lm = ProgramLm::new(&mut *program, fixed, &logits, enc.pad())?.pad_to_multiple_of(16);
+    let opts = bidora_runtime::generate::GenerateOptions {
+        eos: Some(eos),
+        ..a.opts
+    };
+    let ids: Vec<Vec<i64>> = a
+        .prompts
+        .iter()
+        .map(|p| {
+            enc.encode_plain(p)
+                .map_err(|e| anyhow::anyhow!("prompt '{p}': {e}"))
+        })
+        .collect::<Result<_>>()?;
+    if let Some((p, _)) = a.prompts.iter().zip(&ids).find(|(_, i)| i.is_empty()) {
+        anyhow::bail!("prompt '{p}' has no tokens");
+    }
+    let outs: Vec<Vec<i64>> = if opts.beam_width <= 1 {
+        greedy(&mut lm, &ids, &opts)?
+    } else {
+        ids.iter()
+            .map(|p| {
+                Ok(beam_search(&mut lm, p, &opts)?
+                    .into_iter()
+                    .next()
+                    .map(|h| h.tokens)
+                    .unwrap_or_default())
+            })
+            .collect::<Result<_>>()?
+    };
+    for mut t in outs {
+        if t.last() == Some(&eos) {
+            t.pop();
+        }
+        println!("{}", decoder.decode(&t).map_err(anyhow::Error::msg)?);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -314,6 +439,42 @@ fn main() -> ExitCode {
             },
             engine,
         ),
+        Cmd::Generate {
+            artifact,
+            tensors,
+            tokenizer,
+            mut prompt,
+            prompts,
+            max_new_tokens,
+            beam_width,
+            length_penalty,
+            engine,
+        } => (|| {
+            if let Some(f) = &prompts {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                prompt.extend(
+                    text.lines()
+                        .filter(|l| !l.trim().is_empty())
+                        .map(String::from),
+                );
+            }
+            generate_cmd(
+                &artifact,
+                GenerateArgs {
+                    tensors,
+                    tokenizer,
+                    prompts: prompt,
+                    opts: bidora_runtime::generate::GenerateOptions {
+                        max_new_tokens,
+                        eos: None,
+                        beam_width,
+                        length_penalty,
+                    },
+                },
+                engine,
+            )
+        })(),
         Cmd::Export {
             artifact,
             tensors,

@@ -248,3 +248,112 @@ fn train_runs_a_config_and_writes_the_run_folder() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }
+
+/// `bidora generate`: prompts from flags and a file, one line out per prompt, the same text
+/// every time; clear errors for no prompt and for tensors of another artifact.
+#[test]
+fn generate_prints_one_text_per_prompt() {
+    use bidora_compiler::{heads::Task, rewrite::Method};
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("gpt2");
+    common::write_artifact(
+        &art,
+        "gpt2_legacy17.onnx",
+        "c_attn:q,v",
+        Method::Dora,
+        Task::CausalLm,
+        false,
+        3,
+    );
+    let tok = common::root().join("examples/e2e/tokenizer.json");
+    let prompts = tmp.path().join("prompts.txt");
+    std::fs::write(
+        &prompts,
+        "name[Aromi], eatType[pub] || \n\nname[The Eagle] || \n",
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        bidora()
+            .arg("generate")
+            .arg(&art)
+            .arg("--tensors")
+            .arg(art.join("init.safetensors"))
+            .arg("--tokenizer")
+            .arg(&tok)
+            .args(["--threads", "1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "--max-new-tokens",
+        "6",
+        "--prompt",
+        "name[Alimentum] || ",
+        "--prompts",
+        prompts.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    let again = run(&[
+        "--max-new-tokens",
+        "6",
+        "--prompt",
+        "name[Alimentum] || ",
+        "--prompts",
+        prompts.to_str().unwrap(),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text);
+    let beams = run(&[
+        "--max-new-tokens",
+        "6",
+        "--prompt",
+        "name[Alimentum] || ",
+        "--beam-width",
+        "3",
+    ]);
+    assert!(
+        beams.status.success(),
+        "{}",
+        String::from_utf8_lossy(&beams.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&beams.stdout).lines().count(), 1);
+
+    // Past the fixture's 64 positions: tract panics while planning that shape (constant
+    // folding of the position Gather); it must come back as an error, not a crash.
+    let long = run(&["--prompt", "name[Alimentum] || ", "--max-new-tokens", "80"]);
+    let err = String::from_utf8_lossy(&long.stderr);
+    assert_eq!(long.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("forward.onnx") && err.contains("positions"),
+        "{err}"
+    );
+
+    let none = run(&[]);
+    assert!(!none.status.success());
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no prompt"));
+    // Tensors of another artifact (the BERT one) name the file and what is missing.
+    let bert = tmp.path().join("bert");
+    compile(&bert);
+    let other = bidora()
+        .arg("generate")
+        .arg(&art)
+        .arg("--tensors")
+        .arg(bert.join("init.safetensors"))
+        .arg("--tokenizer")
+        .arg(&tok)
+        .args(["--prompt", "x"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success());
+    assert!(
+        err.contains("init.safetensors") && err.contains("lora_A"),
+        "{err}"
+    );
+}

@@ -303,7 +303,8 @@ fn auto_takes_ort_when_a_library_is_found_and_says_so() {
 }
 
 /// A token id past the embedding table (another model's tokenizer) is a run error naming the
-/// program in both backends, not a crash, and the program stays usable.
+/// program in both backends, not a crash, and the program stays usable; so is a sequence
+/// longer than the position table in tract.
 #[test]
 fn out_of_vocabulary_ids_are_a_run_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -328,4 +329,13 @@ fn out_of_vocabulary_ids_are_a_run_error() {
         );
         p.run(&good).unwrap();
     }
+    // A sequence past the model's 64 positions fails while tract plans for the shape (for
+    // GPT-2 its constant folding of the position Gather panics, caught the same way): an
+    // error naming the program, and the program stays usable.
+    let mut long = batch(&model, 1, 80);
+    long.extend(bert_forward(dir.path()).2);
+    let mut p = tract1().load(&path).unwrap();
+    let e = p.run(&long).unwrap_err().to_string();
+    assert!(e.contains("forward.onnx"), "{e}");
+    p.run(&good).unwrap();
 }

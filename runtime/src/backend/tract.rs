@@ -189,23 +189,9 @@ impl TractProgram {
             .iter()
             .map(|&i| to_tract(&inputs[i].1).into_tvalue())
             .collect();
-        // Some kernels assert on bad data instead of returning an error (a Gather index past
-        // the table, e.g. token ids from another model's tokenizer): report it as this
-        // program's run error rather than unwinding through the caller.
-        let outs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            multithread_tract_scope(self.executor.clone(), || plan.run(values))
-        }))
-        .map_err(|p| {
-            let why = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown cause".into());
-            self.run_err(format!(
-                "tract panicked: {why} (are the inputs valid for this model?)"
-            ))
-        })?
-        .map_err(|e| self.run_err(format!("{e:?}")))?;
+        let outs = self
+            .catching(|| multithread_tract_scope(self.executor.clone(), || plan.run(values)))?
+            .map_err(|e| self.run_err(format!("{e:?}")))?;
         outs.into_iter()
             .zip(&self.output_names)
             .map(|(t, name)| {
@@ -235,6 +221,24 @@ impl TractProgram {
             .collect()
     }
 
+    /// Runs `f`, turning a panic into this program's run error. Some kernels assert on bad
+    /// data instead of returning an error (a Gather index past the table: token ids from
+    /// another model's tokenizer, or positions past the model's position table), in a run or
+    /// while optimising a plan, whose constant folding evaluates such Gathers too.
+    fn catching<T>(&self, f: impl FnOnce() -> T) -> Result<T, BackendError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown cause".into());
+            self.run_err(format!(
+                "tract panicked: {why} (are the inputs valid for this model: token ids within \
+                 its vocabulary, sequences within its positions?)"
+            ))
+        })
+    }
+
     fn run_err(&self, message: String) -> BackendError {
         BackendError::Run {
             backend: "tract",
@@ -259,7 +263,7 @@ impl TractProgram {
         }
         // Optimised outside the lock: a slow optimisation does not block runs of cached plans.
         let plan = self
-            .optimise(sig)
+            .catching(|| self.optimise(sig))?
             .map_err(|e| load_err(&self.path, format!("{e:?}")))?;
         let mut plans = self
             .plans
