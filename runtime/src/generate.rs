@@ -155,6 +155,9 @@ pub struct GenerateOptions {
     pub beam_width: usize,
     /// Exponent of the length normalisation (0: raw log-probability; 1: per-token mean).
     pub length_penalty: f64,
+    /// No n-gram of this length occurs twice in a sequence (prompt included): a token that
+    /// would repeat one is never chosen (Hugging Face's `no_repeat_ngram_size`; 0: off).
+    pub no_repeat_ngram: usize,
 }
 
 impl Default for GenerateOptions {
@@ -164,7 +167,36 @@ impl Default for GenerateOptions {
             eos: None,
             beam_width: 4,
             length_penalty: 1.0,
+            no_repeat_ngram: 0,
         }
+    }
+}
+
+/// A [`NextToken`] whose predictions never repeat an n-gram of the sequence so far: the
+/// tokens that would complete an n-gram already present get −∞.
+pub struct NoRepeat<'a> {
+    pub inner: &'a mut dyn NextToken,
+    pub n: usize,
+}
+
+impl NextToken for NoRepeat<'_> {
+    fn next_logits(&mut self, seqs: &[Vec<i64>]) -> Result<Vec<Vec<f32>>, GenerateError> {
+        let mut rows = self.inner.next_logits(seqs)?;
+        let n = self.n;
+        for (q, row) in seqs.iter().zip(rows.iter_mut()) {
+            if n == 0 || q.len() + 1 < n {
+                continue;
+            }
+            let prefix = &q[q.len() + 1 - n..];
+            for w in q.windows(n) {
+                if w[..n - 1] == *prefix {
+                    if let Some(x) = usize::try_from(w[n - 1]).ok().and_then(|t| row.get_mut(t)) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(rows)
     }
 }
 
@@ -194,6 +226,17 @@ pub fn greedy(
     prompts: &[Vec<i64>],
     opts: &GenerateOptions,
 ) -> Result<Vec<Vec<i64>>, GenerateError> {
+    if opts.no_repeat_ngram > 0 {
+        let mut lm = NoRepeat {
+            inner: lm,
+            n: opts.no_repeat_ngram,
+        };
+        let opts = GenerateOptions {
+            no_repeat_ngram: 0,
+            ..*opts
+        };
+        return greedy(&mut lm, prompts, &opts);
+    }
     let mut seqs: Vec<Vec<i64>> = prompts.to_vec();
     let mut out = vec![vec![]; prompts.len()];
     let mut live: Vec<usize> = (0..prompts.len()).collect();
@@ -238,6 +281,17 @@ pub fn beam_search(
     prompt: &[i64],
     opts: &GenerateOptions,
 ) -> Result<Vec<Hypothesis>, GenerateError> {
+    if opts.no_repeat_ngram > 0 {
+        let mut lm = NoRepeat {
+            inner: lm,
+            n: opts.no_repeat_ngram,
+        };
+        let opts = GenerateOptions {
+            no_repeat_ngram: 0,
+            ..*opts
+        };
+        return beam_search(&mut lm, prompt, &opts);
+    }
     let k = opts.beam_width;
     if k == 0 {
         return Err(GenerateError::NoBeams);
@@ -332,8 +386,12 @@ mod tests {
 
     /// Every sequence the search space holds, scored the same way: those that end with eos
     /// within the limit, and those that reach the limit.
-    fn exhaustive(lm: &mut Chain, prompt: &[i64], opts: &GenerateOptions) -> (Vec<i64>, f64) {
-        let v = lm.0.len() as i64;
+    fn exhaustive(
+        lm: &mut dyn NextToken,
+        v: i64,
+        prompt: &[i64],
+        opts: &GenerateOptions,
+    ) -> (Vec<i64>, f64) {
         let mut best = (vec![], f64::NEG_INFINITY);
         let mut stack = vec![(vec![], 0.0)];
         while let Some((t, lp)) = stack.pop() {
@@ -375,6 +433,7 @@ mod tests {
             eos: Some(0),
             beam_width: 1,
             length_penalty: 0.0,
+            no_repeat_ngram: 0,
         };
         let g = greedy(&mut lm, &[vec![1], vec![3], vec![2]], &opts).unwrap();
         // By hand from the table: argmax after 1 is 1 (0.3), after 3 is 3, after 2 is 3.
@@ -396,9 +455,10 @@ mod tests {
                     // ≥ every partial sequence of the search space: beam search is exhaustive.
                     beam_width: 64,
                     length_penalty: lp,
+                    no_repeat_ngram: 0,
                 };
                 for prompt in [vec![1], vec![2, 3]] {
-                    let (want, score) = exhaustive(&mut lm, &prompt, &opts);
+                    let (want, score) = exhaustive(&mut lm, 4, &prompt, &opts);
                     let got = &beam_search(&mut lm, &prompt, &opts).unwrap()[0];
                     assert_eq!(
                         got.tokens, want,
@@ -421,8 +481,9 @@ mod tests {
             eos: Some(0),
             beam_width: 3,
             length_penalty: 0.0,
+            no_repeat_ngram: 0,
         };
-        let (want, _) = exhaustive(&mut lm, &[1], &opts);
+        let (want, _) = exhaustive(&mut lm, 4, &[1], &opts);
         let g = greedy(&mut lm, &[vec![1]], &opts).unwrap();
         let b = beam_search(&mut lm, &[1], &opts).unwrap();
         assert_eq!(want, [3, 3, 3]);
@@ -438,5 +499,46 @@ mod tests {
         )
         .unwrap();
         assert_ne!(two[0].tokens, want);
+    }
+
+    #[test]
+    fn no_repeat_ngram_bans_repeats_in_greedy_and_beam_search() {
+        let mut lm = chain();
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            eos: Some(0),
+            beam_width: 1,
+            length_penalty: 0.0,
+            no_repeat_ngram: 2,
+        };
+        // By hand from the table: after 1 comes 1 (the bigram "1 1" is new), then "1 1" is
+        // banned so 2, then 3, 3 ("3 3" new), then "3 3" is banned so eos.
+        let g = greedy(&mut lm, &[vec![1]], &opts).unwrap();
+        assert_eq!(g, [vec![1, 2, 3, 3, 0]]);
+        // Wide beams equal the exhaustive search over the same banned predictions.
+        for n in [1, 2, 3] {
+            let o = GenerateOptions {
+                max_new_tokens: 4,
+                beam_width: 64,
+                no_repeat_ngram: n,
+                ..opts
+            };
+            let plain = GenerateOptions {
+                no_repeat_ngram: 0,
+                ..o
+            };
+            let (want, score) = exhaustive(&mut NoRepeat { inner: &mut lm, n }, 4, &[1], &plain);
+            let got = &beam_search(&mut lm, &[1], &o).unwrap()[0];
+            assert_eq!(got.tokens, want, "n = {n}");
+            assert!((got.score - score).abs() < 1e-12);
+            let seq: Vec<i64> = [1].iter().chain(&got.tokens).copied().collect();
+            let grams: Vec<&[i64]> = seq.windows(n).collect();
+            for (i, a) in grams.iter().enumerate() {
+                assert!(
+                    !grams[i + 1..].contains(a),
+                    "n = {n}: {seq:?} repeats {a:?}"
+                );
+            }
+        }
     }
 }

@@ -99,6 +99,9 @@ enum Cmd {
         /// Exponent of beam search's length normalisation.
         #[arg(long, default_value_t = 1.0)]
         length_penalty: f64,
+        /// Never repeat an n-gram of this length (prompt included; 0: off).
+        #[arg(long, default_value_t = 0)]
+        no_repeat_ngram: usize,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -448,6 +451,7 @@ fn main() -> ExitCode {
             max_new_tokens,
             beam_width,
             length_penalty,
+            no_repeat_ngram,
             engine,
         } => (|| {
             if let Some(f) = &prompts {
@@ -470,6 +474,7 @@ fn main() -> ExitCode {
                         eos: None,
                         beam_width,
                         length_penalty,
+                        no_repeat_ngram,
                     },
                 },
                 engine,

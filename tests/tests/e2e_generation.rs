@@ -142,6 +142,7 @@ fn training_on_e2e_is_scored_by_generation_and_the_texts_are_the_models() {
         eos: Some(codec.eos),
         beam_width: 1,
         length_penalty: 1.0,
+        no_repeat_ngram: 0,
     };
     let generated = greedy(&mut lm, &prompts, &opts).unwrap();
     for ((g, tokens), written) in generated.iter().enumerate().zip(&texts) {

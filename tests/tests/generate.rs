@@ -83,6 +83,7 @@ fn greedy_and_one_beam_match_an_argmax_loop_on_gpt2() {
         eos: None,
         beam_width: 1,
         length_penalty: 1.0,
+        no_repeat_ngram: 0,
     };
     let mut lm = ProgramLm::new(&mut *program, fixed.clone(), &logits, 0).unwrap();
     let got = greedy(&mut lm, &prompts, &opts).unwrap();

@@ -147,11 +147,14 @@ impl Default for DataConfig {
 pub struct GenerationConfig {
     /// Tokens generated per prompt at most; 0 turns generation off.
     pub max_new_tokens: usize,
-    /// 1: greedy decoding; more: beam search with this many beams (the paper's E2E setup
-    /// follows LoRA's: 10 beams, length penalty 0.8).
+    /// 1: greedy decoding; more: beam search with this many beams. (The paper does not
+    /// state its decoding; LoRA's released E2E script, which DoRA's follows, decodes with 10
+    /// beams, length penalty 0.8 and no repeated 4-grams.)
     pub beam_width: usize,
     /// Exponent of beam search's length normalisation.
     pub length_penalty: f64,
+    /// No n-gram of this length repeats within a sequence, prompt included (0: off).
+    pub no_repeat_ngram: usize,
     /// Score only the first N prompts of a split (0: all).
     pub max_prompts: usize,
     /// Generate at every evaluation; otherwise only at the end of each phase (and always
@@ -165,6 +168,7 @@ impl Default for GenerationConfig {
             max_new_tokens: 64,
             beam_width: 1,
             length_penalty: 1.0,
+            no_repeat_ngram: 0,
             max_prompts: 0,
             every_eval: false,
         }

@@ -89,6 +89,7 @@ pub fn generate_and_score(
         eos: Some(codec.eos),
         beam_width: cfg.beam_width,
         length_penalty: cfg.length_penalty,
+        no_repeat_ngram: cfg.no_repeat_ngram,
     };
     let run = |e: crate::generate::GenerateError| TrainError::Run {
         program: format!("{} (generating)", model.file),
