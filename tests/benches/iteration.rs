@@ -72,6 +72,7 @@ fn measure(
     be: &dyn Backend,
     method: Method,
     steps: usize,
+    resident: bool,
 ) -> BTreeMap<String, f64> {
     let run = tempfile::tempdir().unwrap();
     let sets: Vec<String> = [
@@ -94,6 +95,9 @@ fn measure(
         test: None,
     };
     let mut t = Trainer::new(cfg, art, be, data, run.path(), false).unwrap();
+    if resident {
+        t = t.resident(be).unwrap();
+    }
     t.progress = false;
     t.run_to_end(Some(steps + 1)).unwrap();
     let recs: Vec<serde_json::Value> = std::fs::read_to_string(run.path().join("metrics.jsonl"))
@@ -147,6 +151,7 @@ fn main() {
     );
     println!("| backend | threads | LoRA s | DoRA s | BiDoRA fd s | BiDoRA fd-forward s | DoRA / LoRA | fd / LoRA | fd-forward / LoRA | split of the fd iteration |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut resident_rows = vec![];
     for kind in [BackendKind::Tract, BackendKind::Ort] {
         for threads in [1, 2] {
             let opts = BackendOptions {
@@ -160,10 +165,10 @@ fn main() {
                     continue;
                 }
             };
-            let l = measure(&lora, &*be, Method::Lora, steps);
-            let d = measure(&fd, &*be, Method::Dora, steps);
-            let b = measure(&fd, &*be, Method::Bidora, steps);
-            let f = measure(&fdf, &*be, Method::Bidora, steps);
+            let l = measure(&lora, &*be, Method::Lora, steps, false);
+            let d = measure(&fd, &*be, Method::Dora, steps, false);
+            let b = measure(&fd, &*be, Method::Bidora, steps, false);
+            let f = measure(&fdf, &*be, Method::Bidora, steps, false);
             let (l0, d0, b0, f0) = (l["total"], d["total"], b["total"], f["total"]);
             println!(
                 "| {} | {threads} | {l0:.3} | {d0:.3} | {b0:.3} | {f0:.3} | {:.2} | {:.2} | {:.2} | {} |",
@@ -173,6 +178,24 @@ fn main() {
                 f0 / l0,
                 split_of(&b)
             );
+            if kind == BackendKind::Ort {
+                resident_rows.push((threads, b0, measure(&fd, &*be, Method::Bidora, steps, true)));
+            }
         }
+    }
+    // Resident mode (tensors, gradients and AdamW moments kept in ONNX Runtime's memory,
+    // AdamW as a program; what `--device cuda` runs) against host mode, same BiDoRA fd
+    // iteration. On the CPU provider both live in host memory: this shows the cost of the
+    // mode's mechanics (IoBinding, the AdamW program), not a GPU's saving.
+    println!();
+    println!("| backend | threads | BiDoRA fd host s | BiDoRA fd resident s | resident / host | split of the resident iteration |");
+    println!("|---|---|---|---|---|---|");
+    for (threads, host, r) in resident_rows {
+        println!(
+            "| ort | {threads} | {host:.3} | {:.3} | {:.2} | {} |",
+            r["total"],
+            r["total"] / host,
+            split_of(&r)
+        );
     }
 }
