@@ -24,9 +24,7 @@
 //!
 //! R does not depend on M, so `∇²_{M,V} L_lower = ∇²_{M,V} L_tr`: the mixed term never
 //! evaluates the regulariser. Each pass is an instance of the same loss graph
-//! ([`crate::ir::instance`]), so frozen weights are stored once. The passes w.r.t. M only
-//! hold V fixed and so run each adapter through its merged weight
-//! ([`rewrite::merge_frozen_factors`]): the same function, a cheaper graph.
+//! ([`crate::ir::instance`]), so frozen weights are stored once.
 
 use std::collections::HashMap;
 
@@ -445,11 +443,8 @@ fn mixed_term(
     let nodes = b.finish();
     g.nodes.extend(nodes);
 
-    // The perturbed passes differentiate w.r.t. M only, so V is a constant there: each
-    // adapter runs through its merged weight `W + s·A·B` (one matmul instead of the factored
-    // branch, and no `x·A` kept for a gradient nobody reads).
-    let frozen = rewrite::merge_frozen_factors(with_loss, &groups.lower)?;
-    let pass = autodiff::backward(&frozen, &head.loss, &groups.upper)?;
+    // The perturbed passes differentiate w.r.t. M only.
+    let pass = autodiff::backward(with_loss, &head.loss, &groups.upper)?;
     let pg: HashMap<String, String> = pass.grads.iter().cloned().collect();
     let run = |g: &mut Graph, at: HashMap<String, String>, name: &str| -> Result<Vec<String>> {
         let mut bind = train.clone();

@@ -4,12 +4,10 @@
 //! and one block of a fused `Gemm(x, W[in,3d])` (GPT-2's c_attn).
 
 use bidora_compiler::ir::{AttrValue, Dim, Graph, Node, Tensor};
-use std::path::Path;
-
-use bidora_compiler::rewrite::{merge_frozen_factors, Method};
+use bidora_compiler::rewrite::Method;
 use bidora_runtime::tract_exec::{run_once, HostTensor};
 use bidora_tests::*;
-use ndarray::{s, Array1, Array2, ArrayD, Axis};
+use ndarray::{s, Array1, Array2, ArrayD, Axis, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -191,32 +189,16 @@ fn check(kind: Kind, method: Method) {
     if let Some(mname) = &ad.magnitude {
         inputs.push((mname.clone(), HostTensor::F32(m.clone().into_dyn())));
     }
+    let out = run_once(&path, &inputs).unwrap();
+    let got = out[0].as_f32().unwrap();
     let expected: ArrayD<f32> = expected.into_dyn();
+    let diff = max_abs_diff(got, &expected);
     let scale = expected.iter().fold(0f32, |acc, v| acc.max(v.abs()));
-    let check_program = |path: &Path, form: &str| {
-        let out = run_once(path, &inputs).unwrap();
-        let diff = max_abs_diff(out[0].as_f32().unwrap(), &expected);
-        assert!(
-            diff <= 1e-5 * scale.max(1.0),
-            "{kind:?} {method:?} {form}: max abs diff {diff} (output scale {scale})"
-        );
-    };
-    check_program(&path, "factored");
-
-    // With A and B frozen (BiDoRA's passes w.r.t. M) the rewrite folds them into the weight:
-    // it must fire for every layout and compute the same function.
-    let frozen = [ad.lora_a.clone(), ad.lora_b.clone()];
-    let merged = merge_frozen_factors(&c.forward, &frozen).unwrap();
-    let left: Vec<&str> = merged
-        .graph
-        .nodes
-        .iter()
-        .filter(|n| n.inputs.contains(&ad.lora_a) && n.op_type == "MatMul")
-        .filter(|n| !n.name.ends_with(".merged.AB"))
-        .map(|n| n.name.as_str())
-        .collect();
-    assert!(left.is_empty(), "{kind:?} {method:?}: x·A left: {left:?}");
-    check_program(&save(&merged, dir.path(), "merged.onnx"), "merged");
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "{kind:?} {method:?}: max abs diff {diff} (output scale {scale})"
+    );
+    let _ = IxDyn(&[0]);
 }
 
 #[test]

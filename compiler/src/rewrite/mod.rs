@@ -12,12 +12,10 @@
 pub mod adapt;
 pub mod head;
 pub mod lower;
-pub mod merge;
 pub mod split_fused;
 
 pub use adapt::{adapt, Adapted, AdapterConfig, AdapterRecord, Method};
 pub use lower::{lower, strip_markers};
-pub use merge::merge_frozen_factors;
 pub use split_fused::split_fused;
 
 use crate::ir::{DataType, Tensor};
