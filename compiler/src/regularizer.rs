@@ -5,8 +5,9 @@
 //! - `Paper`: `R(V) = Σ_k ‖D_kᵀ D_k − I‖²_F` (squared Frobenius, summed over modules);
 //! - `Released`: the released code's `mean_k ‖D_kᵀ D_k − I‖_F` (unsquared, averaged).
 //!
-//! The lower-level loss is `L_tr + γ·R`. `R` materialises each `[in, out]` direction and an
-//! `[out, out]` Gram matrix, so its cost grows with out²; that is the method's, not ours.
+//! The lower-level loss is `L_tr + γ·R`. `R` needs each `[out, out]` Gram matrix, so its cost
+//! grows with out²; that is the method's, not ours. The Gram matrix is assembled from the
+//! constant `W0ᵀW0` and rank-r corrections, so no `[in, out]` direction is materialised.
 
 use crate::error::{Error, Result};
 use crate::ir::builder::Builder;
@@ -52,47 +53,95 @@ pub fn attach(
             ))
         })?;
         dtype = w.dtype;
-        // W0 as [in, out], a compile-time constant.
-        let w_in_out = match ad.layout {
-            Layout::InOut => w.clone(),
-            Layout::OutIn => {
-                let v = w
-                    .to_f64_vec()
-                    .ok_or_else(|| Error::Other("weight is not float".into()))?;
-                let (r, c) = (w.dims[0] as usize, w.dims[1] as usize);
-                let t: Vec<f64> = (0..c)
-                    .flat_map(|j| (0..r).map(move |i| (i, j)))
-                    .map(|(i, j)| v[i * c + j])
-                    .collect();
-                Tensor::from_f64_as(dtype, "", vec![c as i64, r as i64], &t)
-            }
+        // The Gram matrix of V' = W0 + s·A·B without materialising V' or multiplying two
+        // [in, out] matrices: with P = Aᵀ·W0 and C = s·P + (s²/2)·(AᵀA)·B (both [r, out]),
+        //   V'ᵀV' = W0ᵀW0 + BᵀC + CᵀB,   ‖V'‖²_col = ‖W0‖²_col + 2·colsum(B ⊙ C),
+        // where W0ᵀW0 and ‖W0‖²_col are constants. Every matmul left is rank-r: O(r·out²)
+        // instead of the direct form's O(in·out²) forward and twice that backward.
+        let w64 = w
+            .to_f64_vec()
+            .ok_or_else(|| Error::Other("weight is not float".into()))?;
+        let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
+        // W0[i][j] in [in, out] terms, whatever the stored layout.
+        let (fan_in, out) = match ad.layout {
+            Layout::InOut => (rows, cols),
+            Layout::OutIn => (cols, rows),
         };
-        let w0 = b.constant("w0", w_in_out);
-        let s = b.constant(
-            "s",
-            Tensor::from_f64_as(dtype, "", vec![], &[ad.scaling as f64]),
+        let at = |i: usize, j: usize| match ad.layout {
+            Layout::InOut => w64[i * cols + j],
+            Layout::OutIn => w64[j * cols + i],
+        };
+        let mut g0 = vec![0.0f64; out * out];
+        for i in 0..fan_in {
+            let row: Vec<f64> = (0..out).map(|j| at(i, j)).collect();
+            for (j, &rj) in row.iter().enumerate() {
+                for (k, &rk) in row.iter().enumerate().skip(j) {
+                    g0[j * out + k] += rj * rk;
+                }
+            }
+        }
+        for j in 0..out {
+            for k in 0..j {
+                g0[j * out + k] = g0[k * out + j];
+            }
+        }
+        let sq0: Vec<f64> = (0..out).map(|j| g0[j * out + j]).collect();
+        let g0 = b.constant(
+            "w0_gram",
+            Tensor::from_f64_as(dtype, "", vec![out as i64, out as i64], &g0),
         );
-        let ab = b.op("MatMul", "AB", &[&ad.lora_a, &ad.lora_b], vec![]);
-        let sab = b.op("Mul", "sAB", &[&ab, &s], vec![]);
-        let v = b.op("Add", "V", &[&w0, &sab], vec![]);
-        let v2 = b.op("Mul", "V2", &[&v, &v], vec![]);
-        let ax0 = b.ints("axis0", &[0]);
-        let col = b.op(
-            "ReduceSum",
-            "colsq",
-            &[&v2, &ax0],
-            vec![("keepdims", AttrValue::Int(1))],
+        let sq0 = b.constant(
+            "w0_sqnorm",
+            Tensor::from_f64_as(dtype, "", vec![out as i64], &sq0),
         );
-        let n = b.op("Sqrt", "colnorm", &[&col], vec![]);
-        let d = b.op("Div", "D", &[&v, &n], vec![]);
-        let dt = b.op(
+        let s = ad.scaling as f64;
+        let sc = b.constant("s", Tensor::from_f64_as(dtype, "", vec![], &[s]));
+        let half_s2 = b.constant(
+            "half_s2",
+            Tensor::from_f64_as(dtype, "", vec![], &[s * s / 2.0]),
+        );
+        let two = b.constant("two", Tensor::from_f64_as(dtype, "", vec![], &[2.0]));
+        let ta = vec![("transA", AttrValue::Int(1))];
+        let p = match ad.layout {
+            Layout::InOut => b.op("Gemm", "AtW", &[&ad.lora_a, &ad.weight], ta.clone()),
+            Layout::OutIn => b.op(
+                "Gemm",
+                "AtW",
+                &[&ad.lora_a, &ad.weight],
+                vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
+            ),
+        };
+        let ata = b.op("Gemm", "AtA", &[&ad.lora_a, &ad.lora_a], ta.clone());
+        let atab = b.op("MatMul", "AtAB", &[&ata, &ad.lora_b], vec![]);
+        let c1 = b.op("Mul", "sP", &[&p, &sc], vec![]);
+        let c2 = b.op("Mul", "quad", &[&atab, &half_s2], vec![]);
+        let c = b.op("Add", "C", &[&c1, &c2], vec![]);
+        let btc = b.op("Gemm", "BtC", &[&ad.lora_b, &c], ta);
+        let ctb = b.op(
             "Transpose",
-            "Dt",
-            &[&d],
+            "CtB",
+            &[&btc],
             vec![("perm", AttrValue::Ints(vec![1, 0]))],
         );
-        let gram = b.op("MatMul", "gram", &[&dt, &d], vec![]);
-        let out = ad.out_features as usize;
+        let low = b.op("Add", "lowrank", &[&btc, &ctb], vec![]);
+        let vtv = b.op("Add", "VtV", &[&g0, &low], vec![]);
+        let bc = b.op("Mul", "BC", &[&ad.lora_b, &c], vec![]);
+        let ax0 = b.ints("axis0", &[0]);
+        let cross = b.op(
+            "ReduceSum",
+            "cross",
+            &[&bc, &ax0],
+            vec![("keepdims", AttrValue::Int(0))],
+        );
+        let cross2 = b.op("Mul", "cross2", &[&cross, &two], vec![]);
+        let col = b.op("Add", "colsq", &[&sq0, &cross2], vec![]);
+        let n = b.op("Sqrt", "colnorm", &[&col], vec![]);
+        // DᵀD = diag(1/n)·V'ᵀV'·diag(1/n): divide columns by n, then rows by n.
+        let n_col = b.ints("n_col_shape", &[out as i64, 1]);
+        let n_rows = b.op("Reshape", "colnorm_rows", &[&n, &n_col], vec![]);
+        let by_col = b.op("Div", "gram_cols", &[&vtv, &n], vec![]);
+        let gram = b.op("Div", "gram", &[&by_col, &n_rows], vec![]);
+        debug_assert_eq!(out, ad.out_features as usize);
         let eye: Vec<f64> = (0..out * out)
             .map(|k| if k / out == k % out { 1.0 } else { 0.0 })
             .collect();
