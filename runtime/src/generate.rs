@@ -226,17 +226,37 @@ pub fn greedy(
     prompts: &[Vec<i64>],
     opts: &GenerateOptions,
 ) -> Result<Vec<Vec<i64>>, GenerateError> {
-    if opts.no_repeat_ngram > 0 {
-        let mut lm = NoRepeat {
-            inner: lm,
-            n: opts.no_repeat_ngram,
-        };
-        let opts = GenerateOptions {
+    with_no_repeat(lm, opts, |lm, opts| greedy_plain(lm, prompts, opts))
+}
+
+/// Runs `f` on `lm`, wrapped in [`NoRepeat`] when `opts` asks for it (the options `f` gets
+/// then no longer do, so the wrapper is applied once).
+fn with_no_repeat<T>(
+    lm: &mut dyn NextToken,
+    opts: &GenerateOptions,
+    f: impl FnOnce(&mut dyn NextToken, &GenerateOptions) -> T,
+) -> T {
+    if opts.no_repeat_ngram == 0 {
+        return f(lm, opts);
+    }
+    let mut wrapped = NoRepeat {
+        inner: lm,
+        n: opts.no_repeat_ngram,
+    };
+    f(
+        &mut wrapped,
+        &GenerateOptions {
             no_repeat_ngram: 0,
             ..*opts
-        };
-        return greedy(&mut lm, prompts, &opts);
-    }
+        },
+    )
+}
+
+fn greedy_plain(
+    lm: &mut dyn NextToken,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+) -> Result<Vec<Vec<i64>>, GenerateError> {
     let mut seqs: Vec<Vec<i64>> = prompts.to_vec();
     let mut out = vec![vec![]; prompts.len()];
     let mut live: Vec<usize> = (0..prompts.len()).collect();
@@ -281,17 +301,14 @@ pub fn beam_search(
     prompt: &[i64],
     opts: &GenerateOptions,
 ) -> Result<Vec<Hypothesis>, GenerateError> {
-    if opts.no_repeat_ngram > 0 {
-        let mut lm = NoRepeat {
-            inner: lm,
-            n: opts.no_repeat_ngram,
-        };
-        let opts = GenerateOptions {
-            no_repeat_ngram: 0,
-            ..*opts
-        };
-        return beam_search(&mut lm, prompt, &opts);
-    }
+    with_no_repeat(lm, opts, |lm, opts| beam_plain(lm, prompt, opts))
+}
+
+fn beam_plain(
+    lm: &mut dyn NextToken,
+    prompt: &[i64],
+    opts: &GenerateOptions,
+) -> Result<Vec<Hypothesis>, GenerateError> {
     let k = opts.beam_width;
     if k == 0 {
         return Err(GenerateError::NoBeams);

@@ -272,12 +272,12 @@ fn generate_prints_one_text_per_prompt() {
         "name[Aromi], eatType[pub] || \n\nname[The Eagle] || \n",
     )
     .unwrap();
-    let run = |extra: &[&str]| {
+    let run_with = |tensors: &Path, extra: &[&str]| {
         bidora()
             .arg("generate")
             .arg(&art)
             .arg("--tensors")
-            .arg(art.join("init.safetensors"))
+            .arg(tensors)
             .arg("--tokenizer")
             .arg(&tok)
             .args(["--threads", "1"])
@@ -285,6 +285,8 @@ fn generate_prints_one_text_per_prompt() {
             .output()
             .unwrap()
     };
+    let init = art.join("init.safetensors");
+    let run = |extra: &[&str]| run_with(&init, extra);
     let out = run(&[
         "--max-new-tokens",
         "6",
@@ -340,16 +342,7 @@ fn generate_prints_one_text_per_prompt() {
     // Tensors of another artifact (the BERT one) name the file and what is missing.
     let bert = tmp.path().join("bert");
     compile(&bert);
-    let other = bidora()
-        .arg("generate")
-        .arg(&art)
-        .arg("--tensors")
-        .arg(bert.join("init.safetensors"))
-        .arg("--tokenizer")
-        .arg(&tok)
-        .args(["--prompt", "x"])
-        .output()
-        .unwrap();
+    let other = run_with(&bert.join("init.safetensors"), &["--prompt", "x"]);
     let err = String::from_utf8_lossy(&other.stderr);
     assert!(!other.status.success());
     assert!(
