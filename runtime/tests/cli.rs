@@ -287,14 +287,15 @@ fn generate_prints_one_text_per_prompt() {
     };
     let init = art.join("init.safetensors");
     let run = |extra: &[&str]| run_with(&init, extra);
-    let out = run(&[
+    let three = [
         "--max-new-tokens",
         "6",
         "--prompt",
         "name[Alimentum] || ",
         "--prompts",
         prompts.to_str().unwrap(),
-    ]);
+    ];
+    let out = run(&three);
     assert!(
         out.status.success(),
         "{}",
@@ -302,14 +303,7 @@ fn generate_prints_one_text_per_prompt() {
     );
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(text.lines().count(), 3, "{text}");
-    let again = run(&[
-        "--max-new-tokens",
-        "6",
-        "--prompt",
-        "name[Alimentum] || ",
-        "--prompts",
-        prompts.to_str().unwrap(),
-    ]);
+    let again = run(&three);
     assert_eq!(String::from_utf8_lossy(&again.stdout), text);
     let beams = run(&[
         "--max-new-tokens",
