@@ -280,6 +280,34 @@ fn greedy_plain(
     Ok(out)
 }
 
+/// The continuation of each prompt, end token removed: greedy decoding in batches of
+/// `batch_size` prompts when `opts.beam_width` is 1, else the best beam-search hypothesis
+/// of each prompt.
+pub fn continuations(
+    lm: &mut dyn NextToken,
+    prompts: &[Vec<i64>],
+    opts: &GenerateOptions,
+    batch_size: usize,
+) -> Result<Vec<Vec<i64>>, GenerateError> {
+    let mut out = Vec::with_capacity(prompts.len());
+    if opts.beam_width <= 1 {
+        for chunk in prompts.chunks(batch_size.max(1)) {
+            out.extend(greedy(lm, chunk, opts)?);
+        }
+    } else {
+        for p in prompts {
+            let best = beam_search(lm, p, opts)?.into_iter().next();
+            out.push(best.map(|h| h.tokens).unwrap_or_default());
+        }
+    }
+    for t in &mut out {
+        if t.last().is_some_and(|&x| Some(x) == opts.eos) {
+            t.pop();
+        }
+    }
+    Ok(out)
+}
+
 /// One finished beam-search hypothesis.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Hypothesis {

@@ -325,7 +325,7 @@ struct GenerateArgs {
 
 fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs) -> Result<()> {
     use bidora_runtime::data::tokenize::Encoder;
-    use bidora_runtime::generate::{beam_search, greedy, ProgramLm};
+    use bidora_runtime::generate::{continuations, ProgramLm};
     let art = Artifact::open(artifact)?;
     let sig = art
         .manifest
@@ -386,23 +386,7 @@ fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs)
     if let Some((p, _)) = a.prompts.iter().zip(&ids).find(|(_, i)| i.is_empty()) {
         anyhow::bail!("prompt '{p}' has no tokens");
     }
-    let outs: Vec<Vec<i64>> = if opts.beam_width <= 1 {
-        greedy(&mut lm, &ids, &opts)?
-    } else {
-        ids.iter()
-            .map(|p| {
-                Ok(beam_search(&mut lm, p, &opts)?
-                    .into_iter()
-                    .next()
-                    .map(|h| h.tokens)
-                    .unwrap_or_default())
-            })
-            .collect::<Result<_>>()?
-    };
-    for mut t in outs {
-        if t.last() == Some(&eos) {
-            t.pop();
-        }
+    for t in continuations(&mut lm, &ids, &opts, ids.len())? {
         println!("{}", decoder.decode(&t).map_err(anyhow::Error::msg)?);
     }
     Ok(())

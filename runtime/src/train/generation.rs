@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::config::GenerationConfig;
 use super::{Examples, TrainError};
 use crate::backend::{HostTensor, Program};
-use crate::generate::{beam_search, greedy, GenerateOptions, ProgramLm};
+use crate::generate::{continuations, GenerateOptions, ProgramLm};
 use crate::metrics::{e2e_scores, GenerationScores};
 
 /// One generated text with what it was generated from and scored against.
@@ -98,28 +98,10 @@ pub fn generate_and_score(
     let mut lm = ProgramLm::new(model.program, model.fixed, model.logits, codec.pad)
         .map_err(run)?
         .pad_to_multiple_of(model.pad_to_multiple_of);
-    let mut tokens: Vec<Vec<i64>> = Vec::with_capacity(prompts.len());
-    if cfg.beam_width == 1 {
-        for chunk in prompts.chunks(batch_size.max(1)) {
-            let p: Vec<Vec<i64>> = chunk.iter().map(|(_, p)| p.clone()).collect();
-            tokens.extend(greedy(&mut lm, &p, &opts).map_err(run)?);
-        }
-    } else {
-        for (_, p) in &prompts {
-            let best = beam_search(&mut lm, p, &opts).map_err(run)?;
-            tokens.push(
-                best.into_iter()
-                    .next()
-                    .map(|h| h.tokens)
-                    .unwrap_or_default(),
-            );
-        }
-    }
+    let ids: Vec<Vec<i64>> = prompts.iter().map(|(_, p)| p.clone()).collect();
+    let tokens = continuations(&mut lm, &ids, &opts, batch_size).map_err(run)?;
     let mut out = Vec::with_capacity(prompts.len());
-    for ((g, _), mut t) in prompts.iter().zip(tokens) {
-        if t.last() == Some(&codec.eos) {
-            t.pop();
-        }
+    for ((g, _), t) in prompts.iter().zip(tokens) {
         let (mr, references) = &refs.groups[*g];
         out.push(Generated {
             mr: mr.clone(),
