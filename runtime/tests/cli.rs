@@ -8,16 +8,7 @@ use common::bidora;
 
 /// Writes an artifact for the BERT fixture with the compiler's library (DoRA on q/v, seq-cls).
 fn compile(dir: &Path) {
-    use bidora_compiler::{heads::Task, rewrite::Method};
-    common::write_artifact(
-        dir,
-        "bert_legacy17.onnx",
-        "query,value",
-        Method::Dora,
-        Task::SeqCls,
-        false,
-        0,
-    );
+    common::write_bert_dora(dir, false);
 }
 
 #[test]

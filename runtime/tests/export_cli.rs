@@ -10,16 +10,7 @@ use common::{bidora, root};
 /// A DoRA artifact for the BERT fixture, written by the library as the tests' artifacts are:
 /// its manifest records no model path, so `--model` is needed.
 fn compile(dir: &Path) {
-    use bidora_compiler::{heads::Task, rewrite::Method};
-    common::write_artifact(
-        dir,
-        "bert_legacy17.onnx",
-        "query,value",
-        Method::Dora,
-        Task::SeqCls,
-        true,
-        0,
-    );
+    common::write_bert_dora(dir, true);
 }
 
 #[test]

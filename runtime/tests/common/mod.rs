@@ -52,3 +52,17 @@ pub fn write_artifact(
     let c = pipeline::compile(&model, &opts).unwrap();
     bidora_compiler::artifact::write(&pipeline::artifact(&c, fixture, &opts), dir, false).unwrap();
 }
+
+/// The BERT fixture with DoRA on query/value and a seq-cls head (`train_head`: the
+/// classifier trained too), as the CLI tests use it.
+pub fn write_bert_dora(dir: &Path, train_head: bool) {
+    write_artifact(
+        dir,
+        "bert_legacy17.onnx",
+        "query,value",
+        Method::Dora,
+        Task::SeqCls,
+        train_head,
+        0,
+    );
+}
