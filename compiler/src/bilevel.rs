@@ -45,6 +45,11 @@ pub const ALPHA_FD: &str = "alpha_fd";
 /// Prefixes of the two batches' inputs in the upper program.
 pub const TRAIN_PREFIX: &str = "train.";
 pub const VAL_PREFIX: &str = "val.";
+/// Prefixes of the two batches' symbolic dimension names in the upper program: the trainer
+/// pads each batch to its own longest example, so `train_sequence` and `val_sequence` differ
+/// (one shared `sequence` makes ONNX Runtime's planner reuse buffers of the wrong size).
+pub const TRAIN_DIM_PREFIX: &str = "train_";
+pub const VAL_DIM_PREFIX: &str = "val_";
 /// The upper program's validation-loss output.
 pub const VAL_LOSS: &str = "val.loss";
 
@@ -254,9 +259,10 @@ pub fn upper_program(
             .expect("a graph input")
     };
     for (orig, t, v) in &batch_inputs {
-        for n in [t, v] {
+        for (n, dims) in [(t, TRAIN_DIM_PREFIX), (v, VAL_DIM_PREFIX)] {
             let mut vi = input_info(orig);
             vi.name = n.clone();
+            vi.ty = vi.ty.map(|t| t.with_dims_renamed(|d| format!("{dims}{d}")));
             g.inputs.push(vi);
         }
     }

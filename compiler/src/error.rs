@@ -49,6 +49,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An emitted program breaks a rule of [`crate::check`]: a compiler bug, or a model the
+    /// passes mishandle.
+    #[error("emitted program {program} fails its check: {msg} (this is a bidora-compile bug; please report it with the model)")]
+    Program { program: String, msg: String },
+
     #[error("{0}")]
     Other(String),
 }

@@ -29,6 +29,19 @@ pub enum Task {
     CausalLm,
 }
 
+impl Task {
+    /// The `--task` spelling (and the manifest's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::SeqCls => "seq-cls",
+            Task::Regression => "regression",
+            Task::MultiLabel => "multi-label",
+            Task::TokenCls => "token-cls",
+            Task::CausalLm => "causal-lm",
+        }
+    }
+}
+
 /// The label value peft and transformers ignore in token-level losses.
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -80,6 +93,22 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
             let v = vocab.ok_or_else(|| {
                 Error::Other("the logits' last dim (classes) must be known".into())
             })?;
+            if v < 2 {
+                // log_softmax over one class is 0 whatever the logit: nothing would train.
+                let hint = match task {
+                    Task::SeqCls => {
+                        "; for one real-valued output per example (an export with \
+                                     num_labels=1) use --task regression"
+                    }
+                    _ => "",
+                };
+                return Err(Error::Other(format!(
+                    "{} needs at least 2 classes, but logits '{logits}' are {}: cross-entropy \
+                     over one class is identically 0{hint}",
+                    task.name(),
+                    lf.display()
+                )));
+            }
             let (label, mask) = match task {
                 Task::SeqCls => {
                     if lf.rank() != 2 {

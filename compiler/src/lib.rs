@@ -5,6 +5,8 @@
 //! - [`onnx_io`]: reading and writing model files, external data, path safety.
 //! - [`ir`]: the graph IR and its lossless conversion from and to protobuf.
 //! - [`shape`]: dtype and symbolic shape inference; [`ops`]: per-op-family rules.
+//! - [`check`]: the rules every emitted program must pass (structure, types, independent
+//!   inputs' dimension names).
 //! - [`targets`]: finding the linear ops that can carry adapters, peft-style matching.
 //! - [`rewrite`]: the LoRA/DoRA rewrite and the lowering of composite nodes to plain ONNX.
 //! - [`artifact`]: the output folder (programs, `init.safetensors`, `manifest.json`).
@@ -15,6 +17,7 @@
 pub mod artifact;
 pub mod autodiff;
 pub mod bilevel;
+pub mod check;
 pub mod dump;
 pub mod error;
 pub mod export;

@@ -18,7 +18,7 @@
 //! the program.
 
 use crate::ir::builder::Builder;
-use crate::ir::{DataType, Dim, Graph, Model, OpsetImport, ValueInfo, ValueType};
+use crate::ir::{DataType, Dim, Graph, Model, ValueInfo, ValueType};
 
 /// The scalar inputs, in graph order.
 pub const SCALARS: [&str; 9] = [
@@ -95,16 +95,5 @@ pub fn adamw_program(params: &[(String, Vec<usize>)]) -> Model {
         }
     }
     g.nodes = nodes;
-    Model {
-        ir_version: 9,
-        opset_imports: vec![OpsetImport::new("", 18)],
-        producer_name: "bidora-compile".into(),
-        producer_version: env!("CARGO_PKG_VERSION").into(),
-        domain: String::new(),
-        model_version: 0,
-        doc_string: "AdamW step (bidora_compiler::optim)".into(),
-        metadata_props: vec![],
-        graph: g,
-        passthrough: Default::default(),
-    }
+    Model::emitted(g, 18, "AdamW step (bidora_compiler::optim)")
 }

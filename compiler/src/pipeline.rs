@@ -5,6 +5,7 @@ use indexmap::IndexMap;
 use crate::artifact::{self, Artifact, Manifest};
 use crate::autodiff;
 use crate::bilevel::{self, Groups, Hypergrad};
+use crate::check::{self, InputGroup};
 use crate::error::Result;
 use crate::heads::{self, Head, Task};
 use crate::ir::{Model, Tensor};
@@ -78,9 +79,14 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     let lowered = rewrite::lower(&adapted.model)?;
     let mut forward = rewrite::strip_markers(&lowered);
     crate::ir::topo::toposort(&mut forward.graph)?;
-    // Type-check the emitted program: a rewrite bug fails here, naming the node, rather than
-    // in a runtime on another machine.
-    crate::shape::infer(&forward)?;
+    // Check the emitted programs: a rewrite bug fails here, naming the node, rather than in a
+    // runtime on another machine.
+    let trainable: Vec<String> = adapted.init.keys().cloned().collect();
+    check::program(
+        artifact::FORWARD,
+        &forward,
+        &[batch_group(&forward, &trainable)],
+    )?;
     let mut bilevel_programs = None;
     let training = match opts.task {
         None => None,
@@ -97,6 +103,22 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                 )?;
                 let upper =
                     bilevel::upper_program(&with_loss, &head, &groups, &lower.grads, bo.hypergrad)?;
+                check::program(
+                    artifact::LOWER,
+                    &lower.model,
+                    &[batch_group(&lower.model, &trainable)],
+                )?;
+                let groups_of = |pick: fn(&(String, String, String)) -> &String| {
+                    upper.batch_inputs.iter().map(pick).cloned()
+                };
+                check::program(
+                    artifact::UPPER,
+                    &upper.model,
+                    &[
+                        InputGroup::new("training batch", groups_of(|b| &b.1)),
+                        InputGroup::new("validation batch", groups_of(|b| &b.2)),
+                    ],
+                )?;
                 bilevel_programs = Some(BilevelPrograms {
                     options: bo,
                     groups,
@@ -104,7 +126,6 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                     upper,
                 });
             }
-            let trainable: Vec<String> = adapted.init.keys().cloned().collect();
             let grads = autodiff::backward(&with_loss, &head.loss, &trainable)?;
             let mut train_step = rewrite::strip_markers(&grads.model);
             // Outputs: loss first, then the gradients, then the logits.
@@ -116,7 +137,9 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                 .flatten()
                 .collect();
             let eval = rewrite::strip_markers(&with_loss);
-            crate::shape::infer(&train_step)?;
+            for (file, m) in [(artifact::TRAIN_STEP, &train_step), (artifact::EVAL, &eval)] {
+                check::program(file, m, &[batch_group(m, &trainable)])?;
+            }
             Some(TrainPrograms {
                 head,
                 train_step,
@@ -134,6 +157,22 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
         training,
         bilevel: bilevel_programs,
     })
+}
+
+/// A single-batch program's data and label inputs: every input but the trainable tensors and
+/// the scalar hyperparameters.
+fn batch_group(model: &Model, trainable: &[String]) -> InputGroup {
+    let scalars = [bilevel::GAMMA, bilevel::XI, bilevel::ALPHA_FD];
+    InputGroup::new(
+        "batch",
+        model
+            .graph
+            .inputs
+            .iter()
+            .map(|i| &i.name)
+            .filter(|n| !trainable.contains(n) && !scalars.contains(&n.as_str()))
+            .cloned(),
+    )
 }
 
 /// Packs a compilation into the artifact folder's contents.

@@ -70,6 +70,22 @@ pub struct ModelPassthrough {
 }
 
 impl Model {
+    /// A model written by the compiler: `graph` on the given ai.onnx opset.
+    pub fn emitted(graph: Graph, opset: i64, doc_string: &str) -> Model {
+        Model {
+            ir_version: 9,
+            opset_imports: vec![OpsetImport::new("", opset)],
+            producer_name: "bidora-compile".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            domain: String::new(),
+            model_version: 0,
+            doc_string: doc_string.into(),
+            metadata_props: vec![],
+            graph,
+            passthrough: Default::default(),
+        }
+    }
+
     /// The opset version imported for the default ONNX domain.
     pub fn onnx_opset(&self) -> Option<i64> {
         self.opset_imports
@@ -185,6 +201,21 @@ impl ValueType {
             shape: Some(shape),
             denotation: String::new(),
         }
+    }
+
+    /// The same type with every symbolic dimension renamed by `f`.
+    pub fn with_dims_renamed(mut self, f: impl Fn(&str) -> String) -> ValueType {
+        if let ValueType::Tensor {
+            shape: Some(dims), ..
+        } = &mut self
+        {
+            for d in dims.iter_mut() {
+                if let Dim::Sym(s) = d {
+                    *s = f(s);
+                }
+            }
+        }
+        self
     }
 }
 

@@ -18,10 +18,6 @@ pub const OPS: &[OpDef] = &[
     },
 ];
 
-fn compatible(a: &crate::shape::DimExpr, b: &crate::shape::DimExpr) -> bool {
-    a == b || a.is_symbolic() || b.is_symbolic()
-}
-
 fn matmul(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let (a, b) = (cx.input(0)?, cx.input(1)?);
     if a.rank() == 0 || b.rank() == 0 {
@@ -39,7 +35,7 @@ fn matmul(cx: &mut InferCx) -> Result<Vec<Fact>> {
     }
     let (m, ka) = (&sa[sa.len() - 2], &sa[sa.len() - 1]);
     let (kb, n) = (&sb[sb.len() - 2], &sb[sb.len() - 1]);
-    if !compatible(ka, kb) {
+    if !cx.unify(ka, kb) {
         return Err(cx.err(format!(
             "inner dimensions differ: {} × {}",
             dims_str(&a.shape),
@@ -77,7 +73,7 @@ fn gemm(cx: &mut InferCx) -> Result<Vec<Fact>> {
     } else {
         (&b.shape[0], &b.shape[1])
     };
-    if !compatible(ka, kb) {
+    if !cx.unify(ka, kb) {
         return Err(cx.err(format!("inner dimensions differ: {ka} vs {kb}")));
     }
     let out = vec![m.clone(), n.clone()];

@@ -18,7 +18,7 @@ pub mod nn;
 pub mod reduce;
 pub mod shape_ops;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
@@ -28,12 +28,25 @@ use crate::ir::{DataType, Node, BIDORA_DOMAIN};
 use crate::shape::{DimExpr, Fact};
 
 /// What a shape rule sees: the node, its input facts (None for omitted optional inputs), the
-/// model's ai.onnx opset, and a source of fresh opaque symbols.
+/// model's ai.onnx opset, a source of fresh opaque symbols, and the log of equalities between
+/// different symbolic sizes that the rules had to assume.
 pub struct InferCx<'a> {
     pub node: &'a Node,
     pub inputs: Vec<Option<&'a Fact>>,
     pub opset: i64,
     pub fresh: &'a Cell<usize>,
+    pub assumed: &'a RefCell<Vec<Assumed>>,
+}
+
+/// Two different symbolic sizes that a rule treated as equal (a broadcast of `batch` against
+/// `val_batch`, a MatMul's inner dimensions). Inference cannot prove them equal; a runtime's
+/// memory planner may take them to be. [`crate::check`] refuses those that join sizes of
+/// independent inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assumed {
+    pub node: String,
+    pub a: DimExpr,
+    pub b: DimExpr,
 }
 
 pub type InferFn = fn(&mut InferCx) -> Result<Vec<Fact>>;
@@ -82,6 +95,22 @@ impl InferCx<'_> {
         fresh_dim(self.fresh)
     }
 
+    /// Whether two sizes can be equal; records the assumption when both are symbolic and
+    /// differ (a symbol against a known size is taken to be that size, which a runtime checks).
+    pub fn unify(&self, a: &DimExpr, b: &DimExpr) -> bool {
+        if a == b {
+            return true;
+        }
+        if a.is_symbolic() && b.is_symbolic() {
+            self.assumed.borrow_mut().push(Assumed {
+                node: self.node.label(),
+                a: a.clone(),
+                b: b.clone(),
+            });
+        }
+        a.is_symbolic() || b.is_symbolic()
+    }
+
     /// Known integer contents of input i (axes, shapes, starts/ends).
     pub fn input_ints(&self, i: usize) -> Result<Vec<i64>> {
         self.input(i)?.known_ints().ok_or_else(|| {
@@ -119,7 +148,10 @@ impl InferCx<'_> {
                     // A known size against a symbol: the known one (the symbol must equal it).
                     Some(cur) if cur.is_symbolic() && !d.is_symbolic() => d.clone(),
                     Some(cur) if !cur.is_symbolic() && d.is_symbolic() => cur,
-                    Some(cur) if cur.is_symbolic() && d.is_symbolic() => cur,
+                    Some(cur) if cur.is_symbolic() && d.is_symbolic() => {
+                        self.unify(&cur, d);
+                        cur
+                    }
                     Some(cur) => {
                         let all: Vec<String> = shapes.iter().map(|s| dims_str(s)).collect();
                         return Err(self.err(format!(

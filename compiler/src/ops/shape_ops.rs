@@ -322,6 +322,9 @@ fn concat(cx: &mut InferCx) -> Result<Vec<Fact>> {
                 dims_str(&f.shape)
             )));
         }
+        for d in (0..f.rank()).filter(|&d| d != axis) {
+            cx.unify(&shape[d], &f.shape[d]);
+        }
         total = total.and_then(|t| t.add(&f.shape[axis]));
         values = match (values, &f.value) {
             (Some(mut a), Some(b)) if first.rank() <= 1 => {

@@ -39,6 +39,11 @@ impl DimExpr {
         !self.syms.is_empty()
     }
 
+    /// The names of the symbols in the expression.
+    pub fn symbols(&self) -> impl Iterator<Item = &str> {
+        self.syms.keys().map(String::as_str)
+    }
+
     pub fn mul(&self, o: &DimExpr) -> DimExpr {
         let mut syms = self.syms.clone();
         for (s, p) in &o.syms {

@@ -8,14 +8,14 @@
 
 pub mod dim;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 pub use dim::DimExpr;
 
 use crate::error::{Error, Result};
 use crate::ir::{DataType, Dim, Graph, Model, Tensor, ValueType};
-use crate::ops::{self, InferCx};
+use crate::ops::{self, Assumed, InferCx};
 
 /// Integer tensors with at most this many elements have their contents tracked.
 pub const MAX_TRACKED_VALUES: usize = 64;
@@ -69,6 +69,8 @@ impl Fact {
 #[derive(Clone, Debug, Default)]
 pub struct Facts {
     map: HashMap<String, Fact>,
+    /// Equalities of different symbolic sizes the rules assumed, in node order.
+    pub assumed: Vec<Assumed>,
 }
 
 impl Facts {
@@ -109,6 +111,7 @@ pub fn infer(model: &Model) -> Result<Facts> {
 
 pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
     let fresh = Cell::new(0usize);
+    let assumed = RefCell::new(vec![]);
     let mut facts = Facts::default();
     for (name, t) in &graph.initializers {
         facts.insert(name.clone(), tensor_fact(t));
@@ -166,6 +169,7 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
             inputs,
             opset,
             fresh: &fresh,
+            assumed: &assumed,
         };
         let outs = (rule.infer)(&mut cx)?;
         // A named output the op does not have would otherwise stay without a fact and fail
@@ -188,6 +192,7 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
             }
         }
     }
+    facts.assumed = assumed.into_inner();
     Ok(facts)
 }
 
