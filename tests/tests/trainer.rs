@@ -13,7 +13,7 @@ use bidora_runtime::train::{self, Examples, Method, RunData, TrainConfig, TrainE
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
 
-const SEQ: usize = 16;
+const SEQ: usize = 32;
 
 fn sst2() -> Vec<(String, i64)> {
     let text =
@@ -27,7 +27,9 @@ fn sst2() -> Vec<(String, i64)> {
         .collect()
 }
 
-/// `<s>`, words hashed (FNV-1a) into 3..1000, padding id 1 (the fixture has no tokenizer).
+/// `<s>`, words hashed (FNV-1a) into 3..1000, padding id 1 (the fixture has no tokenizer);
+/// each batch padded to its own longest sentence (at most `SEQ` tokens), as the trainer's
+/// data layer pads, so training and validation batches differ in length.
 struct Hashed(Vec<(String, i64)>);
 
 impl Examples for Hashed {
@@ -35,30 +37,36 @@ impl Examples for Hashed {
         self.0.len()
     }
     fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
-        let (mut ids, mut mask, mut labels) = (vec![], vec![], vec![]);
-        for &i in idx {
-            let (s, y) = &self.0[i];
-            let mut row = vec![0i64];
-            for w in s.split_whitespace().take(SEQ - 1) {
-                let h = w.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-                    (h ^ b as u64).wrapping_mul(0x100000001b3)
-                });
-                row.push(3 + (h % 997) as i64);
-            }
+        let rows: Vec<Vec<i64>> = idx
+            .iter()
+            .map(|&i| {
+                let mut row = vec![0i64];
+                for w in self.0[i].0.split_whitespace().take(SEQ - 1) {
+                    let h = w.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100000001b3)
+                    });
+                    row.push(3 + (h % 997) as i64);
+                }
+                row
+            })
+            .collect();
+        let len = rows.iter().map(Vec::len).max().unwrap_or(1);
+        let (mut ids, mut mask) = (vec![], vec![]);
+        for mut row in rows {
             let mut m = vec![1i64; row.len()];
-            row.resize(SEQ, 1);
-            m.resize(SEQ, 0);
+            row.resize(len, 1);
+            m.resize(len, 0);
             ids.extend(row);
             mask.extend(m);
-            labels.push(*y);
         }
+        let labels = idx.iter().map(|&i| self.0[i].1).collect();
         let b = idx.len();
         let t = |s: &[usize], v: Vec<i64>| {
             HostTensor::I64(ArrayD::from_shape_vec(IxDyn(s), v).unwrap())
         };
         Ok(vec![
-            ("input_ids".into(), t(&[b, SEQ], ids)),
-            ("attention_mask".into(), t(&[b, SEQ], mask)),
+            ("input_ids".into(), t(&[b, len], ids)),
+            ("attention_mask".into(), t(&[b, len], mask)),
             ("labels".into(), t(&[b], labels)),
         ])
     }
