@@ -1,5 +1,7 @@
 //! train_step in tract against ONNX Runtime (the `ort` backend, CPU) on the same batch and
 //! thread count: medians of repeated runs after a warm-up, and the ratio tract / ort.
+//! Batches are **fixed-length** and unpadded (8 × 32, 8 × 128, full attention mask); the
+//! iteration bench's last table runs real, dynamically padded batches.
 //!
 //! `cargo bench -p bidora-tests --bench backends` (results: BENCHMARKS.md). Needs an ONNX
 //! Runtime library (`pip install onnxruntime`); the MiniLM row needs

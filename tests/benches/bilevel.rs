@@ -1,6 +1,9 @@
 //! Cost of BiDoRA's programs relative to one single-level step, in tract, on the same batch:
 //! the upper program (hypergradient) per mode as a ratio to one DoRA `train_step`, and a
 //! whole iteration (lower + upper) as a ratio to one LoRA `train_step`.
+//! Batches are **fixed-length** and unpadded, and the upper program's training and validation
+//! batches have the same shape; the iteration bench's last table runs real, dynamically
+//! padded batches of different lengths.
 //! Targets (issue "BiDoRA programs"): upper / train_step ≤ 3.0 for `fd` (with the lower
 //! step's g reused) and `exact`, ≤ 2.0 for `fd-forward`.
 //!

@@ -7,8 +7,15 @@
 //! Targets (issue "Runtime and bidora CLI"): DoRA ≤ 1.10× LoRA; one BiDoRA iteration
 //! (unroll 1) ≤ 4.0× LoRA with `fd` and ≤ 3.0× with `fd-forward`.
 //!
+//! The main tables feed **fixed-length** synthetic batches (every batch 32 × 128, no padding),
+//! so that timings compare like with like; the last table feeds **real SST-2 batches**
+//! through the data layer (the quickstart's tokenizer and config, each batch padded to its
+//! own longest sentence, rounded up to a multiple of 16), where training and validation
+//! batches differ in length from step to step as in a user's run.
+//!
 //! `cargo bench -p bidora-tests --bench iteration` (results: BENCHMARKS.md). Set
-//! `BIDORA_BENCH_STEPS` to change the number of timed steps (default 4). ONNX Runtime rows
+//! `BIDORA_BENCH_STEPS` to change the number of timed steps (default 4), and
+//! `BIDORA_BENCH_ONLY=real` to run the real-batch table alone. ONNX Runtime rows
 //! need the `onnxruntime` Python package (or ORT_DYLIB_PATH) and are skipped without.
 
 use std::collections::BTreeMap;
@@ -66,7 +73,19 @@ fn artifact(dir: &Path, method: AdapterMethod, mode: Option<Hypergrad>) -> Artif
     write_artifact(&model, &opts, "model.onnx", dir)
 }
 
-/// Median seconds per part over the timed steps of one run.
+/// The trainer settings of every timed run.
+fn bench_sets(method: Method) -> Vec<String> {
+    vec![
+        format!("method={}", format!("{method:?}").to_lowercase()),
+        format!("batch_size={BATCH}"),
+        "steps=1000".into(),
+        "retrain_steps=0".into(),
+        "eval_every=0".into(),
+        "checkpoint_every=0".into(),
+    ]
+}
+
+/// Median seconds per part over the timed steps of one run on fixed-length synthetic batches.
 fn measure(
     art: &Artifact,
     be: &dyn Backend,
@@ -74,17 +93,8 @@ fn measure(
     steps: usize,
     resident: bool,
 ) -> BTreeMap<String, f64> {
-    let run = tempfile::tempdir().unwrap();
-    let sets: Vec<String> = [
-        format!("method={}", format!("{method:?}").to_lowercase()),
-        format!("batch_size={BATCH}"),
-        "steps=1000".into(),
-        "retrain_steps=0".into(),
-        "eval_every=0".into(),
-        "checkpoint_every=0".into(),
-        "data.train=synthetic".into(),
-    ]
-    .into();
+    let mut sets = bench_sets(method);
+    sets.push("data.train=synthetic".into());
     let cfg = TrainConfig::parse("", "bench", &sets).unwrap();
     let n = 10 * BATCH;
     let (train_idx, val_idx) = bidora_runtime::train::split(n, cfg.val_ratio, cfg.seed);
@@ -94,6 +104,94 @@ fn measure(
         val_idx,
         test: None,
     };
+    timed(art, be, cfg, data, steps, resident)
+}
+
+/// The same on real SST-2 sentences through the data layer, each batch padded to its own
+/// longest sentence (the quickstart's config: max_len 64, lengths rounded up to 16).
+fn measure_real(
+    art: &Artifact,
+    be: &dyn Backend,
+    method: Method,
+    steps: usize,
+) -> BTreeMap<String, f64> {
+    let config = repo_root().join("examples/sst2/train.toml");
+    let mut sets = bench_sets(method);
+    sets.push("data.limit=2000".into());
+    let cfg = TrainConfig::parse(
+        &std::fs::read_to_string(&config).unwrap(),
+        "train.toml",
+        &sets,
+    )
+    .unwrap();
+    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
+        .inputs
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let data = bidora_runtime::train::dataset::load(
+        &cfg.data,
+        config.parent().unwrap(),
+        &eval_inputs,
+        "seq-cls",
+        cfg.val_ratio,
+        cfg.seed,
+    )
+    .unwrap();
+    timed(art, be, cfg, data, steps, false)
+}
+
+/// (min, mean, max) padded length of the real data's batches of `BATCH` consecutive
+/// training examples: how far they are from the fixed 128.
+fn real_lengths(art: &Artifact) -> (usize, f64, usize) {
+    let config = repo_root().join("examples/sst2/train.toml");
+    let cfg = TrainConfig::parse(
+        &std::fs::read_to_string(&config).unwrap(),
+        "train.toml",
+        &["data.limit=2000".to_string()],
+    )
+    .unwrap();
+    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
+        .inputs
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    let d = bidora_runtime::train::dataset::load(
+        &cfg.data,
+        config.parent().unwrap(),
+        &eval_inputs,
+        "seq-cls",
+        cfg.val_ratio,
+        cfg.seed,
+    )
+    .unwrap();
+    let lens: Vec<usize> = d
+        .train_idx
+        .chunks(BATCH)
+        .map(|c| {
+            let b = d.data.batch(c).unwrap();
+            b.iter().find(|(n, _)| n == "input_ids").unwrap().1.shape()[1]
+        })
+        .collect();
+    let mean = lens.iter().sum::<usize>() as f64 / lens.len() as f64;
+    (
+        *lens.iter().min().unwrap(),
+        mean,
+        *lens.iter().max().unwrap(),
+    )
+}
+
+/// Runs `steps` + 1 steps and takes the medians of the logged per-step seconds, skipping the
+/// first (plan building).
+fn timed(
+    art: &Artifact,
+    be: &dyn Backend,
+    cfg: TrainConfig,
+    data: RunData,
+    steps: usize,
+    resident: bool,
+) -> BTreeMap<String, f64> {
+    let run = tempfile::tempdir().unwrap();
     let mut t = Trainer::new(cfg, art, be, data, run.path(), false).unwrap();
     if resident {
         t = t.resident(be).unwrap();
@@ -151,9 +249,13 @@ fn main() {
     );
     println!("| backend | threads | LoRA s | DoRA s | BiDoRA fd s | BiDoRA fd-forward s | DoRA / LoRA | fd / LoRA | fd-forward / LoRA | split of the fd iteration |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let real_only = std::env::var("BIDORA_BENCH_ONLY").as_deref() == Ok("real");
     let mut resident_rows = vec![];
     for kind in [BackendKind::Tract, BackendKind::Ort] {
         for threads in [1, 2] {
+            if real_only {
+                break;
+            }
             let opts = BackendOptions {
                 threads,
                 ..Default::default()
@@ -196,6 +298,40 @@ fn main() {
             r["total"],
             r["total"] / host,
             split_of(&r)
+        );
+    }
+    // Real batches: what a user's run feeds (lengths differ between the training and the
+    // validation batch of one iteration, and from step to step).
+    let (lo, mean, hi) = real_lengths(&fd);
+    println!();
+    println!(
+        "Real SST-2 batches of {BATCH} (first 2,000 training sentences, the quickstart's \
+         tokenizer, each batch padded to its longest sentence rounded up to 16: lengths \
+         {lo}–{hi}, mean {mean:.1}), one thread:"
+    );
+    println!("| backend | LoRA s | BiDoRA fd s | fd / LoRA | split of the fd iteration |");
+    println!("|---|---|---|---|---|");
+    for kind in [BackendKind::Tract, BackendKind::Ort] {
+        let opts = BackendOptions {
+            threads: 1,
+            ..Default::default()
+        };
+        let be = match backend::select(kind, &opts) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("| {kind:?} | skipped: {e} | | | |");
+                continue;
+            }
+        };
+        let l = measure_real(&lora, &*be, Method::Lora, steps);
+        let b = measure_real(&fd, &*be, Method::Bidora, steps);
+        println!(
+            "| {} | {:.3} | {:.3} | {:.2} | {} |",
+            be.name(),
+            l["total"],
+            b["total"],
+            b["total"] / l["total"],
+            split_of(&b)
         );
     }
 }

