@@ -151,7 +151,10 @@ impl Artifact {
     }
 
     /// Inputs for one run of `program` on a synthetic batch: token ids and masks of
-    /// `batch × seq`, zero labels, and the trainable tensors' initial values.
+    /// `batch × seq`, zero labels, and the trainable tensors' initial values. Each symbolic
+    /// dimension name gets its own size: the first name seen at an axis takes `batch` (axis 0)
+    /// or `seq`, the next one a size smaller, and so on (at least 1), so the upper program's
+    /// validation batch differs from its training batch as in a real run.
     pub fn example_inputs(
         &self,
         program: &ProgramSig,
@@ -159,6 +162,8 @@ impl Artifact {
         seq: usize,
     ) -> Result<Vec<(String, HostTensor)>> {
         let mut out = vec![];
+        let mut sizes: std::collections::HashMap<String, usize> = Default::default();
+        let mut seen_at: std::collections::HashMap<usize, usize> = Default::default();
         for sig in &program.inputs {
             if let Some((_, a)) = self.init.iter().find(|(n, _)| *n == sig.name) {
                 out.push((sig.name.clone(), HostTensor::F32(a.clone())));
@@ -170,10 +175,17 @@ impl Artifact {
                 .unwrap_or_default()
                 .iter()
                 .enumerate()
-                .map(|(i, d)| match d.as_u64() {
-                    Some(v) => v as usize,
-                    None if i == 0 => batch,
-                    None => seq,
+                .map(|(i, d)| {
+                    let base = if i == 0 { batch } else { seq };
+                    match (d.as_u64(), d.as_str()) {
+                        (Some(v), _) => v as usize,
+                        (None, Some(name)) => *sizes.entry(name.to_string()).or_insert_with(|| {
+                            let k = seen_at.entry(i).or_default();
+                            *k += 1;
+                            base.saturating_sub(*k - 1).max(1)
+                        }),
+                        (None, None) => base,
+                    }
                 })
                 .collect();
             let n: usize = dims.iter().product();

@@ -25,7 +25,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load every program of an artifact and run it once on a synthetic batch, printing the
-    /// backend chosen and each output's shape (and the loss).
+    /// backend chosen, what was fed and each output's shape (and the loss). A program that
+    /// takes two batches (BiDoRA's upper) gets a second one a size smaller in each dimension,
+    /// as real, separately padded batches differ.
     /// Example: `bidora check run/artifact --backend ort`.
     Check {
         /// The artifact folder written by bidora-compile.
@@ -255,6 +257,12 @@ fn check(
             prog.file,
             t.elapsed().as_secs_f64()
         );
+        // What was fed: each independent batch gets its own sizes (see example_inputs).
+        for (sig, (_, t)) in prog.inputs.iter().zip(&inputs) {
+            if sig.role == "data" || sig.role == "label" {
+                println!("    {:<9} {} {:?}", "input", sig.name, t.shape());
+            }
+        }
         for (sig, o) in prog.outputs.iter().zip(&outs) {
             let (shape, first) = match o {
                 HostTensor::F32(a) => (a.shape().to_vec(), a.iter().next().map(|v| *v as f64)),

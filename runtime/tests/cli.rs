@@ -43,6 +43,54 @@ fn check_runs_every_program_and_prints_the_loss() {
     assert_eq!(s.matches("gradient").count(), 12, "{s}");
 }
 
+/// `bidora check` feeds BiDoRA's upper program a validation batch of other sizes than its
+/// training batch (as a real run does), and ONNX Runtime runs it.
+#[test]
+fn check_feeds_the_upper_program_batches_of_different_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    common::write_artifact_with(
+        &art,
+        "bert_legacy17.onnx",
+        "query,value",
+        bidora_compiler::rewrite::Method::Dora,
+        bidora_compiler::heads::Task::SeqCls,
+        false,
+        0,
+        Some(bidora_compiler::pipeline::BilevelOptions {
+            hypergrad: bidora_compiler::bilevel::Hypergrad::Fd,
+            regularizer: bidora_compiler::regularizer::RegVariant::Paper,
+        }),
+    );
+    let backends: &[&str] = if ort_installed() {
+        &["tract", "ort"]
+    } else {
+        &["tract"]
+    };
+    for backend in backends {
+        let out = bidora()
+            .args(["check", "--backend", backend, "--batch", "3", "--seq", "9"])
+            .arg(&art)
+            .output()
+            .unwrap();
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{backend}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(s.contains("upper (upper.onnx): ran"), "{backend}:\n{s}");
+        assert!(
+            s.contains("input     train.input_ids [3, 9]"),
+            "{backend}:\n{s}"
+        );
+        assert!(
+            s.contains("input     val.input_ids [2, 8]"),
+            "{backend}:\n{s}"
+        );
+    }
+}
+
 #[test]
 fn check_of_a_folder_without_manifest_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();

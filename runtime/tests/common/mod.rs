@@ -33,6 +33,21 @@ pub fn write_artifact(
     train_head: bool,
     seed: u64,
 ) {
+    write_artifact_with(dir, fixture, target, method, task, train_head, seed, None);
+}
+
+/// [`write_artifact`], with BiDoRA's lower and upper programs when `bilevel` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn write_artifact_with(
+    dir: &Path,
+    fixture: &str,
+    target: &str,
+    method: Method,
+    task: Task,
+    train_head: bool,
+    seed: u64,
+    bilevel: Option<pipeline::BilevelOptions>,
+) {
     let model = bidora_compiler::load_model(&root().join("models").join(fixture)).unwrap();
     let opts = pipeline::CompileOptions {
         targets: TargetSpec::parse(&[target.to_string()], None).unwrap(),
@@ -46,7 +61,7 @@ pub fn write_artifact(
         },
         task: Some(task),
         train_head,
-        bilevel: None,
+        bilevel,
         lm_labels: false,
     };
     let c = pipeline::compile(&model, &opts).unwrap();
