@@ -15,6 +15,9 @@ use crate::onnx_io;
 use crate::rewrite::{AdapterConfig, AdapterRecord};
 
 pub const MANIFEST: &str = "manifest.json";
+/// The external data file every program's tensors of 1 KiB or more live in, each stored once
+/// however many programs use it (ONNX external data: location, offset, length).
+pub const WEIGHTS: &str = "weights.bin";
 pub const INIT: &str = "init.safetensors";
 pub const FORWARD: &str = "forward.onnx";
 pub const TRAIN_STEP: &str = "train_step.onnx";
@@ -250,11 +253,21 @@ pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
             path: parent.clone(),
             source: e,
         })?;
-    for (file, model) in &artifact.programs {
-        let proto = convert::model_to_proto(model);
-        // Embedded below protobuf's 2 GiB limit; above it, weights go to `<program>.data`.
-        onnx_io::write_model_auto(&proto, &tmp.path().join(file))?;
-    }
+    // Every program refers to the same frozen weights: stored once, in WEIGHTS.
+    let protos: Vec<(&str, crate::proto::onnx::ModelProto)> = artifact
+        .programs
+        .iter()
+        .map(|(file, model)| (file.as_str(), convert::model_to_proto(model)))
+        .collect();
+    let refs: Vec<(&str, &crate::proto::onnx::ModelProto)> =
+        protos.iter().map(|(f, p)| (*f, p)).collect();
+    onnx_io::write_models_sharing_data(
+        tmp.path(),
+        &refs,
+        WEIGHTS,
+        onnx_io::AUTO_EXTERNAL_THRESHOLD,
+    )?;
+    drop(protos);
     let init = safetensors_bytes(&artifact.init)?;
     let write_file = |name: &str, bytes: &[u8]| {
         let p = tmp.path().join(name);

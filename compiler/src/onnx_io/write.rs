@@ -98,13 +98,14 @@ pub fn write_model(model: &ModelProto, path: &Path, opts: &WriteOptions) -> Resu
         .map_err(|r| unwritable(format!("external data file name `{data_name}`: {r}")))?;
 
     let mut sink = DataSink {
-        model_path: path,
+        model_path: path.to_path_buf(),
         folder,
         data_path: folder.join(&data_name),
         location: data_name,
         threshold: opts.external_data_threshold,
         out: None,
         position: 0,
+        stored: HashMap::new(),
     };
     let stripped = map_model(model, &mut |t, site| sink.place(t, site))?;
     let bytes = encode_model(&stripped);
@@ -112,6 +113,49 @@ pub fn write_model(model: &ModelProto, path: &Path, opts: &WriteOptions) -> Resu
     check_size(&bytes, path)?;
     sink.commit()?;
     write_atomically(path, folder, &bytes)
+}
+
+/// Writes several models into one folder, their tensors of at least `threshold` bytes in one
+/// external data file `data_name` that every model references: a tensor several models
+/// share (same name, same bytes: the frozen weights every program of an artifact holds) is
+/// stored once. Each file is written atomically, the data file first; on error no partial
+/// file is left behind (files already renamed into place stay, so callers stage the folder).
+pub fn write_models_sharing_data(
+    folder: &Path,
+    models: &[(&str, &ModelProto)],
+    data_name: &str,
+    threshold: usize,
+) -> Result<()> {
+    let data_path = folder.join(data_name);
+    let mut sink = DataSink {
+        model_path: data_path.clone(),
+        folder,
+        data_path: data_path.clone(),
+        location: data_name.to_string(),
+        threshold,
+        out: None,
+        position: 0,
+        stored: HashMap::new(),
+    };
+    let mut encoded = Vec::with_capacity(models.len());
+    for (file, model) in models {
+        let path = folder.join(file);
+        check_data_file_name(data_name, file).map_err(|r| OnnxIoError::Unwritable {
+            path: path.clone(),
+            reason: format!("external data file name `{data_name}`: {r}"),
+        })?;
+        sink.model_path = path.clone();
+        let stripped = map_model(model, &mut |t, site| sink.place(t, site))?;
+        let bytes = encode_model(&stripped);
+        drop(stripped);
+        check_size(&bytes, &path)?;
+        encoded.push((path, bytes));
+    }
+    sink.commit()?;
+    for (path, bytes) in encoded {
+        write_atomically(&path, folder, &bytes)?;
+    }
+    Ok(())
 }
 
 pub(super) fn refuse_unloaded(
@@ -160,20 +204,24 @@ pub(super) fn check_data_file_name(name: &str, model_name: &str) -> Result<(), &
 
 /// Collects the payloads that move out of the model into one temporary data file.
 pub(super) struct DataSink<'a> {
-    model_path: &'a Path,
+    /// The model being written, for messages.
+    model_path: PathBuf,
     folder: &'a Path,
     data_path: PathBuf,
     location: String,
     threshold: usize,
     out: Option<BufWriter<NamedTempFile>>,
     position: u64,
+    /// Payloads already written, by (tensor name, length): their bytes and offset, so that a
+    /// tensor several models share is stored once.
+    stored: HashMap<(String, usize), Vec<(bytes::Bytes, u64)>>,
 }
 
 impl DataSink<'_> {
     /// Returns the tensor as it goes into the model file, appending its payload to the data
     /// file when it is large enough.
     fn place(&mut self, t: &TensorProto, site: &dyn Fn() -> String) -> Result<TensorProto> {
-        refuse_unloaded(t, site, self.model_path)?;
+        refuse_unloaded(t, site, &self.model_path)?;
         let raw = match &t.raw_data {
             Some(raw)
                 if raw.len() >= self.threshold && t.data_type != Some(DataType::String as i32) =>
@@ -182,7 +230,24 @@ impl DataSink<'_> {
             }
             _ => return Ok(t.clone()),
         };
+        let key = (t.name.clone().unwrap_or_default(), raw.len());
+        let known = self
+            .stored
+            .get(&key)
+            .and_then(|v| v.iter().find(|(b, _)| b == raw).map(|(_, off)| *off));
+        let offset = match known {
+            Some(off) => off,
+            None => {
+                let off = self.append(raw)?;
+                self.stored.entry(key).or_default().push((raw.clone(), off));
+                off
+            }
+        };
+        Ok(external_ref(t, &self.location, offset, raw.len()))
+    }
 
+    /// Appends a payload at the next aligned offset and returns that offset.
+    fn append(&mut self, raw: &[u8]) -> Result<u64> {
         let write_err = |source| OnnxIoError::Write {
             path: self.data_path.clone(),
             source,
@@ -201,49 +266,7 @@ impl DataSink<'_> {
         let offset = self.position + padding;
         out.write_all(raw).map_err(write_err)?;
         self.position = offset + raw.len() as u64;
-
-        let TensorProto {
-            dims,
-            data_type,
-            segment,
-            float_data,
-            int32_data,
-            string_data,
-            int64_data,
-            name,
-            doc_string,
-            raw_data: _,
-            external_data: _,
-            data_location: _,
-            double_data,
-            uint64_data,
-            metadata_props,
-        } = t;
-        let entry = |key: &str, value: String| StringStringEntryProto {
-            key: Some(key.to_string()),
-            value: Some(value),
-        };
-        Ok(TensorProto {
-            dims: dims.clone(),
-            data_type: *data_type,
-            segment: *segment,
-            float_data: float_data.clone(),
-            int32_data: int32_data.clone(),
-            string_data: string_data.clone(),
-            int64_data: int64_data.clone(),
-            name: name.clone(),
-            doc_string: doc_string.clone(),
-            raw_data: None,
-            external_data: vec![
-                entry("location", self.location.clone()),
-                entry("offset", offset.to_string()),
-                entry("length", raw.len().to_string()),
-            ],
-            data_location: Some(DataLocation::External as i32),
-            double_data: double_data.clone(),
-            uint64_data: uint64_data.clone(),
-            metadata_props: metadata_props.clone(),
-        })
+        Ok(offset)
     }
 
     /// Syncs and renames the data file into place (when any tensor went external).
@@ -309,4 +332,50 @@ pub(super) fn persist(tmp: NamedTempFile, path: &Path, folder: &Path) -> Result<
     #[cfg(not(unix))]
     let _ = folder;
     Ok(())
+}
+
+/// The tensor as a model file stores it when its payload lives at `offset` in `location`.
+fn external_ref(t: &TensorProto, location: &str, offset: u64, len: usize) -> TensorProto {
+    let TensorProto {
+        dims,
+        data_type,
+        segment,
+        float_data,
+        int32_data,
+        string_data,
+        int64_data,
+        name,
+        doc_string,
+        raw_data: _,
+        external_data: _,
+        data_location: _,
+        double_data,
+        uint64_data,
+        metadata_props,
+    } = t;
+    let entry = |key: &str, value: String| StringStringEntryProto {
+        key: Some(key.to_string()),
+        value: Some(value),
+    };
+    TensorProto {
+        dims: dims.clone(),
+        data_type: *data_type,
+        segment: *segment,
+        float_data: float_data.clone(),
+        int32_data: int32_data.clone(),
+        string_data: string_data.clone(),
+        int64_data: int64_data.clone(),
+        name: name.clone(),
+        doc_string: doc_string.clone(),
+        raw_data: None,
+        external_data: vec![
+            entry("location", location.to_string()),
+            entry("offset", offset.to_string()),
+            entry("length", len.to_string()),
+        ],
+        data_location: Some(DataLocation::External as i32),
+        double_data: double_data.clone(),
+        uint64_data: uint64_data.clone(),
+        metadata_props: metadata_props.clone(),
+    }
 }

@@ -23,6 +23,7 @@
 
 pub mod locate;
 pub mod ort;
+mod ort_shared;
 pub mod tract;
 
 use std::fmt;

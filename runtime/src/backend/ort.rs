@@ -26,6 +26,7 @@ use ort::session::{Session, SessionInputValue, SessionInputs};
 use ort::value::{DynTensor, PrimitiveTensorElementType, Tensor, TensorElementType, TensorRef};
 
 use super::locate::{self, Located};
+use super::ort_shared::SharedWeights;
 use super::{match_inputs, program_label, Backend, BackendError, BackendOptions, Device};
 use super::{Arg, HostTensor, Output, Program, Resident, ResidentValue};
 
@@ -35,6 +36,8 @@ pub struct OrtBackend {
     device: Device,
     threads: usize,
     why: Option<String>,
+    /// Frozen weights in memory once for every session of this backend.
+    shared: SharedWeights,
 }
 
 /// The process's library (canonical path) and environment, once loaded.
@@ -96,6 +99,7 @@ impl OrtBackend {
             device: opts.device,
             threads: opts.thread_count(),
             why,
+            shared: SharedWeights::new(),
         })
     }
 
@@ -129,6 +133,13 @@ impl OrtBackend {
                     reason: format!("the CUDA execution provider did not register: {e}"),
                 }
             })?;
+        }
+        // The artifact's frozen weights: one value each, shared by every session (on CUDA
+        // each session still copies them to the device).
+        for (name, value) in self.shared.for_program(path).map_err(err)? {
+            b = b
+                .with_initializer(&name, value)
+                .map_err(|e| err(format!("sharing weight '{name}': {e}")))?;
         }
         b.commit_from_file(path).map_err(|e| err(e.to_string()))
     }
