@@ -110,7 +110,7 @@ pub struct BilevelManifest {
     pub defaults: BilevelDefaults,
 }
 
-/// Defaults for the hyperparameter inputs (DESIGN.md; the paper's appendix B).
+/// Defaults for the hyperparameter inputs (docs/design.md; the paper's appendix B).
 #[derive(Clone, Debug, Serialize)]
 pub struct BilevelDefaults {
     pub gamma: f64,

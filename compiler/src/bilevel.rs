@@ -1,4 +1,4 @@
-//! BiDoRA's two optimisation levels as programs (DESIGN.md, "The two levels").
+//! BiDoRA's two optimisation levels as programs (docs/design.md, "The two levels").
 //!
 //! V = every low-rank factor A, B (and the head when trained), M = every magnitude m.
 //!

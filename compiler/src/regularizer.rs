@@ -1,4 +1,5 @@
-//! BiDoRA's orthogonality regulariser on the DoRA directions (paper eq. for R(V); DESIGN.md):
+//! BiDoRA's orthogonality regulariser on the DoRA directions (paper eq. for R(V);
+//! docs/design.md, "The two levels"):
 //! for each adapted module k, `D_k` is the column-normalised direction
 //! `V'_k / ‖V'_k‖_col` with `V'_k = W0_k + s·A_k·B_k` (`[in, out]`), and
 //!

@@ -15,7 +15,7 @@ pub struct AdamWConfig {
 }
 
 impl Default for AdamWConfig {
-    /// The released BiDoRA code's settings: betas 0.9/0.98, eps 1e-6 (DESIGN.md).
+    /// The released BiDoRA code's settings: betas 0.9/0.98, eps 1e-6 (docs/design.md, "Schedule and optimiser").
     fn default() -> Self {
         AdamWConfig {
             lr: 1e-3,

@@ -2,7 +2,7 @@
 //! `--set section.key=value`, saved resolved into the run folder.
 //!
 //! Defaults follow the paper (appendix B) and the released code where the paper is silent
-//! (DESIGN.md): AdamW betas 0.9/0.98, eps 1e-6, linear warmup over 6% then linear decay,
+//! (docs/design.md, "Schedule and optimiser"): AdamW betas 0.9/0.98, eps 1e-6, linear warmup over 6% then linear decay,
 //! an 8:2 train/validation split, one lower step per upper step.
 
 use serde::{Deserialize, Serialize};

@@ -1,7 +1,7 @@
 //! The training loop: BiDoRA's schedule (search phase with lower and upper steps, then the
 //! retrain phase) and the single-level baselines (DoRA, LoRA), over the artifact's programs.
 //!
-//! One iteration of the search phase (DESIGN.md, "The two levels"):
+//! One iteration of the search phase (docs/design.md, "The two levels"):
 //! 1. `unroll_steps` lower steps: `lower.onnx` on a training batch gives `g = ∇_V(L_tr + γR)`
 //!    (and `∇_M L_tr`); AdamW moves V.
 //! 2. Before the last lower step's update, `upper.onnx` takes that step's training batch, a
