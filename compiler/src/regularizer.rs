@@ -7,8 +7,9 @@
 //! - `Released`: the released code's `mean_k ‖D_kᵀ D_k − I‖_F` (unsquared, averaged).
 //!
 //! The lower-level loss is `L_tr + γ·R`. `R` needs each `[out, out]` Gram matrix, so its cost
-//! grows with out²; that is the method's, not ours. The Gram matrix is assembled from the
-//! constant `W0ᵀW0` and rank-r corrections, so no `[in, out]` direction is materialised.
+//! grows with out²; that is the method's, not ours. The Gram matrix is assembled from
+//! `W0ᵀW0` (a node on constants, folded by the backends at load) and rank-r corrections, so
+//! no `[in, out]` direction is materialised and no dense constant is stored.
 
 use crate::error::{Error, Result};
 use crate::ir::builder::Builder;
@@ -56,41 +57,42 @@ pub fn attach(
         dtype = w.dtype;
         // The Gram matrix of V' = W0 + s·A·B without materialising V' or multiplying two
         // [in, out] matrices: with P = Aᵀ·W0 and C = s·P + (s²/2)·(AᵀA)·B (both [r, out]),
-        //   V'ᵀV' = W0ᵀW0 + BᵀC + CᵀB,   ‖V'‖²_col = ‖W0‖²_col + 2·colsum(B ⊙ C),
-        // where W0ᵀW0 and ‖W0‖²_col are constants. Every matmul left is rank-r: O(r·out²)
-        // instead of the direct form's O(in·out²) forward and twice that backward.
+        //   V'ᵀV' = W0ᵀW0 + BᵀC + CᵀB,   ‖V'‖²_col = ‖W0‖²_col + 2·colsum(B ⊙ C).
+        // Every matmul on trainable tensors is rank-r: O(r·out²) instead of the direct form's
+        // O(in·out²) forward and twice that backward. W0ᵀW0 depends on constants only: it is
+        // a node, not a stored [out, out] constant, so the artifact holds no dense per-adapter
+        // tensors; tract and ONNX Runtime fold it once when they load the program (O(in·out²)
+        // then, and out² floats per adapter in memory for the run).
         let w64 = w
             .to_f64_vec()
             .ok_or_else(|| Error::Other("weight is not float".into()))?;
         let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
-        // W0[i][j] in [in, out] terms, whatever the stored layout.
-        let (fan_in, out) = match ad.layout {
-            Layout::InOut => (rows, cols),
-            Layout::OutIn => (cols, rows),
+        let out = match ad.layout {
+            Layout::InOut => cols,
+            Layout::OutIn => rows,
         };
-        let at = |i: usize, j: usize| match ad.layout {
-            Layout::InOut => w64[i * cols + j],
-            Layout::OutIn => w64[j * cols + i],
+        let mut sq0 = vec![0.0f64; out];
+        for (k, v) in w64.iter().enumerate() {
+            let j = match ad.layout {
+                Layout::InOut => k % cols,
+                Layout::OutIn => k / cols,
+            };
+            sq0[j] += v * v;
+        }
+        let g0 = match ad.layout {
+            Layout::InOut => b.op(
+                "Gemm",
+                "w0_gram",
+                &[&ad.weight, &ad.weight],
+                vec![("transA", AttrValue::Int(1))],
+            ),
+            Layout::OutIn => b.op(
+                "Gemm",
+                "w0_gram",
+                &[&ad.weight, &ad.weight],
+                vec![("transB", AttrValue::Int(1))],
+            ),
         };
-        let mut g0 = vec![0.0f64; out * out];
-        for i in 0..fan_in {
-            let row: Vec<f64> = (0..out).map(|j| at(i, j)).collect();
-            for (j, &rj) in row.iter().enumerate() {
-                for (k, &rk) in row.iter().enumerate().skip(j) {
-                    g0[j * out + k] += rj * rk;
-                }
-            }
-        }
-        for j in 0..out {
-            for k in 0..j {
-                g0[j * out + k] = g0[k * out + j];
-            }
-        }
-        let sq0: Vec<f64> = (0..out).map(|j| g0[j * out + j]).collect();
-        let g0 = b.constant(
-            "w0_gram",
-            Tensor::from_f64_as(dtype, "", vec![out as i64, out as i64], &g0),
-        );
         let sq0 = b.constant(
             "w0_sqnorm",
             Tensor::from_f64_as(dtype, "", vec![out as i64], &sq0),
@@ -143,21 +145,20 @@ pub fn attach(
         let by_col = b.op("Div", "gram_cols", &[&vtv, &n], vec![]);
         let gram = b.op("Div", "gram", &[&by_col, &n_rows], vec![]);
         debug_assert_eq!(out, ad.out_features as usize);
-        let eye: Vec<f64> = (0..out * out)
-            .map(|k| if k / out == k % out { 1.0 } else { 0.0 })
-            .collect();
-        let i = b.constant(
-            "eye",
-            Tensor::from_f64_as(dtype, "", vec![out as i64, out as i64], &eye),
-        );
-        let diff = b.op("Sub", "gram_minus_I", &[&gram, &i], vec![]);
-        let d2 = b.op("Mul", "sq", &[&diff, &diff], vec![]);
-        let fro2 = b.op(
+        // DᵀD has a unit diagonal (its columns are normalised), so ‖DᵀD − I‖²_F equals
+        // ‖DᵀD‖²_F − out: no [out, out] identity is stored. Rounding can take the difference
+        // a hair below 0 for near-orthogonal directions; the floor keeps R (and √R) defined.
+        let g2 = b.op("Mul", "sq", &[&gram, &gram], vec![]);
+        let all = b.op(
             "ReduceSum",
-            "fro2",
-            &[&d2],
+            "gram_sq",
+            &[&g2],
             vec![("keepdims", AttrValue::Int(0))],
         );
+        let n_out = b.constant("out", Tensor::from_f64_as(dtype, "", vec![], &[out as f64]));
+        let zero = b.constant("zero", Tensor::from_f64_as(dtype, "", vec![], &[0.0]));
+        let off = b.op("Sub", "minus_diag", &[&all, &n_out], vec![]);
+        let fro2 = b.op("Max", "fro2", &[&off, &zero], vec![]);
         terms.push(match variant {
             RegVariant::Paper => fro2,
             RegVariant::Released => b.op("Sqrt", "fro", &[&fro2], vec![]),
