@@ -4,6 +4,7 @@
 //! Runtime); [`artifact`] reads artifact folders; [`data`] reads training data in its file
 //! formats and encodes it; [`optim`] is AdamW; [`metrics`] scores predictions
 //! (classification, NER, generation); [`generate`] decodes causal LMs (greedy, beam search).
+//! [`sweep`] runs LoRA vs DoRA vs BiDoRA over seeds and tabulates them.
 //! [`tract_exec`] keeps the original tract-only names for existing callers.
 
 pub mod artifact;
@@ -12,5 +13,6 @@ pub mod data;
 pub mod generate;
 pub mod metrics;
 pub mod optim;
+pub mod sweep;
 pub mod tract_exec;
 pub mod train;

@@ -72,6 +72,22 @@ enum Cmd {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Compare LoRA, DoRA and BiDoRA (and ablations) over seeds on one task: compiles the
+    /// artifacts, runs every cell as its own `bidora train`, skips finished cells and resumes
+    /// a killed one on a rerun, and writes results.jsonl, results.md and results.svg.
+    /// Example: `bidora sweep examples/sweep/sst2.toml -o runs/sweep --backend ort`.
+    Sweep {
+        /// The sweep file (TOML; see examples/sweep/).
+        file: PathBuf,
+        /// The sweep folder: artifacts/, cells/, results.*. Example: `-o runs/sweep`.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Cells run at once; the threads are split between them.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// Generate text with a causal-LM artifact and trained tensors: greedy or beam search
     /// over `forward.onnx`, one output line per prompt.
     /// Example: `bidora generate runs/e2e-gpt2 --tensors runs/e2e/final.safetensors
@@ -168,6 +184,64 @@ impl EngineArgs {
             },
         )
     }
+}
+
+fn sweep_cmd(
+    file: &std::path::Path,
+    out: &std::path::Path,
+    jobs: usize,
+    e: EngineArgs,
+) -> Result<()> {
+    use bidora_runtime::sweep::{report, RunOptions, Sweep};
+    let sweep = Sweep::load(file, out)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    eprintln!(
+        "sweep: {} cells ({} methods and ablations × {} seeds), {} artifacts, into {}",
+        sweep.cells.len(),
+        sweep.cells.len() / sweep.cfg.seeds.len(),
+        sweep.cfg.seeds.len(),
+        sweep.artifacts.len(),
+        out.display()
+    );
+    sweep.compile()?;
+    let mut engine_args = vec![
+        "--backend".to_string(),
+        match e.backend {
+            BackendKind::Auto => "auto",
+            BackendKind::Tract => "tract",
+            BackendKind::Ort => "ort",
+        }
+        .to_string(),
+        "--device".into(),
+        e.device.to_string(),
+    ];
+    if let Some(lib) = &e.ort_lib {
+        engine_args.push("--ort-lib".into());
+        engine_args.push(lib.display().to_string());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let opts = RunOptions {
+        jobs,
+        threads: if e.threads == 0 { cores } else { e.threads },
+        engine_args,
+        progress: true,
+    };
+    let records = sweep.run(&opts)?;
+    let title = format!("Sweep {}", file.display());
+    report::write_all(&records, out, &title)?;
+    println!("{}", report::markdown(&records, &title));
+    println!(
+        "results: {0}/results.md, {0}/results.jsonl, {0}/results.svg",
+        out.display()
+    );
+    let failed = records.iter().filter(|r| !r.ok).count();
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} cells failed (see results.md)",
+            records.len()
+        );
+    }
+    Ok(())
 }
 
 fn train_cmd(
@@ -412,6 +486,12 @@ fn main() -> ExitCode {
             let (kind, opts) = engine.options();
             check(&artifact, batch, seq, kind, &opts)
         }
+        Cmd::Sweep {
+            file,
+            output,
+            jobs,
+            engine,
+        } => sweep_cmd(&file, &output, jobs, engine),
         Cmd::Train {
             artifact,
             config,

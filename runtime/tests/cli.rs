@@ -383,3 +383,89 @@ fn generate_prints_one_text_per_prompt() {
         "{err}"
     );
 }
+
+/// `bidora sweep` end to end on 20 RTE pairs: LoRA, DoRA, BiDoRA and one ablation over two
+/// seeds; the results files; a rerun skips every finished cell; a third seed runs only its
+/// cells; a bad method is refused before anything runs.
+#[test]
+fn sweep_runs_every_cell_once_and_tabulates_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/rte-train-head21.tsv");
+    std::fs::write(
+        tmp.path().join("train.toml"),
+        format!(
+            "method = 'bidora'\nsteps = 4\nretrain_steps = 2\nbatch_size = 4\n\
+             eval_batch_size = 8\neval_every = 0\ncheckpoint_every = 2\n[data]\n\
+             format = 'glue-tsv'\ntrain = '{0}'\ntest = '{0}'\ntext_a = 'sentence1'\n\
+             text_b = 'sentence2'\ntokenizer = 'hash:100'\nmax_len = 32\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let sweep = |seeds: &str, methods: &str| {
+        std::fs::write(
+            tmp.path().join("sweep.toml"),
+            format!(
+                "config = 'train.toml'\nmodel = '{}'\ntargets = ['query,value']\n\
+                 task = 'seq-cls'\nrank = 4\nalpha = 8.0\nseeds = {seeds}\nmethods = {methods}\n\
+                 set = ['lower.lr=1e-2']\n[[ablations]]\nname = 'bidora xi=0'\nset = ['xi=0']\n",
+                common::root().join("models/bert_legacy17.onnx").display()
+            ),
+        )
+        .unwrap();
+        bidora()
+            .args(["sweep", "--threads", "1", "--jobs", "2"])
+            .arg(tmp.path().join("sweep.toml"))
+            .arg("-o")
+            .arg(tmp.path().join("out"))
+            .output()
+            .unwrap()
+    };
+    let all = "['lora', 'dora', 'bidora']";
+    let out = sweep("[1, 2]", all);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for row in [
+        "| lora | 2 |",
+        "| dora | 2 |",
+        "| bidora | 2 |",
+        "| bidora xi=0 | 2 |",
+    ] {
+        assert!(stdout.contains(row), "{row}:\n{stdout}");
+    }
+    assert!(stdout.contains("| bidora − dora | 2 |"), "{stdout}");
+    let res = tmp.path().join("out");
+    let lines = |f: &str| {
+        std::fs::read_to_string(res.join(f))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!(lines("results.jsonl"), 8);
+    assert!(res.join("results.md").is_file() && res.join("results.svg").is_file());
+    // Baselines train on the whole file and get BiDoRA's batch count: 4·2 + 2 steps.
+    let rec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(res.join("cells/lora-seed1/cell.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rec["steps"], 10, "{rec}");
+    assert!(rec["set"].to_string().contains("val_ratio=0"), "{rec}");
+    let bidora_log = res.join("cells/bidora-seed1/log.txt");
+    let before = std::fs::metadata(&bidora_log).unwrap().len();
+    // A rerun runs nothing; a third seed runs only its four cells.
+    let out = sweep("[1, 2]", all);
+    assert!(out.status.success());
+    assert_eq!(std::fs::metadata(&bidora_log).unwrap().len(), before);
+    let out = sweep("[1, 2, 3]", all);
+    assert!(out.status.success());
+    assert_eq!(lines("results.jsonl"), 12);
+    assert_eq!(std::fs::metadata(&bidora_log).unwrap().len(), before);
+    let out = sweep("[1]", "['lora', 'qlora']");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("method \"qlora\""), "{err}");
+}
