@@ -88,6 +88,27 @@ enum Cmd {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// The weight-decomposition analysis (DoRA's Figure 2, BiDoRA's Figure 3): per adapted
+    /// layer, the change of the column magnitudes ΔM and of the directions ΔD against the
+    /// pre-trained weight, their fit per method; writes analysis.jsonl, .md and .svg.
+    /// Example: `bidora analyze runs/sweep-sst2` (every cell of a sweep), or
+    /// `bidora analyze --artifact run/artifact --tensors run/sst2/final.safetensors -o out`.
+    Analyze {
+        /// A sweep folder: every cell's search and final tensors.
+        sweep: Option<PathBuf>,
+        /// One artifact, with `--tensors`.
+        #[arg(long, conflicts_with = "sweep", requires = "tensors")]
+        artifact: Option<PathBuf>,
+        /// Tensors files trained for `--artifact`, repeatable.
+        #[arg(long)]
+        tensors: Vec<PathBuf>,
+        /// The source model, if the manifest records no path.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The output folder (default: the sweep folder).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Generate text with a causal-LM artifact and trained tensors: greedy or beam search
     /// over `forward.onnx`, one output line per prompt.
     /// Example: `bidora generate runs/e2e-gpt2 --tensors runs/e2e/final.safetensors
@@ -184,6 +205,68 @@ impl EngineArgs {
             },
         )
     }
+}
+
+fn analyze_cmd(
+    sweep: Option<&std::path::Path>,
+    artifact: Option<&std::path::Path>,
+    tensors: &[PathBuf],
+    model: Option<&std::path::Path>,
+    output: Option<&std::path::Path>,
+) -> Result<()> {
+    use bidora_runtime::analyze;
+    let (inputs, out) = match (sweep, artifact) {
+        (Some(dir), _) => (
+            analyze::sweep_inputs(dir)?,
+            output.unwrap_or(dir).to_path_buf(),
+        ),
+        (None, Some(a)) => (
+            tensors
+                .iter()
+                .map(|t| analyze::Input {
+                    artifact: a.to_path_buf(),
+                    tensors: t.clone(),
+                    label: "run".to_string(),
+                    seed: None,
+                })
+                .collect(),
+            output
+                .map(|o| o.to_path_buf())
+                .context("pass -o DIR for the analysis files")?,
+        ),
+        (None, None) => anyhow::bail!("pass a sweep folder, or --artifact with --tensors"),
+    };
+    if inputs.is_empty() {
+        anyhow::bail!("no finished runs with tensors to analyse");
+    }
+    let mut pts = vec![];
+    for i in &inputs {
+        pts.extend(analyze::points(
+            &i.artifact,
+            model,
+            &i.tensors,
+            &i.label,
+            i.seed,
+        )?);
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut jsonl = String::new();
+    for p in &pts {
+        jsonl.push_str(&serde_json::to_string(p)?);
+        jsonl.push('\n');
+    }
+    std::fs::write(out.join("analysis.jsonl"), jsonl)
+        .with_context(|| format!("writing {}/analysis.jsonl", out.display()))?;
+    let md = analyze::markdown(&pts);
+    std::fs::write(out.join("analysis.md"), &md)
+        .with_context(|| format!("writing {}/analysis.md", out.display()))?;
+    analyze::plot(&pts, &out.join("analysis.svg"))?;
+    println!("{md}");
+    println!(
+        "analysis: {0}/analysis.md, {0}/analysis.jsonl, {0}/analysis.svg",
+        out.display()
+    );
+    Ok(())
 }
 
 fn sweep_cmd(
@@ -486,6 +569,19 @@ fn main() -> ExitCode {
             let (kind, opts) = engine.options();
             check(&artifact, batch, seq, kind, &opts)
         }
+        Cmd::Analyze {
+            sweep,
+            artifact,
+            tensors,
+            model,
+            output,
+        } => analyze_cmd(
+            sweep.as_deref(),
+            artifact.as_deref(),
+            &tensors,
+            model.as_deref(),
+            output.as_deref(),
+        ),
         Cmd::Sweep {
             file,
             output,

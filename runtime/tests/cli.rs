@@ -464,6 +464,47 @@ fn sweep_runs_every_cell_once_and_tabulates_them() {
     assert!(out.status.success());
     assert_eq!(lines("results.jsonl"), 12);
     assert_eq!(std::fs::metadata(&bidora_log).unwrap().len(), before);
+    // The weight-decomposition analysis of the sweep: one row per method, LoRA's magnitude
+    // and direction changes moving together.
+    let out = bidora().arg("analyze").arg(&res).output().unwrap();
+    let md = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Three seeds × 4 adapters; BiDoRA has its search and final tensors.
+    for row in ["| lora | 12 |", "| dora | 12 |", "| bidora | 24 |"] {
+        assert!(md.contains(row), "{row}:\n{md}");
+    }
+    assert_eq!(lines("analysis.jsonl"), 12 + 12 + 24 + 24);
+    // At initialisation nothing has moved: ΔM and ΔD are 0 for every layer.
+    let out = bidora()
+        .arg("analyze")
+        .arg("--artifact")
+        .arg(res.join("artifacts/dora-fd"))
+        .arg("--tensors")
+        .arg(res.join("artifacts/dora-fd/init.safetensors"))
+        .arg("-o")
+        .arg(tmp.path().join("init"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for l in std::fs::read_to_string(tmp.path().join("init/analysis.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let p: serde_json::Value = serde_json::from_str(l).unwrap();
+        let (dm, dd) = (
+            p["delta_m"].as_f64().unwrap(),
+            p["delta_d"].as_f64().unwrap(),
+        );
+        assert!(dm.abs() < 1e-6 && dd.abs() < 1e-9, "{p}");
+    }
     let out = sweep("[1]", "['lora', 'qlora']");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -313,7 +313,12 @@ impl Sweep {
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
-            bidora_compiler::artifact::write(&pipeline::artifact(&c, &name, &opts), &dir, true)
+            let mut art = pipeline::artifact(&c, &name, &opts);
+            // Recorded so that `bidora analyze` and `bidora export` find the weights.
+            art.manifest.source_model_path = std::path::absolute(&model_path)
+                .ok()
+                .map(|p| p.display().to_string());
+            bidora_compiler::artifact::write(&art, &dir, true)
                 .with_context(|| format!("writing {}", dir.display()))?;
         }
         Ok(())

@@ -14,6 +14,9 @@ use super::Cell;
 pub struct Record {
     pub cell: String,
     pub label: String,
+    /// The artifact key under the sweep's `artifacts/`.
+    #[serde(default)]
+    pub artifact: Option<String>,
     pub method: String,
     pub seed: u64,
     pub set: Vec<String>,
@@ -60,6 +63,7 @@ impl Record {
         Record {
             cell: c.dir_name(),
             label: c.label.clone(),
+            artifact: Some(c.artifact.clone()),
             method: format!("{:?}", c.method).to_lowercase(),
             seed: c.seed,
             set: c.set.clone(),
@@ -150,7 +154,9 @@ pub fn markdown(records: &[Record], title: &str) -> String {
         .unwrap_or_else(|| "metric".into());
     let lower_better = ["perplexity", "mse", "loss"].contains(&metric.as_str());
     let groups = by_label(records);
-    let stats: Vec<(String, usize, (f64, f64), (f64, f64), f64, f64)> = groups
+    // (label, runs, test mean/sd, validation mean/sd, mean seconds, peak RSS)
+    type Row = (String, usize, (f64, f64), (f64, f64), f64, f64);
+    let stats: Vec<Row> = groups
         .iter()
         .map(|(l, rs)| {
             let test: Vec<f64> = rs
@@ -368,6 +374,7 @@ mod tests {
         Record {
             cell: format!("{label}-seed{seed}"),
             label: label.into(),
+            artifact: None,
             method: label.into(),
             seed,
             set: vec![],
