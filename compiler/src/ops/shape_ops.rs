@@ -1028,7 +1028,8 @@ pub(crate) mod grads {
         let dims = cx.op("Slice", "index_dims", &[&shape, &start, &end]);
         let to_i64 = vec![("to", AttrValue::Int(DataType::Int64 as i64))];
         let idx64 = cx.op_attrs("Cast", "idx", &[&idx], to_i64);
-        let zero_i = cx.b.constant("zero_i", crate::ir::Tensor::from_i64("", vec![], &[0]));
+        let zero_i =
+            cx.b.constant("zero_i", crate::ir::Tensor::from_i64("", vec![], &[0]));
         let neg = cx.op("Less", "neg", &[&idx64, &zero_i]);
         let wrapped = cx.op("Add", "wrapped", &[&idx64, &dims]);
         let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
