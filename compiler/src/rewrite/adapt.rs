@@ -66,6 +66,13 @@ pub struct AdapterRecord {
     /// For a fused block: the input model's fused weight that `weight` is a column block of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_weight: Option<String>,
+    /// For a fused block: its first output feature in the fused weight and the fused
+    /// weight's output features. Absent in artifacts from before unequal blocks: then the
+    /// blocks are equal thirds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_offset: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused_out_features: Option<i64>,
     pub layout: Layout,
     pub in_features: i64,
     pub out_features: i64,
@@ -227,6 +234,8 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             op: c.op.clone(),
             weight: c.weight.clone(),
             fused_weight: c.fused_weight.clone(),
+            block_offset: c.block_offset,
+            fused_out_features: c.fused_out_features,
             layout: c.layout,
             in_features: din,
             out_features: dout,
