@@ -222,6 +222,30 @@ fn non_2d_weight() {
 }
 
 #[test]
+fn an_op_without_a_shape_rule_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![4, 6], 18);
+    // An op the compiler has no rule for, after the adapted projection.
+    m.graph.nodes[0].outputs[0] = "h".into();
+    m.graph.nodes.push(Node::new(
+        "Celu",
+        "/encoder/act/Celu",
+        vec!["h".into()],
+        vec!["y".into()],
+    ));
+    let p = write(dir.path(), "celu.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains("Celu") && err.contains("/encoder/act/Celu") && err.contains("no shape rule"),
+        "{err}"
+    );
+    assert!(
+        err.contains("what you can do: export with the other torch.onnx exporter"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unsupported_opset() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(

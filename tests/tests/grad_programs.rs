@@ -94,8 +94,12 @@ fn an_op_without_a_rule_names_the_op_node_and_path() {
         "the path starts at an adapter: {err}"
     );
     assert!(
-        err.contains("logits → [Softplus") && err.ends_with("loss"),
+        err.contains("logits → [Softplus") && err.contains("→ loss; "),
         "the path runs through the op to the loss: {err}"
+    );
+    assert!(
+        err.contains("what you can do: put the adapters after this node"),
+        "it says what to do: {err}"
     );
 }
 

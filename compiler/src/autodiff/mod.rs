@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 pub use cx::GradCx;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, HINT_NO_GRADIENT};
 use crate::ir::builder::Builder;
 use crate::ir::names::Names;
 use crate::ir::{Dim, Model, ValueInfo, ValueType, BIDORA_DOMAIN};
@@ -136,7 +136,7 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
         let needs: Vec<bool> = n.inputs.iter().map(|i| on_path(i)).collect();
         let rule = ops::lookup(&n.domain, &n.op_type).and_then(|d| d.grad);
         let Some(rule) = rule else {
-            return Err(no_rule(n, loss, &parent, &child));
+            return Err(no_rule(n, loss, &parent, &child).with_hint(HINT_NO_GRADIENT));
         };
         let mut gcx = GradCx {
             node: n,
@@ -146,7 +146,7 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
             needs: needs.clone(),
             opset,
         };
-        let in_grads = rule(&mut gcx)?;
+        let in_grads = rule(&mut gcx).map_err(|e| e.with_hint(HINT_NO_GRADIENT))?;
         tail.extend(gcx.b.finish());
         for (k, input) in n.inputs.iter().enumerate() {
             if !needs[k] {

@@ -995,8 +995,7 @@ pub(crate) mod grads {
         if cx.node.attr_int("batch_dims").unwrap_or(0) != 0 {
             return Err(cx.err(
                 "gradient of GatherND with batch_dims > 0 is not supported (exporters write \
-                 batch_dims 0 for last-token pooling); put the adapters after this node or \
-                 export with the legacy exporter (torch.onnx.export(..., dynamo=False))",
+                 batch_dims 0 for last-token pooling)",
             ));
         }
         if cx.opset < 16 {
