@@ -9,7 +9,9 @@
 //! about 2, the acceptance bound is 2.5.
 //!
 //! `cargo bench -p bidora-compiler --bench compile` (results: BENCHMARKS.md); `-- minilm` or
-//! `-- chain` runs one case; `-- chain 8000` sets the smaller chain's node count.
+//! `-- chain` runs one case; `-- chain 8000` sets the smaller chain's node count, and
+//! `-- chain 1500 every` adapts every block (growth in the number of adapters);
+//! `BIDORA_COMPILE=path` times another build of the binary in the chain case.
 
 use std::path::Path;
 use std::process::Command;
@@ -158,8 +160,9 @@ fn synth_minilm() -> Model {
 /// A chain of `layers` blocks `MatMul → Add → Tanh` (hidden 8, 3 nodes each) from
 /// `x[batch, 8]` to `logits[batch, 2]`, with DoRA's target (`query`) on the first block only:
 /// the backward pass still runs through every node, and the adapted part stays the same size
-/// whatever the length, so the measured growth is the passes' own.
-fn synth_chain(layers: usize) -> Model {
+/// whatever the length, so the measured growth is the passes' own. With `adapt_every`, every
+/// block is a target: the growth in the number of adapters.
+fn synth_chain(layers: usize, adapt_every: bool) -> Model {
     const H: i64 = 8;
     let mut g = Graph {
         name: "chain".into(),
@@ -177,7 +180,11 @@ fn synth_chain(layers: usize) -> Model {
     let mut h = "x".to_string();
     for l in 0..layers {
         let dout = if l + 1 == layers { 2 } else { H };
-        let module = if l == 0 { "query" } else { "dense" };
+        let module = if l == 0 || adapt_every {
+            "query"
+        } else {
+            "dense"
+        };
         let scope = format!("/layer.{l}/{module}");
         let w = format!("onnx::MatMul_{l}");
         let b = format!("layer.{l}.{module}.bias");
@@ -263,34 +270,44 @@ fn main() {
             .get(1)
             .map(|n| n.parse().expect("a node count"))
             .unwrap_or(8000);
-        chain_case(nodes);
+        chain_case(nodes, args.get(2).map(String::as_str) == Some("every"));
     }
 }
 
 /// Compiles chains of about `nodes` and `2 * nodes` nodes with `--task seq-cls` (DoRA, so
 /// also BiDoRA's lower and upper programs) and prints the time of each and their ratio.
-fn chain_case(nodes: usize) {
+fn chain_case(nodes: usize, adapt_every: bool) {
+    // BIDORA_COMPILE=path measures another build of the binary (e.g. an older commit's).
+    let bin = std::env::var("BIDORA_COMPILE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_bidora-compile").to_string());
     let dir = tempfile::tempdir().unwrap();
     let mut times = vec![];
     for layers in [nodes / 3, 2 * (nodes / 3)] {
         let path = dir.path().join(format!("chain{layers}.onnx"));
-        let proto = ir::convert::model_to_proto(&synth_chain(layers));
+        let proto = ir::convert::model_to_proto(&synth_chain(layers, adapt_every));
         bidora_compiler::onnx_io::write_model(&proto, &path, &Default::default()).unwrap();
         let out = dir.path().join(format!("out{layers}"));
-        let (t, rss) = measure(
-            Command::new(env!("CARGO_BIN_EXE_bidora-compile"))
-                .arg(&path)
-                .args(["--target", "query", "--task", "seq-cls", "-o"])
-                .arg(&out)
-                .stderr(std::process::Stdio::null()),
-        );
+        let (mut ts, mut peak) = (vec![], 0);
+        for _ in 0..3 {
+            let (t, rss) = measure(
+                Command::new(&bin)
+                    .arg(&path)
+                    .args(["--target", "query", "--task", "seq-cls", "-o"])
+                    .arg(&out)
+                    .stderr(std::process::Stdio::null()),
+            );
+            ts.push(t);
+            peak = peak.max(rss);
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        let t = median(ts);
         println!(
-            "chain of {} nodes, --task seq-cls (DoRA, BiDoRA programs): {t:.3} s, peak RSS {:.1} MB",
+            "chain of {} nodes ({} adapters), --task seq-cls (DoRA, BiDoRA programs), median of 3: {t:.3} s, peak RSS {:.1} MB",
             3 * layers,
-            rss as f64 / 1e6
+            if adapt_every { layers } else { 1 },
+            peak as f64 / 1e6
         );
         times.push(t);
-        let _ = std::fs::remove_dir_all(&out);
     }
     println!(
         "time ratio for twice the nodes: {:.2} (linear: 2, target <= 2.5)",
