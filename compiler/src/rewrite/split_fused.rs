@@ -358,3 +358,86 @@ fn remove_unused(graph: &mut Graph, replaced: &HashSet<String>) {
         .initializers
         .retain(|name, _| !replaced.contains(name) || used.contains(name));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y = x · W[4, 16]`, read by `readers` (op, inputs after `y`, outputs).
+    fn fused(readers: &[(&str, &[&str], usize)], consts: &[(&str, &[i64])]) -> Graph {
+        let mut g = Graph::default();
+        g.initializers
+            .insert("W".into(), Tensor::from_f32("W", vec![4, 16], &[0.0; 64]));
+        for (name, v) in consts {
+            g.initializers.insert(
+                name.to_string(),
+                Tensor::from_i64(*name, vec![v.len() as i64], v),
+            );
+        }
+        g.nodes.push(Node::new(
+            "MatMul",
+            "qkv",
+            vec!["x".into(), "W".into()],
+            vec!["y".into()],
+        ));
+        for (k, (op, ins, outs)) in readers.iter().enumerate() {
+            let mut inputs = vec!["y".to_string()];
+            inputs.extend(ins.iter().map(|s| s.to_string()));
+            let outputs = (0..*outs).map(|o| format!("r{k}.{o}")).collect();
+            g.nodes
+                .push(Node::new(*op, format!("r{k}"), inputs, outputs));
+        }
+        g
+    }
+
+    fn widths(g: &Graph) -> std::result::Result<[i64; 3], String> {
+        block_widths(g, &g.consumers(), &g.producers(), &g.nodes[0], 16)
+    }
+
+    #[test]
+    fn block_widths_come_from_the_graphs_cut() {
+        // Phi-3 style: q | k | v sliced with [..., :8], [..., 8:12], [..., 12:] (an open end).
+        let slices = fused(
+            &[
+                ("Slice", &["s0", "e0", "ax"], 1),
+                ("Slice", &["s1", "e1", "ax"], 1),
+                ("Slice", &["s2", "e2", "ax"], 1),
+                ("Shape", &[], 1),
+            ],
+            &[
+                ("s0", &[0]),
+                ("e0", &[8]),
+                ("s1", &[8]),
+                ("e1", &[12]),
+                ("s2", &[-4]),
+                ("e2", &[i64::MAX]),
+                ("ax", &[-1]),
+            ],
+        );
+        assert_eq!(widths(&slices), Ok([8, 4, 4]));
+        // GPT-2 style: one Split, sizes from an input.
+        let split = fused(&[("Split", &["sizes"], 3)], &[("sizes", &[4, 6, 6])]);
+        assert_eq!(widths(&split), Ok([4, 6, 6]));
+        // Slices leaving a gap, or a cut into two, say what to do.
+        let gap = fused(
+            &[
+                ("Slice", &["s0", "e0", "ax"], 1),
+                ("Slice", &["s1", "e1", "ax"], 1),
+            ],
+            &[
+                ("s0", &[0]),
+                ("e0", &[8]),
+                ("s1", &[9]),
+                ("e1", &[16]),
+                ("ax", &[-1]),
+            ],
+        );
+        let err = widths(&gap).unwrap_err();
+        assert!(err.contains("adapt the whole module"), "{err}");
+        let two = fused(&[("Split", &["sizes"], 3)], &[("sizes", &[8, 8, 0])]);
+        assert!(widths(&two).unwrap_err().contains("[8, 8, 0]"));
+        // Nothing cutting the output: no guess at equal thirds.
+        let none = fused(&[("Relu", &[], 1)], &[]);
+        assert!(widths(&none).unwrap_err().contains("cannot tell"));
+    }
+}
