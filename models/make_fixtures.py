@@ -152,21 +152,21 @@ def tiny_op_model(name):
                               Phi3ForCausalLM, ViTConfig, ViTForImageClassification)
     if name == "llama_seqcls":
         # Last-token pooling: dynamo writes it as a GatherND.
-        cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           max_position_embeddings=64, num_labels=2, pad_token_id=0,
                           use_cache=False, attn_implementation="eager")
         return logits_only(LlamaForSequenceClassification)(cfg)
     if name == "phi3_gqa":
         # Fused qkv_proj with grouped-query attention: q 64 | k 32 | v 32.
-        cfg = Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+        cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=64, pad_token_id=0, use_cache=False,
                          attn_implementation="eager")
         return logits_only(Phi3ForCausalLM)(cfg)
     if name == "vit":
         cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64,
-                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                         num_labels=3, attn_implementation="eager")
         cls = ViTForImageClassification
 
