@@ -385,7 +385,7 @@ mod tests {
             inputs.extend(ins.iter().map(|s| s.to_string()));
             let outputs = (0..*outs).map(|o| format!("r{k}.{o}")).collect();
             g.nodes
-                .push(Node::new(*op, format!("r{k}"), inputs, outputs));
+                .push(Node::new(op, format!("r{k}"), inputs, outputs));
         }
         g
     }
