@@ -14,7 +14,7 @@
 //! `n² = ‖W‖²_col` exactly and `m / n = 1` exactly (the rewrite took `m = √‖W‖²_col` from the same
 //! f32 values): the adapted model reproduces the original outputs bit for bit up to `+ 0`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::ir::builder::Builder;
@@ -32,12 +32,15 @@ pub fn lower(model: &Model) -> Result<Model> {
     // Built once, so lowering stays linear in the graph: the nodes are rebuilt in one pass (no
     // splice per adapter), weights found through one producer map, names from one index.
     let mut names = Names::of(g);
-    let transposes: HashMap<String, String> = g
-        .nodes
-        .iter()
-        .filter(|n| n.op_type == "Transpose")
-        .filter_map(|n| Some((n.outputs.first()?.clone(), n.input(0)?.to_string())))
-        .collect();
+    let weights = WeightIndex {
+        transposes: g
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Transpose")
+            .filter_map(|n| Some((n.outputs.first()?.clone(), n.input(0)?.to_string())))
+            .collect(),
+        inputs: g.inputs.iter().map(|i| i.name.clone()).collect(),
+    };
     let old = std::mem::take(&mut g.nodes);
     let mut nodes = Vec::with_capacity(old.len());
     for node in old {
@@ -46,8 +49,8 @@ pub fn lower(model: &Model) -> Result<Model> {
             continue;
         }
         let new = match node.op_type.as_str() {
-            "DoRA" => lower_adapter(g, &mut names, &transposes, &node, true)?,
-            "LoRA" => lower_adapter(g, &mut names, &transposes, &node, false)?,
+            "DoRA" => lower_adapter(g, &mut names, &weights, &node, true)?,
+            "LoRA" => lower_adapter(g, &mut names, &weights, &node, false)?,
             other => {
                 return Err(Error::UnsupportedOp {
                     op: format!("{BIDORA_DOMAIN}.{other}"),
@@ -76,16 +79,34 @@ pub fn strip_markers(model: &Model) -> Model {
     model
 }
 
+/// What finding the adapters' weights needs, indexed once per lowering: the Transposes by
+/// output, and the graph inputs (an initializer that is also an input is not a constant; with
+/// three adapter inputs per adapter, `Graph::constant`'s scan of them per adapter would make
+/// lowering quadratic in the number of adapters).
+struct WeightIndex {
+    transposes: HashMap<String, String>,
+    inputs: HashSet<String>,
+}
+
+impl WeightIndex {
+    fn constant<'a>(&self, g: &'a Graph, name: &str) -> Option<&'a Tensor> {
+        if self.inputs.contains(name) {
+            return None;
+        }
+        g.initializers.get(name)
+    }
+}
+
 /// Finds the constant weight behind a composite node's `W` operand (directly, or through the
 /// `Transpose` the dynamo exporter puts in front of a MatMul) and its layout.
 fn weight_constant<'a>(
     g: &'a Graph,
-    transposes: &HashMap<String, String>,
+    weights: &WeightIndex,
     node: &Node,
 ) -> Result<(&'a Tensor, Layout)> {
     let w = node.input(1).unwrap_or_default();
     let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
-    if let Some(t) = g.constant(w) {
+    if let Some(t) = weights.constant(g, w) {
         return Ok((
             t,
             if transposed {
@@ -95,7 +116,11 @@ fn weight_constant<'a>(
             },
         ));
     }
-    if let Some(t) = transposes.get(w).and_then(|s| g.constant(s)) {
+    if let Some(t) = weights
+        .transposes
+        .get(w)
+        .and_then(|s| weights.constant(g, s))
+    {
         return Ok((t, Layout::OutIn));
     }
     Err(Error::Rewrite {
@@ -107,7 +132,7 @@ fn weight_constant<'a>(
 fn lower_adapter(
     g: &mut Graph,
     names: &mut Names,
-    transposes: &HashMap<String, String>,
+    weights: &WeightIndex,
     node: &Node,
     dora: bool,
 ) -> Result<Vec<Node>> {
@@ -122,7 +147,7 @@ fn lower_adapter(
     let (x, w, a, b) = (&ins[0], &ins[1], &ins[2], &ins[3]);
     let s = node.attr_float("scale").unwrap_or(1.0);
     let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
-    let (wt, layout) = weight_constant(g, transposes, node)?;
+    let (wt, layout) = weight_constant(g, weights, node)?;
     let wdtype = wt.dtype;
     let sqnorm = if dora {
         Some(
