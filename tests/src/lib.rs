@@ -111,7 +111,8 @@ pub fn reference(path: &Path) -> (Vec<(String, HostTensor)>, Vec<usize>, Vec<f32
     (inputs, shape, logits)
 }
 
-/// `bert`, `roberta`, `gpt2` or `esm`, from the fixture's file name.
+/// `bert`, `roberta`, `gpt2`, `esm` (or an op fixture's `llama`, `phi3`, `vit`), from the
+/// fixture's file name.
 pub fn family(path: &Path) -> String {
     let stem = path.file_stem().unwrap().to_string_lossy().to_string();
     stem.split('_').next().unwrap().to_string()
@@ -121,6 +122,7 @@ pub fn family(path: &Path) -> String {
 pub fn qv_targets(family: &str) -> Vec<String> {
     match family {
         "gpt2" => vec!["c_attn:q,v".into()],
+        "phi3" => vec!["qkv_proj:q,v".into()],
         _ => vec!["query,value".into()],
     }
 }
