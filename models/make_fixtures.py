@@ -7,6 +7,7 @@ onnxruntime (pinned in requirements-fixtures.txt); the tests and CI do not.
 
     python3 models/make_fixtures.py            # writes models/*.onnx and models/*.ref.json
     python3 models/make_fixtures.py /tmp/x     # the same into another folder (to compare)
+    python3 models/make_fixtures.py --ops      # only the op fixtures in models/ops/
 
 Weights, graphs and references are reproducible. The dynamo files are not byte-identical
 across checkouts: their `pkg.torch.onnx.stack_trace` node metadata holds the absolute paths
@@ -126,14 +127,94 @@ def export(family, exporter):
 
 def main():
     global OUT
-    if len(sys.argv) > 1:
-        OUT = os.path.abspath(sys.argv[1])
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        OUT = os.path.abspath(args[0])
         os.makedirs(OUT, exist_ok=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
-    for family in ["bert", "roberta", "gpt2", "esm"]:
-        for exporter in ["dynamo18", "legacy17"]:
-            export(family, exporter)
+    only_ops = "--ops" in sys.argv
+    if not only_ops:
+        for family in ["bert", "roberta", "gpt2", "esm"]:
+            for exporter in ["dynamo18", "legacy17"]:
+                export(family, exporter)
+    for name in ["llama_seqcls", "phi3_gqa", "vit"]:
+        export_op_fixture(name)
+
+
+# --- Op fixtures (models/ops/): models whose graphs need ops the encoders above do not. ---
+# Kept out of models/*.onnx so the per-fixture tests (which feed token ids) do not pick them
+# up; tests/tests/op_fixtures.rs tests each. Same tiny sizes, seed and randomisation.
+
+
+def tiny_op_model(name):
+    from transformers import (LlamaConfig, LlamaForSequenceClassification, Phi3Config,
+                              Phi3ForCausalLM, ViTConfig, ViTForImageClassification)
+    if name == "llama_seqcls":
+        # Last-token pooling: dynamo writes it as a GatherND.
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, num_labels=2, pad_token_id=0,
+                          use_cache=False, attn_implementation="eager")
+        return logits_only(LlamaForSequenceClassification)(cfg)
+    if name == "phi3_gqa":
+        # Fused qkv_proj with grouped-query attention: q 64 | k 32 | v 32.
+        cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=0, use_cache=False,
+                         attn_implementation="eager")
+        return logits_only(Phi3ForCausalLM)(cfg)
+    if name == "vit":
+        cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        num_labels=3, attn_implementation="eager")
+        cls = ViTForImageClassification
+
+        def forward(self, pixel_values):
+            return cls.forward(self, pixel_values=pixel_values).logits
+
+        return type(cls.__name__, (cls,), {"forward": forward})(cfg)
+    raise ValueError(name)
+
+
+def export_op_fixture(name):
+    out = os.path.join(OUT, "ops")
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(SEED)
+    model = tiny_op_model(name)
+    randomise(model)
+    model.eval()
+    batch = torch.export.Dim("batch")
+    if name == "vit":
+        g = torch.Generator().manual_seed(SEED)
+        inputs = {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+        dynamic = {"pixel_values": {0: batch}}
+    else:
+        ids, mask = example()
+        # Right padding on row 2, so last-token pooling picks different positions per row.
+        ids[1, -1] = 0
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        seq = torch.export.Dim("sequence", min=2, max=64)
+        dynamic = {k: {0: batch, 1: seq} for k in inputs}
+    with torch.no_grad():
+        ref = model(**inputs)
+    path = os.path.join(out, f"{name}_dynamo18.onnx")
+    torch.onnx.export(model, tuple(inputs.values()), path, dynamo=True, opset_version=18,
+                      external_data=False, input_names=list(inputs), output_names=["logits"],
+                      dynamic_shapes=dynamic)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    diff = float(np.abs(got - ref.numpy()).max())
+    assert diff <= 1e-4, f"{name}: onnxruntime differs from torch by {diff}"
+    with open(path.replace(".onnx", ".ref.json"), "w") as f:
+        json.dump({"inputs": {k: v.tolist() for k, v in inputs.items()},
+                   "logits_shape": list(ref.shape),
+                   "logits": [round(float(v), 8) for v in ref.flatten()]}, f)
+    ops = sorted({n.op_type for n in m.graph.node})
+    print(f"ops/{os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB, "
+          f"{len(m.graph.node)} nodes, ort-vs-torch {diff:.2e}, ops {' '.join(ops)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,14 @@
 //! Baseline in the same run: copying the model file (read + write of the same bytes), so the
 //! ratio says how much the compiler costs beyond the unavoidable I/O.
 //!
-//! `cargo bench -p bidora-compiler --bench compile` (results: BENCHMARKS.md).
+//! Second case, compile cost against graph size: a chain of N nodes and one of 2N compiled
+//! with `--task seq-cls` (DoRA, every program), reporting the time ratio; linear cost gives
+//! about 2, the acceptance bound is 2.5.
+//!
+//! `cargo bench -p bidora-compiler --bench compile` (results: BENCHMARKS.md); `-- minilm` or
+//! `-- chain` runs one case; `-- chain 8000` sets the smaller chain's node count, and
+//! `-- chain 1500 every` adapts every block (growth in the number of adapters);
+//! `BIDORA_COMPILE=path` times another build of the binary in the chain case.
 
 use std::path::Path;
 use std::process::Command;
@@ -150,6 +157,81 @@ fn synth_minilm() -> Model {
     }
 }
 
+/// A chain of `layers` blocks `MatMul → Add → Tanh` (hidden 8, 3 nodes each) from
+/// `x[batch, 8]` to `logits[batch, 2]`, with DoRA's target (`query`) on the first block only:
+/// the backward pass still runs through every node, and the adapted part stays the same size
+/// whatever the length, so the measured growth is the passes' own. With `adapt_every`, every
+/// block is a target: the growth in the number of adapters.
+fn synth_chain(layers: usize, adapt_every: bool) -> Model {
+    const H: i64 = 8;
+    let mut g = Graph {
+        name: "chain".into(),
+        ..Default::default()
+    };
+    let batch = Dim::Sym("batch".into());
+    g.inputs.push(ValueInfo::new(
+        "x",
+        ValueType::tensor(DataType::Float, vec![batch.clone(), Dim::Known(H)]),
+    ));
+    g.outputs.push(ValueInfo::new(
+        "logits",
+        ValueType::tensor(DataType::Float, vec![batch, Dim::Known(2)]),
+    ));
+    let mut h = "x".to_string();
+    for l in 0..layers {
+        let dout = if l + 1 == layers { 2 } else { H };
+        let module = if l == 0 || adapt_every {
+            "query"
+        } else {
+            "dense"
+        };
+        let scope = format!("/layer.{l}/{module}");
+        let w = format!("onnx::MatMul_{l}");
+        let b = format!("layer.{l}.{module}.bias");
+        g.initializers
+            .insert(w.clone(), weights(&w, vec![H, dout], l as u32));
+        g.initializers
+            .insert(b.clone(), weights(&b, vec![dout], l as u32 + 7));
+        let mm = format!("{scope}/MatMul_output_0");
+        let add = format!("{scope}/Add_output_0");
+        g.nodes.push(Node::new(
+            "MatMul",
+            format!("{scope}/MatMul"),
+            vec![h, w],
+            vec![mm.clone()],
+        ));
+        g.nodes.push(Node::new(
+            "Add",
+            format!("{scope}/Add"),
+            vec![mm, b],
+            vec![add.clone()],
+        ));
+        h = if l + 1 == layers {
+            "logits".into()
+        } else {
+            format!("{scope}/Tanh_output_0")
+        };
+        g.nodes.push(Node::new(
+            "Tanh",
+            format!("{scope}/Tanh"),
+            vec![add],
+            vec![h.clone()],
+        ));
+    }
+    Model {
+        ir_version: 8,
+        opset_imports: vec![ir::OpsetImport::new("", 17)],
+        producer_name: "bidora-bench".into(),
+        producer_version: String::new(),
+        domain: String::new(),
+        model_version: 0,
+        doc_string: String::new(),
+        metadata_props: vec![],
+        graph: g,
+        passthrough: Default::default(),
+    }
+}
+
 /// Runs a command, returning (wall seconds, peak RSS bytes of the child).
 fn measure(cmd: &mut Command) -> (f64, u64) {
     let t = Instant::now();
@@ -175,6 +257,65 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let case = args.first().map(String::as_str);
+    if matches!(case, None | Some("minilm")) {
+        minilm_case();
+    }
+    if matches!(case, None | Some("chain")) {
+        let nodes = args
+            .get(1)
+            .map(|n| n.parse().expect("a node count"))
+            .unwrap_or(8000);
+        chain_case(nodes, args.get(2).map(String::as_str) == Some("every"));
+    }
+}
+
+/// Compiles chains of about `nodes` and `2 * nodes` nodes with `--task seq-cls` (DoRA, so
+/// also BiDoRA's lower and upper programs) and prints the time of each and their ratio.
+fn chain_case(nodes: usize, adapt_every: bool) {
+    // BIDORA_COMPILE=path measures another build of the binary (e.g. an older commit's).
+    let bin = std::env::var("BIDORA_COMPILE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_bidora-compile").to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let mut times = vec![];
+    for layers in [nodes / 3, 2 * (nodes / 3)] {
+        let path = dir.path().join(format!("chain{layers}.onnx"));
+        let proto = ir::convert::model_to_proto(&synth_chain(layers, adapt_every));
+        bidora_compiler::onnx_io::write_model(&proto, &path, &Default::default()).unwrap();
+        let out = dir.path().join(format!("out{layers}"));
+        let (mut ts, mut peak) = (vec![], 0);
+        for _ in 0..3 {
+            let (t, rss) = measure(
+                Command::new(&bin)
+                    .arg(&path)
+                    .args(["--target", "query", "--task", "seq-cls", "-o"])
+                    .arg(&out)
+                    .stderr(std::process::Stdio::null()),
+            );
+            ts.push(t);
+            peak = peak.max(rss);
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        let t = median(ts);
+        println!(
+            "chain of {} nodes ({} adapters), --task seq-cls (DoRA, BiDoRA programs), median of 3: {t:.3} s, peak RSS {:.1} MB",
+            3 * layers,
+            if adapt_every { layers } else { 1 },
+            peak as f64 / 1e6
+        );
+        times.push(t);
+    }
+    println!(
+        "time ratio for twice the nodes: {:.2} (linear: 2, target <= 2.5)",
+        times[1] / times[0]
+    );
+}
+
+fn minilm_case() {
     let dir = tempfile::tempdir().unwrap();
     let model_path = dir.path().join("minilm_synth.onnx");
     let m = synth_minilm();

@@ -355,7 +355,7 @@ pub fn upper_program(
     let mut hypergrads = vec![];
     let mut b = Builder::new(g, "hypergrad");
     for (k, m) in groups.upper.iter().enumerate() {
-        let out = b.g.fresh_name(&format!("{m}.hypergrad"));
+        let out = b.fresh_unprefixed(&format!("{m}.hypergrad"));
         let src = match &mixed {
             None => h[k].clone(),
             Some(mx) => {

@@ -59,3 +59,29 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a user can do about an op the compiler cannot type (shape inference reaches every
+/// node, wherever the adapters are).
+pub const HINT_NO_SHAPE_RULE: &str = "what you can do: export with the other torch.onnx \
+exporter, which writes different ops (torch.onnx.export(..., dynamo=False, opset_version=17) \
+or dynamo=True), or report the op so a rule can be added";
+
+/// What a user can do about an op autodiff cannot differentiate: it lies between an adapter
+/// and the loss, so adapters after it avoid it.
+pub const HINT_NO_GRADIENT: &str = "what you can do: put the adapters after this node \
+(--list-targets shows every module; target later modules only), or export with the other \
+torch.onnx exporter, which writes different ops (dynamo=False or dynamo=True)";
+
+impl Error {
+    /// The error with `hint` appended to an unsupported-op message (others unchanged).
+    pub fn with_hint(self, hint: &str) -> Error {
+        match self {
+            Error::UnsupportedOp { op, node, msg } => Error::UnsupportedOp {
+                op,
+                node,
+                msg: format!("{msg}; {hint}"),
+            },
+            other => other,
+        }
+    }
+}

@@ -13,11 +13,13 @@
 //! - [`dump`]: the readable text form of a graph.
 //! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
 //! - [`optim`]: AdamW as an ONNX program (the runtime's device-resident optimiser).
+//! - [`cli_exit`]: how the command-line tools end (errors, a closed standard output).
 
 pub mod artifact;
 pub mod autodiff;
 pub mod bilevel;
 pub mod check;
+pub mod cli_exit;
 pub mod dump;
 pub mod error;
 pub mod export;

@@ -44,6 +44,12 @@ pub struct Candidate {
     /// `weight` was cut from (export writes the merged block back into it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fused_weight: Option<String>,
+    /// For one block: its first output feature in the fused weight, and the fused weight's
+    /// output features (blocks may differ in width: grouped-query attention's q | k | v).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub block_offset: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fused_out_features: Option<i64>,
 }
 
 /// One block of a fused projection such as GPT-2's `c_attn` (q|k|v as column blocks).
@@ -167,6 +173,8 @@ pub fn candidates(graph: &Graph) -> Vec<Candidate> {
             out_features: out_f,
             unsupported,
             fused_weight: None,
+            block_offset: None,
+            fused_out_features: None,
         });
     }
     out
@@ -317,6 +325,7 @@ pub fn select(graph: &Graph, spec: &TargetSpec) -> Result<Vec<Selected>> {
     let all = candidates(graph);
     let listing = || format_candidates(&all);
     let mut chosen: Vec<Selected> = vec![];
+    let mut index = None;
     let mut push = |c: &Candidate, blocks: Option<Vec<Block>>| -> Result<()> {
         if let Some(why) = &c.unsupported {
             return Err(Error::Target {
@@ -326,13 +335,24 @@ pub fn select(graph: &Graph, spec: &TargetSpec) -> Result<Vec<Selected>> {
                 ),
             });
         }
-        if blocks.is_some() && c.out_features % 3 != 0 {
-            return Err(Error::Target {
+        if blocks.is_some() {
+            // Checked here so a wrong `:q,v` fails before any rewriting.
+            let (consumers, producers) =
+                index.get_or_insert_with(|| (graph.consumers(), graph.producers()));
+            let node = &graph.nodes[c.node_index];
+            crate::rewrite::split_fused::block_widths(
+                graph,
+                consumers,
+                producers,
+                node,
+                c.out_features,
+            )
+            .map_err(|why| Error::Target {
                 msg: format!(
-                    "target module '{}' has {} output features, which do not split into q|k|v blocks",
-                    c.module, c.out_features
+                    "target module '{}' ({} node '{}') cannot be split into blocks: {why}",
+                    c.module, c.op, c.node
                 ),
-            });
+            })?;
         }
         if let Some(prev) = chosen.iter_mut().find(|s| s.candidate.node == c.node) {
             // Named twice (e.g. by a name and the regex): merge block lists.

@@ -222,6 +222,30 @@ fn non_2d_weight() {
 }
 
 #[test]
+fn an_op_without_a_shape_rule_says_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![4, 6], 18);
+    // An op the compiler has no rule for, after the adapted projection.
+    m.graph.nodes[0].outputs[0] = "h".into();
+    m.graph.nodes.push(Node::new(
+        "Celu",
+        "/encoder/act/Celu",
+        vec!["h".into()],
+        vec!["y".into()],
+    ));
+    let p = write(dir.path(), "celu.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains("Celu") && err.contains("/encoder/act/Celu") && err.contains("no shape rule"),
+        "{err}"
+    );
+    assert!(
+        err.contains("what you can do: export with the other torch.onnx exporter"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unsupported_opset() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(
@@ -316,4 +340,41 @@ fn help_documents_every_option_with_an_example() {
         "only {described} options show an example:\n{s}"
     );
     let _ = AttrValue::Int(0);
+}
+
+/// Runs `cmd` with its standard output a pipe whose read end is already closed, so every
+/// write to it fails with EPIPE, as under `| head -1` once `head` has exited (but without the
+/// race of closing it while the tool runs).
+fn output_with_closed_stdout(cmd: &mut Command) -> std::process::Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `pipe` fills the two descriptors; each is then owned exactly once.
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        OwnedFd::from_raw_fd(fds[1])
+    };
+    cmd.stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn closed_stdout_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    for args in [
+        &["--list-targets"][..],
+        &["--dump"],
+        &["--target", "query", "--dump", "forward"],
+    ] {
+        let res = output_with_closed_stdout(bin().arg(&p).args(args));
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(0), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?} printed to stderr: {err}");
+    }
 }

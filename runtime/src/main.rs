@@ -3,6 +3,7 @@
 //! from a causal LM with trained adapters) and `export` (the trained adapters as a merged
 //! ONNX model and a peft adapter folder).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -261,11 +262,13 @@ fn analyze_cmd(
     std::fs::write(out.join("analysis.md"), &md)
         .with_context(|| format!("writing {}/analysis.md", out.display()))?;
     analyze::plot(&pts, &out.join("analysis.svg"))?;
-    println!("{md}");
-    println!(
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{md}")?;
+    writeln!(
+        stdout,
         "analysis: {0}/analysis.md, {0}/analysis.jsonl, {0}/analysis.svg",
         out.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -312,11 +315,13 @@ fn sweep_cmd(
     let records = sweep.run(&opts)?;
     let title = format!("Sweep {}", file.display());
     report::write_all(&records, out, &title)?;
-    println!("{}", report::markdown(&records, &title));
-    println!(
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "{}", report::markdown(&records, &title))?;
+    writeln!(
+        stdout,
         "results: {0}/results.md, {0}/results.jsonl, {0}/results.svg",
         out.display()
-    );
+    )?;
     let failed = records.iter().filter(|r| !r.ok).count();
     if failed > 0 {
         anyhow::bail!(
@@ -381,14 +386,21 @@ fn train_cmd(
             })
             .unwrap_or_else(|| "-".into())
     };
-    println!("finished in {:.1} s: {}", summary.seconds, output.display());
-    println!("  validation: {}", show(&summary.final_val));
-    println!("  test:       {}", show(&summary.final_test));
-    println!(
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "finished in {:.1} s: {}",
+        summary.seconds,
+        output.display()
+    )?;
+    writeln!(out, "  validation: {}", show(&summary.final_val))?;
+    writeln!(out, "  test:       {}", show(&summary.final_test))?;
+    writeln!(
+        out,
         "  tensors: {}/final.safetensors (best on validation: best.safetensors); curves: {}/curves.svg",
         output.display(),
         output.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -401,23 +413,30 @@ fn check(
 ) -> Result<()> {
     let art = Artifact::open(dir)?;
     let engine = backend::select(kind, opts).context("choosing the backend")?;
-    println!("{} (from {})", dir.display(), art.manifest.source_model);
-    println!("backend: {}", engine.description());
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "{} (from {})",
+        dir.display(),
+        art.manifest.source_model
+    )?;
+    writeln!(out, "backend: {}", engine.description())?;
     for (key, prog) in &art.manifest.programs {
         let inputs = art.example_inputs(prog, batch, seq)?;
         let path = art.dir.join(&prog.file);
         let t = std::time::Instant::now();
         let mut program = engine.load(&path)?;
         let outs = program.run(&inputs)?;
-        println!(
+        writeln!(
+            out,
             "  {key} ({}): ran in {:.3} s",
             prog.file,
             t.elapsed().as_secs_f64()
-        );
+        )?;
         // What was fed: each independent batch gets its own sizes (see example_inputs).
         for (sig, (_, t)) in prog.inputs.iter().zip(&inputs) {
             if sig.role == "data" || sig.role == "label" {
-                println!("    {:<9} {} {:?}", "input", sig.name, t.shape());
+                writeln!(out, "    {:<9} {} {:?}", "input", sig.name, t.shape())?;
             }
         }
         for (sig, o) in prog.outputs.iter().zip(&outs) {
@@ -431,7 +450,7 @@ fn check(
             } else {
                 String::new()
             };
-            println!("    {:<9} {} {:?}{value}", sig.role, sig.name, shape);
+            writeln!(out, "    {:<9} {} {:?}{value}", sig.role, sig.name, shape)?;
         }
     }
     Ok(())
@@ -461,7 +480,9 @@ fn export_cmd(
         force,
     })
     .with_context(|| format!("cannot export {}", artifact.display()))?;
-    println!(
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
         "exported {} adapters{} from {} (model {})",
         report.adapters,
         if report.heads > 0 {
@@ -471,12 +492,12 @@ fn export_cmd(
         },
         tensors.display(),
         report.model.display()
-    );
+    )?;
     if let Some(m) = merged {
-        println!("  merged model: {}", m.display());
+        writeln!(out, "  merged model: {}", m.display())?;
     }
     if let Some(p) = peft {
-        println!("  peft adapter: {}", p.display());
+        writeln!(out, "  peft adapter: {}", p.display())?;
     }
     Ok(())
 }
@@ -551,8 +572,9 @@ fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs)
     if let Some((p, _)) = a.prompts.iter().zip(&ids).find(|(_, i)| i.is_empty()) {
         anyhow::bail!("prompt '{p}' has no tokens");
     }
+    let mut out = std::io::stdout();
     for t in continuations(&mut lm, &ids, &opts, ids.len())? {
-        println!("{}", decoder.decode(&t).map_err(anyhow::Error::msg)?);
+        writeln!(out, "{}", decoder.decode(&t).map_err(anyhow::Error::msg)?)?;
     }
     Ok(())
 }
@@ -666,11 +688,5 @@ fn main() -> ExitCode {
             force,
         ),
     };
-    match res {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bidora_compiler::cli_exit::exit_code(res)
 }

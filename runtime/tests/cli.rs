@@ -92,6 +92,17 @@ fn check_feeds_the_upper_program_batches_of_different_sizes() {
 }
 
 #[test]
+fn check_with_a_closed_stdout_ends_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let out = common::output_with_closed_stdout(bidora().arg("check").arg(&art));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
 fn check_of_a_folder_without_manifest_names_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let out = bidora().arg("check").arg(tmp.path()).output().unwrap();

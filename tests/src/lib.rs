@@ -33,7 +33,86 @@ pub fn fixtures() -> Vec<PathBuf> {
     v
 }
 
-/// `bert`, `roberta`, `gpt2` or `esm`, from the fixture's file name.
+/// A model in `models/ops/`: graphs that need ops the encoder fixtures lack (GatherND
+/// last-token pooling, a Conv patch embedding, a grouped-query fused qkv_proj), with the
+/// `--target` adapting its attention's query and value projections and its loss head.
+pub struct OpFixture {
+    pub path: PathBuf,
+    pub targets: Vec<String>,
+    pub task: bidora_compiler::heads::Task,
+}
+
+/// Every op fixture (written by `models/make_fixtures.py --ops`), sorted by name.
+pub fn op_fixtures() -> Vec<OpFixture> {
+    use bidora_compiler::heads::Task;
+    let ops = repo_root().join("models/ops");
+    let fixture = |file: &str, target: &str, task| OpFixture {
+        path: ops.join(file),
+        targets: vec![target.into()],
+        task,
+    };
+    vec![
+        // LlamaForSequenceClassification: last-token pooling is a GatherND.
+        fixture("llama_seqcls_dynamo18.onnx", "q_proj,v_proj", Task::SeqCls),
+        // Phi-3: qkv_proj fuses q 64 | k 32 | v 32 (two KV heads of four).
+        fixture("phi3_gqa_dynamo18.onnx", "qkv_proj:q,v", Task::CausalLm),
+        // ViTForImageClassification: Conv patch embedding before every adapter.
+        fixture("vit_dynamo18.onnx", "q_proj,v_proj", Task::SeqCls),
+    ]
+}
+
+/// The input torch's reference was computed on (`<model>.ref.json`, ids as i64, pixels as
+/// f32) and the reference logits (shape, values).
+pub fn reference(path: &Path) -> (Vec<(String, HostTensor)>, Vec<usize>, Vec<f32>) {
+    let text = std::fs::read_to_string(path.with_extension("ref.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    fn flatten(v: &serde_json::Value, shape: &mut Vec<usize>, depth: usize, out: &mut Vec<f64>) {
+        match v.as_array() {
+            Some(items) => {
+                if shape.len() == depth {
+                    shape.push(items.len());
+                }
+                for item in items {
+                    flatten(item, shape, depth + 1, out);
+                }
+            }
+            None => out.push(v.as_f64().unwrap()),
+        }
+    }
+    let mut inputs = vec![];
+    for (name, v) in r["inputs"].as_object().unwrap() {
+        let (mut shape, mut vals) = (vec![], vec![]);
+        flatten(v, &mut shape, 0, &mut vals);
+        let t = if name == "pixel_values" {
+            HostTensor::F32(
+                ArrayD::from_shape_vec(IxDyn(&shape), vals.iter().map(|&x| x as f32).collect())
+                    .unwrap(),
+            )
+        } else {
+            HostTensor::I64(
+                ArrayD::from_shape_vec(IxDyn(&shape), vals.iter().map(|&x| x as i64).collect())
+                    .unwrap(),
+            )
+        };
+        inputs.push((name.clone(), t));
+    }
+    let shape = r["logits_shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let logits = r["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    (inputs, shape, logits)
+}
+
+/// `bert`, `roberta`, `gpt2`, `esm` (or an op fixture's `llama`, `phi3`, `vit`), from the
+/// fixture's file name.
 pub fn family(path: &Path) -> String {
     let stem = path.file_stem().unwrap().to_string_lossy().to_string();
     stem.split('_').next().unwrap().to_string()
@@ -43,6 +122,7 @@ pub fn family(path: &Path) -> String {
 pub fn qv_targets(family: &str) -> Vec<String> {
     match family {
         "gpt2" => vec!["c_attn:q,v".into()],
+        "phi3" => vec!["qkv_proj:q,v".into()],
         _ => vec!["query,value".into()],
     }
 }

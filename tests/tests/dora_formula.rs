@@ -1,7 +1,8 @@
 //! The lowered DoRA/LoRA programs against an independent evaluation of the formulas with
 //! ndarray, with random non-zero A, B and m, for every weight layout the rewrite handles:
 //! `MatMul(x, W[in,out])`, `MatMul(x, Transpose(W[out,in]))`, `Gemm(x, W[out,in], transB=1)`,
-//! and one block of a fused `Gemm(x, W[in,3d])` (GPT-2's c_attn).
+//! and one block of a fused `Gemm(x, W[in, q+k+v])` cut by a Split (GPT-2's c_attn; here of
+//! unequal widths, as a grouped-query qkv_proj).
 
 use bidora_compiler::ir::{AttrValue, Dim, Graph, Node, Tensor};
 use bidora_compiler::rewrite::Method;
@@ -14,6 +15,8 @@ use rand_chacha::ChaCha8Rng;
 const IN: usize = 12;
 const OUT: usize = 9;
 const ROWS: usize = 5;
+/// The fused case's q | k | v widths: unequal (grouped-query attention), v of width OUT.
+const FUSED: [usize; 3] = [OUT + 3, OUT - 2, OUT];
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -34,7 +37,7 @@ fn linear(
     rng: &mut ChaCha8Rng,
 ) -> (bidora_compiler::ir::Model, Array2<f32>, Array1<f32>) {
     let out_total = if matches!(kind, Kind::FusedGemm) {
-        3 * OUT
+        FUSED.iter().sum()
     } else {
         OUT
     };
@@ -119,12 +122,35 @@ fn linear(
             );
         }
         Kind::FusedGemm => {
+            // Cut into q | k | v by a Split, as models do (the split's sizes are what the
+            // compiler reads), and joined again so `y` is the whole fused output.
             g.nodes.push(Node::new(
                 "Gemm",
                 "/mod/proj/Gemm",
                 vec![x, w, b],
-                vec!["y".into()],
+                vec!["qkv".into()],
             ));
+            let sizes: Vec<i64> = FUSED.iter().map(|&d| d as i64).collect();
+            g.initializers
+                .insert("sizes".into(), Tensor::from_i64("sizes", vec![3], &sizes));
+            g.nodes.push(
+                Node::new(
+                    "Split",
+                    "/mod/split",
+                    vec!["qkv".into(), "sizes".into()],
+                    vec!["q".into(), "k".into(), "v".into()],
+                )
+                .with_attr("axis", AttrValue::Int(-1)),
+            );
+            g.nodes.push(
+                Node::new(
+                    "Concat",
+                    "/mod/concat",
+                    vec!["q".into(), "k".into(), "v".into()],
+                    vec!["y".into()],
+                )
+                .with_attr("axis", AttrValue::Int(-1)),
+            );
         }
     }
     (model_of(g), w_eff, bias)
@@ -166,7 +192,7 @@ fn check(kind: Kind, method: Method) {
 
     // Expected output, block by block for the fused case.
     let col0 = if matches!(kind, Kind::FusedGemm) {
-        2 * OUT
+        FUSED[0] + FUSED[1]
     } else {
         0
     };

@@ -34,8 +34,9 @@ const fn case(fixture: &'static str, method: Method, head: bool) -> Case {
 }
 
 /// Every family and exporter, DoRA and LoRA, with and without a trained head (GPT-2 has
-/// none), fused c_attn blocks on both GPT-2 exports.
-const CASES: [Case; 10] = [
+/// none), fused c_attn blocks on both GPT-2 exports, and Phi-3's fused qkv_proj of unequal
+/// blocks (q 64 | k 32 | v 32: v starts at column 96, not 2·32).
+const CASES: [Case; 11] = [
     case("bert_legacy17", Method::Dora, true),
     case("bert_dynamo18", Method::Lora, false),
     case("roberta_dynamo18", Method::Dora, false),
@@ -46,6 +47,7 @@ const CASES: [Case; 10] = [
     case("esm_legacy17", Method::Dora, true),
     case("esm_dynamo18", Method::Lora, true),
     case("esm_dynamo18", Method::Dora, false),
+    case("ops/phi3_gqa_dynamo18", Method::Dora, false),
 ];
 
 struct Setup {
@@ -69,7 +71,7 @@ fn setup(c: Case, dir: &Path, seed: u64) -> Setup {
     let model = bidora_compiler::load_model(&model_path).unwrap();
     let fam = family(&model_path);
     let mut opts = options(qv_targets(&fam), c.method);
-    opts.task = Some(if fam == "gpt2" {
+    opts.task = Some(if fam == "gpt2" || fam == "phi3" {
         Task::CausalLm
     } else {
         Task::SeqCls

@@ -6,7 +6,7 @@ use bidora_compiler::ir::{DataType, Dim, Node};
 use bidora_compiler::load_model;
 use bidora_compiler::rewrite::{self, Method};
 use bidora_runtime::tract_exec::HostTensor;
-use bidora_tests::gradcheck::check;
+use bidora_tests::gradcheck::{check, check_emitted, CheckOpts, Direction};
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
@@ -23,13 +23,34 @@ fn with_loss(
     Vec<String>,
 ) {
     let model = load_model(path).unwrap();
-    let c = compile(&model, &options(qv_targets(&family(path)), Method::Dora));
+    let inputs = example_inputs(&model);
+    with_loss_on(
+        &model,
+        qv_targets(&family(path)),
+        inputs,
+        value,
+        value_shape,
+    )
+}
+
+/// [`with_loss`] for any model, adapters on `targets`, fed `inputs`.
+fn with_loss_on(
+    model: &bidora_compiler::ir::Model,
+    targets: Vec<String>,
+    mut inputs: Vec<(String, HostTensor)>,
+    value: &str,
+    value_shape: &[usize],
+) -> (
+    bidora_compiler::ir::Model,
+    Vec<(String, HostTensor)>,
+    Vec<String>,
+) {
+    let c = compile(model, &options(targets, Method::Dora));
     let mut m = rewrite::lower(&c.adapted).unwrap();
     let dims: Vec<i64> = value_shape.iter().map(|&d| d as i64).collect();
     add_weighted_sum_loss(&mut m, value, &dims, DataType::Float);
     // Random non-zero adapters (B = 0 at initialisation would hide half the gradient).
     let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let mut inputs = example_inputs(&model);
     inputs.extend(perturbed_init(&c, 3));
     let n: usize = value_shape.iter().product();
     let cv: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -73,8 +94,12 @@ fn an_op_without_a_rule_names_the_op_node_and_path() {
         "the path starts at an adapter: {err}"
     );
     assert!(
-        err.contains("logits → [Softplus") && err.ends_with("loss"),
+        err.contains("logits → [Softplus") && err.contains("→ loss; "),
         "the path runs through the op to the loss: {err}"
+    );
+    assert!(
+        err.contains("what you can do: put the adapters after this node"),
+        "it says what to do: {err}"
     );
 }
 
@@ -90,6 +115,43 @@ fn dora_adapter_gradients_of_the_classifier_logits() {
         r.analytic, r.numeric, r.rel_err
     );
     assert!(r.rel_err <= 5e-3, "relative error {:.3e}", r.rel_err);
+}
+
+/// The op fixtures' logits: through GatherND last-token pooling (Llama), the blocks of a
+/// grouped-query fused qkv_proj (Phi-3) and a ViT's encoder after its Conv patch embedding.
+#[test]
+fn dora_adapter_gradients_of_the_op_fixtures() {
+    for f in op_fixtures() {
+        let model = load_model(&f.path).unwrap();
+        let (inputs, shape, _) = reference(&f.path);
+        let logits = model.graph.outputs[0].name.clone();
+        let (m, inputs, wrt) = with_loss_on(&model, f.targets.clone(), inputs, &logits, &shape);
+        let grads = autodiff::backward(&m, "loss", &wrt).unwrap();
+        // Along the gradient: at these tiny random weights the random-direction derivative
+        // (~1e-5) is as small as the f32 rounding of the differences.
+        let opts = CheckOpts {
+            reference: None,
+            h: 1e-2,
+            seed: 13,
+            direction: Direction::Gradient,
+            numeric_in_ort: false,
+        };
+        let r = check_emitted(&grads.model, "loss", &grads.grads, &inputs, &opts).unwrap();
+        let name = f.path.file_name().unwrap().to_string_lossy().to_string();
+        eprintln!(
+            "{name}: analytic {} numeric {} rel {:.2e}",
+            r.analytic, r.numeric, r.rel_err
+        );
+        assert!(
+            r.analytic.abs() > 1e-6,
+            "{name}: a gradient that is not zero"
+        );
+        assert!(
+            r.rel_err <= 5e-3,
+            "{name}: relative error {:.3e}",
+            r.rel_err
+        );
+    }
 }
 
 #[test]

@@ -23,6 +23,8 @@ struct Case {
     /// Inputs drawn from [0.5, 1.5] (for Log, Sqrt, Pow, division) instead of ±[0.5, 1.5].
     positive: bool,
     dtype: DataType,
+    /// The node's input order when the constants do not all come last (ScatterND's indices).
+    order: Option<Vec<&'static str>>,
 }
 
 fn case(op: &'static str, inputs: Vec<(&'static str, Vec<usize>, bool)>) -> Case {
@@ -34,6 +36,7 @@ fn case(op: &'static str, inputs: Vec<(&'static str, Vec<usize>, bool)>) -> Case
         outputs: 1,
         positive: false,
         dtype: DataType::Double,
+        order: None,
     }
 }
 
@@ -53,6 +56,10 @@ impl Case {
     }
     fn outputs(mut self, n: usize) -> Case {
         self.outputs = n;
+        self
+    }
+    fn order(mut self, names: &[&'static str]) -> Case {
+        self.order = Some(names.to_vec());
         self
     }
     fn f32(mut self) -> Case {
@@ -118,6 +125,9 @@ fn run(c: Case, seed: u64) -> f64 {
     for t in &c.consts {
         g.initializers.insert(t.name.clone(), t.clone());
         node_inputs.push(t.name.clone());
+    }
+    if let Some(order) = &c.order {
+        node_inputs = order.iter().map(|s| s.to_string()).collect();
     }
     let outs: Vec<String> = (0..c.outputs).map(|k| format!("y{k}")).collect();
     let mut node = Node::new(c.op, "op", node_inputs, outs.clone());
@@ -449,6 +459,36 @@ fn data_movement() {
         .ints("ends", &[5, i64::MAX])
         .ints("axes", &[1, 2]);
     assert_case(c, 88);
+    // GatherND picks [batch, position] pairs (decoders' last-token pooling): a repeated pair
+    // sums its gradients. (No negative index: tract's GatherND refuses them.)
+    let mut c = case("GatherND", vec![x(&[3, 6, 5])]);
+    c.consts.push(Tensor::from_i64(
+        "idx",
+        vec![4, 2],
+        &[0, 5, 1, 2, 2, 4, 1, 2],
+    ));
+    assert_case(c, 92);
+    // Whole-row tuples (depth 1), and tuples reaching single elements (depth 3).
+    let mut c = case("GatherND", vec![x(&[4, 3, 2])]);
+    c.consts
+        .push(Tensor::from_i64("idx", vec![2, 1, 1], &[3, 0]));
+    assert_case(c, 93);
+    let mut c = case("GatherND", vec![x(&[4, 3, 2])]);
+    c.consts
+        .push(Tensor::from_i64("idx", vec![2, 3], &[3, 2, 1, 0, 1, 0]));
+    assert_case(c, 94);
+    // ScatterND, the GatherND gradient (the exact hypergradient differentiates it again):
+    // overwriting, and adding with a repeated tuple.
+    let mut c = case("ScatterND", vec![x(&[3, 6, 5]), y(&[3, 5])]).order(&["x", "idx", "y"]);
+    c.consts
+        .push(Tensor::from_i64("idx", vec![3, 2], &[0, 5, 1, 2, 2, 0]));
+    assert_case(c, 95);
+    let mut c = case("ScatterND", vec![x(&[3, 6, 5]), y(&[3, 5])])
+        .order(&["x", "idx", "y"])
+        .attr("reduction", AttrValue::String(b"add".to_vec()));
+    c.consts
+        .push(Tensor::from_i64("idx", vec![3, 2], &[0, 5, 1, 2, 0, 5]));
+    assert_case(c, 96);
     // Slice's gradient is a Pad; the exact hypergradient differentiates it again.
     let c = case("Pad", vec![x(&[3, 4, 2])]).ints("pads", &[0, 2, 1, 1, 0, 3]);
     assert_case(c, 89);

@@ -17,8 +17,9 @@ use std::collections::{HashMap, HashSet};
 
 pub use cx::GradCx;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, HINT_NO_GRADIENT};
 use crate::ir::builder::Builder;
+use crate::ir::names::Names;
 use crate::ir::{Dim, Model, ValueInfo, ValueType, BIDORA_DOMAIN};
 use crate::ops;
 use crate::shape;
@@ -92,8 +93,11 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
     let opset = model.onnx_opset().unwrap_or(crate::MAX_OPSET);
     let mut contributions: HashMap<String, Vec<String>> = HashMap::new();
     let mut tail = vec![];
+    // One name index for the whole sweep: a builder per node each indexing the graph would
+    // make the backward pass quadratic in the graph's size.
+    let mut names = Names::of(graph);
     {
-        let mut b = Builder::new(graph, format!("{loss}.grad"));
+        let mut b = Builder::sharing(graph, &mut names, format!("{loss}.grad"));
         let shape = b.op("Shape", "seed.shape", &[loss], vec![]);
         let one = cx::scalar_tensor(lf.dtype, 1.0, vec![1])?;
         let seed = b.op(
@@ -119,7 +123,7 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
         } else {
             n.name.clone()
         };
-        let mut b = Builder::new(graph, format!("{prefix}.grad"));
+        let mut b = Builder::sharing(graph, &mut names, format!("{prefix}.grad"));
         let out_grads: Vec<Option<String>> = n
             .outputs
             .iter()
@@ -132,7 +136,7 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
         let needs: Vec<bool> = n.inputs.iter().map(|i| on_path(i)).collect();
         let rule = ops::lookup(&n.domain, &n.op_type).and_then(|d| d.grad);
         let Some(rule) = rule else {
-            return Err(no_rule(n, loss, &parent, &child));
+            return Err(no_rule(n, loss, &parent, &child).with_hint(HINT_NO_GRADIENT));
         };
         let mut gcx = GradCx {
             node: n,
@@ -142,7 +146,7 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
             needs: needs.clone(),
             opset,
         };
-        let in_grads = rule(&mut gcx)?;
+        let in_grads = rule(&mut gcx).map_err(|e| e.with_hint(HINT_NO_GRADIENT))?;
         tail.extend(gcx.b.finish());
         for (k, input) in n.inputs.iter().enumerate() {
             if !needs[k] {
@@ -163,9 +167,9 @@ pub fn backward(model: &Model, loss: &str, wrt: &[String]) -> Result<Gradients> 
 
     // 4. One output per requested input.
     let mut grads = vec![];
-    let mut b = Builder::new(graph, "grad".to_string());
+    let mut b = Builder::sharing(graph, &mut names, "grad");
     for w in wrt {
-        let name = b.g.fresh_name(&format!("{w}.grad"));
+        let name = b.fresh_unprefixed(&format!("{w}.grad"));
         let f = facts.get(w).unwrap();
         let src = match sum_into(&mut b, contributions.remove(w).unwrap_or_default()) {
             Some(s) => s,

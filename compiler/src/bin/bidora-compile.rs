@@ -1,5 +1,6 @@
 //! `bidora-compile`: ONNX model in, artifact folder out. See `--help`.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,7 +11,7 @@ use bidora_compiler::pipeline::{self, BilevelOptions, CompileOptions};
 use bidora_compiler::regularizer::RegVariant;
 use bidora_compiler::rewrite::{AdapterConfig, Method};
 use bidora_compiler::targets::{self, TargetSpec};
-use bidora_compiler::{artifact, dump, load_model};
+use bidora_compiler::{artifact, cli_exit, dump, load_model};
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -177,16 +178,19 @@ fn run(cli: Cli) -> Result<()> {
         load_model(&cli.model).with_context(|| format!("cannot load {}", cli.model.display()))?;
     if cli.list_targets {
         let cands = targets::candidates(&model.graph);
-        println!(
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
             "{} candidate linear ops in {}:",
             cands.len(),
             cli.model.display()
-        );
-        print!("{}", targets::format_candidates(&cands));
+        )?;
+        write!(out, "{}", targets::format_candidates(&cands))?;
+        out.flush()?;
         return Ok(());
     }
     if cli.dump == Some(DumpStage::Input) {
-        print!("{}", dump::model(&model));
+        print_all(&dump::model(&model))?;
         return Ok(());
     }
     let opts = CompileOptions {
@@ -230,11 +234,11 @@ fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("cannot compile {}", cli.model.display()))?;
     match cli.dump {
         Some(DumpStage::Adapted) => {
-            print!("{}", dump::model(&compiled.adapted));
+            print_all(&dump::model(&compiled.adapted))?;
             return Ok(());
         }
         Some(DumpStage::Forward) => {
-            print!("{}", dump::model(&compiled.forward));
+            print_all(&dump::model(&compiled.forward))?;
             return Ok(());
         }
         _ => {}
@@ -265,12 +269,15 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Writes `text` to standard output; a closed pipe comes back as an error for
+/// [`cli_exit::exit_code`] rather than a panic in `print!`.
+fn print_all(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    cli_exit::exit_code(run(Cli::parse()))
 }

@@ -109,7 +109,12 @@ pub fn resolve(
             None => None,
         };
         let (target, col_offset, target_out) = match (&rec.fused_weight, rec.block) {
-            (Some(w), Some(block)) => (w.clone(), block.index() * dout, 3 * dout),
+            (Some(w), Some(block)) => (
+                w.clone(),
+                rec.block_offset
+                    .map_or(block.index() * dout, |o| o as usize),
+                rec.fused_out_features.map_or(3 * dout, |n| n as usize),
+            ),
             _ => (rec.weight.clone(), 0, dout),
         };
         let t = g.initializers.get(&target).ok_or_else(|| {

@@ -1,8 +1,7 @@
 //! Emitting new nodes into a graph with names derived from a prefix (`{prefix}.{tag}`), the
 //! way tract's gemm expansion names its parts: rewrites stay readable in dumps.
 
-use std::collections::HashSet;
-
+use super::names::Names;
 use super::{AttrValue, Graph, Node, Tensor};
 
 /// Collects nodes for a later splice; constants go straight into the graph's initializers.
@@ -10,33 +9,60 @@ pub struct Builder<'g> {
     pub g: &'g mut Graph,
     pub prefix: String,
     pub nodes: Vec<Node>,
-    /// Names handed out but not yet in the graph (the nodes are spliced in at the end).
-    taken: HashSet<String>,
-    /// Node names handed out (runtimes such as tract require unique node names).
-    node_names: HashSet<String>,
+    /// The names in use, including those handed out but not yet in the graph (the nodes are
+    /// spliced in at the end).
+    names: NameIndex<'g>,
+}
+
+/// A builder's own index, made from the graph when first needed, or one a pass shares across
+/// its builders so it indexes the graph once, not once per builder.
+enum NameIndex<'g> {
+    Own(Option<Names>),
+    Shared(&'g mut Names),
 }
 
 impl<'g> Builder<'g> {
+    /// A builder with its own name index (built from `g` at the first name, O(graph)): for
+    /// passes that make one builder. Passes that make one per node use [`Builder::sharing`].
     pub fn new(g: &'g mut Graph, prefix: impl Into<String>) -> Builder<'g> {
         Builder {
             g,
             prefix: prefix.into(),
             nodes: vec![],
-            taken: HashSet::new(),
-            node_names: HashSet::new(),
+            names: NameIndex::Own(None),
         }
     }
 
-    pub fn fresh(&mut self, tag: &str) -> String {
-        let base = self.g.fresh_name(&format!("{}.{tag}", self.prefix));
-        let mut name = base.clone();
-        let mut k = 1;
-        while self.taken.contains(&name) {
-            name = format!("{base}_{k}");
-            k += 1;
+    /// A builder drawing names from `names`, which must hold `g`'s names (see [`Names`]).
+    pub fn sharing(
+        g: &'g mut Graph,
+        names: &'g mut Names,
+        prefix: impl Into<String>,
+    ) -> Builder<'g> {
+        Builder {
+            g,
+            prefix: prefix.into(),
+            nodes: vec![],
+            names: NameIndex::Shared(names),
         }
-        self.taken.insert(name.clone());
-        name
+    }
+
+    fn names(&mut self) -> &mut Names {
+        match &mut self.names {
+            NameIndex::Own(own) => own.get_or_insert_with(|| Names::of(self.g)),
+            NameIndex::Shared(shared) => shared,
+        }
+    }
+
+    /// A fresh value name `{prefix}.{tag}` (or with a `_k` suffix).
+    pub fn fresh(&mut self, tag: &str) -> String {
+        let base = format!("{}.{tag}", self.prefix);
+        self.names().value(&base)
+    }
+
+    /// A fresh value name derived from `base` itself, without the prefix.
+    pub fn fresh_unprefixed(&mut self, base: &str) -> String {
+        self.names().value(base)
     }
 
     /// Emits `op(inputs)` with a fresh output name, which it returns.
@@ -77,16 +103,7 @@ impl<'g> Builder<'g> {
     /// A node name `{prefix}.{tag}` not used in the graph or by this builder.
     fn node_name(&mut self, tag: &str) -> String {
         let base = format!("{}.{tag}", self.prefix);
-        let used =
-            |b: &Self, n: &str| b.node_names.contains(n) || b.g.nodes.iter().any(|x| x.name == n);
-        let mut name = base.clone();
-        let mut k = 1;
-        while used(self, &name) {
-            name = format!("{base}_{k}");
-            k += 1;
-        }
-        self.node_names.insert(name.clone());
-        name
+        self.names().node(&base)
     }
 
     /// Emits an op of a non-default domain (the compiler's own `ai.bidora` markers).

@@ -12,6 +12,7 @@
 pub mod builder;
 pub mod convert;
 pub mod instance;
+pub mod names;
 pub mod tensor;
 pub mod topo;
 
@@ -362,7 +363,9 @@ impl Graph {
         self.initializers.get(name)
     }
 
-    /// A value name not used anywhere in the graph, derived from `base`.
+    /// A value name not used anywhere in the graph, derived from `base`. It scans the graph:
+    /// for one name; a pass that makes many uses one [`names::Names`] (as [`builder::Builder`]
+    /// does), which gives the same names in O(1) each.
     pub fn fresh_name(&self, base: &str) -> String {
         let taken = |n: &str| {
             self.initializers.contains_key(n)

@@ -7,7 +7,7 @@
 //! | unary, broadcasting binary, comparisons, logic, Where, Cast, Softmax | `elementwise.rs` |
 //! | MatMul, Gemm | `linalg.rs` |
 //! | ReduceSum/Mean/Max/..., ArgMax/ArgMin | `reduce.rs` |
-//! | LayerNormalization | `nn.rs` |
+//! | LayerNormalization, Conv (shape only) | `nn.rs` |
 //! | Shape, Reshape, Transpose, Concat, Slice, Gather, Expand, Range, Constant, ... | `shape_ops.rs` |
 //! | the compiler's composite `ai.bidora` DoRA / LoRA | `dora.rs` |
 

@@ -1,15 +1,95 @@
 //! Normalisation: `LayerNormalization` (opset 17), whose optional outputs Mean and InvStdDev
-//! keep the leading dims and have size 1 on the normalised axes.
+//! keep the leading dims and have size 1 on the normalised axes. Convolution: `Conv`'s shape
+//! rule, for the patch embeddings vision encoders (ViT, DeiT, Swin) put before every adapter;
+//! it has no gradient rule, so an adapter before a Conv is reported by autodiff.
 
 use super::{InferCx, OpDef};
 use crate::error::Result;
 use crate::shape::{DimExpr, Fact};
 
-pub const OPS: &[OpDef] = &[OpDef {
-    op: "LayerNormalization",
-    infer: layer_norm,
-    grad: Some(grads::layer_norm),
-}];
+pub const OPS: &[OpDef] = &[
+    OpDef {
+        op: "LayerNormalization",
+        infer: layer_norm,
+        grad: Some(grads::layer_norm),
+    },
+    OpDef {
+        op: "Conv",
+        infer: conv,
+        grad: None,
+    },
+];
+
+/// Conv (ONNX spec, opset 11+): `X[N, C, D1..Dn]`, `W[M, C/group, k1..kn]` → `Y[N, M, O1..On]`
+/// with `Oi = floor((Di + pad_begin + pad_end − dilation·(ki − 1) − 1) / stride) + 1` for
+/// explicit pads (`auto_pad` NOTSET or VALID), `ceil(Di / stride)` for SAME_UPPER/LOWER.
+/// A symbolic `Di` keeps its symbol where the formula is the identity, else gets a fresh one.
+fn conv(cx: &mut InferCx) -> Result<Vec<Fact>> {
+    let (x, w) = (cx.input(0)?, cx.input(1)?);
+    if x.rank() < 3 || w.rank() != x.rank() {
+        return Err(cx.err(format!(
+            "needs an input [N, C, spatial..] and a weight of the same rank, got ranks {} and {}",
+            x.rank(),
+            w.rank()
+        )));
+    }
+    let n = x.rank() - 2;
+    let ints = |name: &str, default: i64, len: usize| -> Result<Vec<i64>> {
+        match cx.node.attr_ints(name) {
+            Some(v) if v.len() == len => Ok(v.to_vec()),
+            Some(v) => Err(cx.err(format!("'{name}' has {} values, expected {len}", v.len()))),
+            None => Ok(vec![default; len]),
+        }
+    };
+    let kernel: Vec<i64> = match cx.node.attr_ints("kernel_shape") {
+        Some(k) => k.to_vec(),
+        None => w.shape[2..]
+            .iter()
+            .map(|d| d.as_known())
+            .collect::<Option<_>>()
+            .ok_or_else(|| cx.err("the kernel's spatial size is not known"))?,
+    };
+    let strides = ints("strides", 1, n)?;
+    let dilations = ints("dilations", 1, n)?;
+    let pads = ints("pads", 0, 2 * n)?;
+    let auto_pad = cx.node.attr_string("auto_pad").unwrap_or("NOTSET");
+    let mut shape = vec![x.shape[0].clone(), w.shape[0].clone()];
+    for i in 0..n {
+        let d = &x.shape[2 + i];
+        let s = strides[i];
+        let out = match auto_pad {
+            "SAME_UPPER" | "SAME_LOWER" => match d.as_known() {
+                Some(v) => Some(DimExpr::known((v + s - 1) / s)),
+                None if s == 1 => Some(d.clone()),
+                None => None,
+            },
+            "NOTSET" | "VALID" => {
+                let (pb, pe) = if auto_pad == "VALID" {
+                    (0, 0)
+                } else {
+                    (pads[i], pads[n + i])
+                };
+                let shrink = pb + pe - dilations[i] * (kernel[i] - 1) - 1;
+                match d.as_known() {
+                    Some(v) => {
+                        let o = (v + shrink).div_euclid(s) + 1;
+                        if o < 1 {
+                            return Err(cx.err(format!(
+                                "spatial dim {i} of size {v} is smaller than the kernel"
+                            )));
+                        }
+                        Some(DimExpr::known(o))
+                    }
+                    None if s == 1 && shrink == -1 => Some(d.clone()),
+                    None => None,
+                }
+            }
+            other => return Err(cx.err(format!("unknown auto_pad '{other}'"))),
+        };
+        shape.push(out.unwrap_or_else(|| cx.fresh()));
+    }
+    Ok(vec![Fact::new(x.dtype, shape)])
+}
 
 fn layer_norm(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let x = cx.input(0)?;
@@ -119,5 +199,88 @@ pub(crate) mod grads {
             None
         };
         Ok(vec![dx, dscale, dbias])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::ir::{AttrValue, DataType, Dim, Graph, Node, Tensor, ValueInfo, ValueType};
+    use crate::shape::infer_graph;
+
+    /// `Conv(x[batch, 3, h, w], W[8, 3/group, 4, 4])` with the given attributes: the output
+    /// shape as text.
+    fn conv_shape(h: Dim, w: Dim, group: i64, attrs: Vec<(&str, AttrValue)>) -> String {
+        let mut g = Graph::default();
+        g.inputs.push(ValueInfo::new(
+            "x",
+            ValueType::tensor(
+                DataType::Float,
+                vec![Dim::Sym("batch".into()), Dim::Known(3 * group), h, w],
+            ),
+        ));
+        g.initializers.insert(
+            "w".into(),
+            Tensor::from_f32("w", vec![8, 3, 4, 4], &[0.0; 8 * 3 * 16]),
+        );
+        let mut n = Node::new(
+            "Conv",
+            "conv",
+            vec!["x".into(), "w".into()],
+            vec!["y".into()],
+        );
+        for (k, v) in attrs {
+            n = n.with_attr(k, v);
+        }
+        g.nodes.push(n.with_attr("group", AttrValue::Int(group)));
+        let f = infer_graph(&g, 18).unwrap();
+        let y = f.get("y").unwrap();
+        format!("{:?} {}", y.dtype, crate::ops::dims_str(&y.shape))
+    }
+
+    #[test]
+    fn conv_output_sizes() {
+        let ints = |v: &[i64]| AttrValue::Ints(v.to_vec());
+        // ViT's patch embedding: 4×4 patches, stride 4, 32×32 image → 8×8 patches.
+        let vit = vec![("kernel_shape", ints(&[4, 4])), ("strides", ints(&[4, 4]))];
+        assert_eq!(
+            conv_shape(Dim::Known(32), Dim::Known(32), 1, vit.clone()),
+            "Float [batch, 8, 8, 8]"
+        );
+        // Floors a partial window: (30 − 4)/4 + 1 = 7.
+        assert_eq!(
+            conv_shape(Dim::Known(30), Dim::Known(32), 1, vit),
+            "Float [batch, 8, 7, 8]"
+        );
+        // Explicit pads, dilation 2 (effective kernel 7), stride 2, groups.
+        let padded = vec![
+            ("pads", ints(&[1, 2, 3, 4])),
+            ("dilations", ints(&[2, 2])),
+            ("strides", ints(&[2, 1])),
+        ];
+        // h: (20 + 1 + 3 − 7)/2 + 1 = 9; w: (20 + 2 + 4 − 7)/1 + 1 = 20.
+        assert_eq!(
+            conv_shape(Dim::Known(20), Dim::Known(20), 2, padded),
+            "Float [batch, 8, 9, 20]"
+        );
+        let same = vec![
+            ("auto_pad", AttrValue::String(b"SAME_UPPER".to_vec())),
+            ("strides", ints(&[3, 1])),
+        ];
+        // SAME: ceil(10 / 3) = 4; a symbolic width with stride 1 keeps its symbol.
+        assert_eq!(
+            conv_shape(Dim::Known(10), Dim::Sym("width".into()), 1, same),
+            "Float [batch, 8, 4, width]"
+        );
+        // Other symbolic sizes get fresh symbols rather than a wrong number.
+        let s = conv_shape(
+            Dim::Sym("height".into()),
+            Dim::Known(8),
+            1,
+            vec![("strides", ints(&[4, 4]))],
+        );
+        assert!(
+            s.starts_with("Float [batch, 8, ?") && s.ends_with(", 2]"),
+            "{s}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Ops that move, select or produce data without arithmetic: `Shape`, `Size`, `Reshape`,
 //! `Flatten`, `Squeeze`, `Unsqueeze`, `Transpose`, `Concat`, `Split`, `Slice`, `Gather`,
-//! `GatherElements`, `GatherND`, `Expand`, `Tile`, `Range`, `ConstantOfShape`, `Constant`, `Pad`.
+//! `GatherElements`, `GatherND`, `ScatterND`, `Expand`, `Tile`, `Range`, `ConstantOfShape`,
+//! `Constant`, `Pad`.
 //!
 //! Opset differences handled: Squeeze/Unsqueeze/Split axes or sizes as attributes before 13
 //! and inputs from 13, Split's `num_outputs` (18), Shape's `start`/`end` (15), Reshape's
@@ -77,7 +78,12 @@ pub const OPS: &[OpDef] = &[
     OpDef {
         op: "GatherND",
         infer: gather_nd,
-        grad: None,
+        grad: Some(grads::gather_nd),
+    },
+    OpDef {
+        op: "ScatterND",
+        infer: scatter_nd,
+        grad: Some(grads::scatter_nd),
     },
     OpDef {
         op: "Expand",
@@ -520,6 +526,12 @@ fn gather_nd(cx: &mut InferCx) -> Result<Vec<Fact>> {
     Ok(vec![Fact::new(x.dtype, shape)])
 }
 
+/// ScatterND: the data's type and shape (the updates land inside it).
+fn scatter_nd(cx: &mut InferCx) -> Result<Vec<Fact>> {
+    let x = cx.input(0)?;
+    Ok(vec![Fact::new(x.dtype, x.shape.clone())])
+}
+
 fn expand(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let x = cx.input(0)?;
     let target = cx
@@ -754,9 +766,10 @@ mod tests {
 // ---------------------------------------------------------------------------------------------
 // Gradient rules. Data-movement ops move the gradient back: reshaping ops reshape it to the
 // input's runtime shape, Transpose inverts its permutation, Concat slices, Split concatenates,
-// Slice pads, Expand sums over the broadcast axes.
+// Slice pads, Expand sums over the broadcast axes, GatherND and ScatterND undo each other.
 
 pub(crate) mod grads {
+    use crate::autodiff::cx::scalar_tensor;
     use crate::autodiff::GradCx;
     use crate::error::Result;
     use crate::ir::{AttrValue, DataType};
@@ -974,6 +987,94 @@ pub(crate) mod grads {
             vec![("perm", AttrValue::Ints(perm))],
         );
         Ok(vec![Some(cx.op("Squeeze", "dx", &[&moved, &last])), None])
+    }
+
+    /// GatherND (batch_dims 0; decoders' last-token pooling) w.r.t. the data: the output
+    /// gradient scattered into zeros of the data's shape. `ScatterND` with `reduction=add`
+    /// (opset 16) so that repeated index tuples sum their gradients, as they should; the
+    /// indices are made non-negative first (GatherND counts negative ones from the end,
+    /// ScatterND's spec does not say it does).
+    pub fn gather_nd(cx: &mut GradCx) -> Out {
+        if cx.node.attr_int("batch_dims").unwrap_or(0) != 0 {
+            return Err(cx.err(
+                "gradient of GatherND with batch_dims > 0 is not supported (exporters write \
+                 batch_dims 0 for last-token pooling)",
+            ));
+        }
+        if cx.opset < 16 {
+            return Err(cx.err(format!(
+                "its gradient is a ScatterND with reduction=add, which needs opset 16; the \
+                 model imports opset {}: export with opset_version >= 16",
+                cx.opset
+            )));
+        }
+        let (g, x, idx) = (cx.gy(0)?, cx.x(0), cx.x(1));
+        let xf = cx.fact(&x)?.clone();
+        let depth = cx
+            .fact(&idx)?
+            .shape
+            .last()
+            .and_then(|d| d.as_known())
+            .ok_or_else(|| cx.err("the last dim of the indices must be known"))?;
+        let shape = cx.op("Shape", "x_shape", &[&x]);
+        let zero = scalar_tensor(xf.dtype, 0.0, vec![1])?;
+        let zeros = cx.op_attrs(
+            "ConstantOfShape",
+            "zeros",
+            &[&shape],
+            vec![("value", AttrValue::Tensor(zero))],
+        );
+        // The sizes the index tuples count in: the data's first `depth` dims.
+        let start = cx.b.ints("start", &[0]);
+        let end = cx.b.ints("end", &[depth]);
+        let dims = cx.op("Slice", "index_dims", &[&shape, &start, &end]);
+        let to_i64 = vec![("to", AttrValue::Int(DataType::Int64 as i64))];
+        let idx64 = cx.op_attrs("Cast", "idx", &[&idx], to_i64);
+        let zero_i =
+            cx.b.constant("zero_i", crate::ir::Tensor::from_i64("", vec![], &[0]));
+        let neg = cx.op("Less", "neg", &[&idx64, &zero_i]);
+        let wrapped = cx.op("Add", "wrapped", &[&idx64, &dims]);
+        let fixed = cx.op("Where", "idx_fixed", &[&neg, &wrapped, &idx64]);
+        let add = vec![("reduction", AttrValue::String(b"add".to_vec()))];
+        let dx = cx.op_attrs("ScatterND", "dx", &[&zeros, &fixed, &g], add);
+        Ok(vec![Some(dx), None])
+    }
+
+    /// ScatterND (the GatherND gradient, differentiated again by the exact hypergradient):
+    /// the updates' gradient gathers the output gradient at the indices; the data's is the
+    /// output gradient, with the overwritten positions zeroed unless the updates were added.
+    pub fn scatter_nd(cx: &mut GradCx) -> Out {
+        let reduction = cx
+            .node
+            .attr_string("reduction")
+            .unwrap_or("none")
+            .to_string();
+        if reduction != "none" && reduction != "add" {
+            return Err(cx.err(format!(
+                "gradient of ScatterND with reduction={reduction} is not supported (none, add)"
+            )));
+        }
+        let (g, idx, upd) = (cx.gy(0)?, cx.x(1), cx.x(2));
+        let dupd = cx
+            .needs(2)
+            .then(|| cx.op("GatherND", "dupdates", &[&g, &idx]));
+        let ddata = if !cx.needs(0) {
+            None
+        } else if reduction == "add" {
+            Some(g)
+        } else {
+            let dtype = cx.fact(&upd)?.dtype;
+            let shape = cx.op("Shape", "upd_shape", &[&upd]);
+            let zero = scalar_tensor(dtype, 0.0, vec![1])?;
+            let zeros = cx.op_attrs(
+                "ConstantOfShape",
+                "zeros",
+                &[&shape],
+                vec![("value", AttrValue::Tensor(zero))],
+            );
+            Some(cx.op("ScatterND", "ddata", &[&g, &idx, &zeros]))
+        };
+        Ok(vec![ddata, None, dupd])
     }
 
     /// Slice with unit steps over known dims: pad the gradient back with zeros.

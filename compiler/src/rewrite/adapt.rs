@@ -9,12 +9,15 @@
 //! `m` the per-output-feature norm of `W`, `s = α/r` (or `α/√r` with rsLoRA). `A` is stored
 //! `[in, r]` and `B` `[r, out]` (the transposes of peft's `lora_A`/`lora_B` weights).
 
+use std::collections::HashMap;
+
 use indexmap::IndexMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{magnitude_from_sqnorms, out_feature_sqnorms, split_fused};
 use crate::error::{Error, Result};
+use crate::ir::names::Names;
 use crate::ir::{
     AttrValue, DataType, Dim, Model, Node, Tensor, ValueInfo, ValueType, BIDORA_DOMAIN,
 };
@@ -63,6 +66,13 @@ pub struct AdapterRecord {
     /// For a fused block: the input model's fused weight that `weight` is a column block of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fused_weight: Option<String>,
+    /// For a fused block: its first output feature in the fused weight and the fused
+    /// weight's output features. Absent in artifacts from before unequal blocks: then the
+    /// blocks are equal thirds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_offset: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fused_out_features: Option<i64>,
     pub layout: Layout,
     pub in_features: i64,
     pub out_features: i64,
@@ -92,6 +102,16 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
     let mut adapters = vec![];
     let mut init = IndexMap::new();
     let s = cfg.scaling();
+    // Indexed once, and the replacements applied in one pass at the end, so adapting stays
+    // linear in the graph however many targets there are.
+    let mut names = Names::of(graph);
+    let position: HashMap<String, usize> = graph
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.clone(), i))
+        .collect();
+    let mut replacements: HashMap<usize, Vec<Node>> = HashMap::new();
     for (sel, block) in targets {
         let c = &sel.candidate;
         let label = format!("{} node '{}'", c.op, c.node);
@@ -99,11 +119,12 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             node: label.clone(),
             msg,
         };
-        let idx = graph
-            .nodes
-            .iter()
-            .position(|n| n.name == c.node)
+        let idx = *position
+            .get(&c.node)
             .ok_or_else(|| err("node not found".into()))?;
+        if replacements.contains_key(&idx) {
+            return Err(err("selected twice".into()));
+        }
         let w = &graph.initializers[&c.weight];
         let dtype = w.dtype;
         if !matches!(dtype, DataType::Float | DataType::Double) {
@@ -118,8 +139,8 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             Some(b) => format!("{}.{}", c.module, b.name()),
             None => c.module.clone(),
         };
-        let a_name = graph.fresh_name(&format!("{base}.lora_A"));
-        let b_name = graph.fresh_name(&format!("{base}.lora_B"));
+        let a_name = names.value(&format!("{base}.lora_A"));
+        let b_name = names.value(&format!("{base}.lora_B"));
         let bound = 1.0 / (din as f32).sqrt();
         // Drawn in f32 whatever the weight's type, so f32 and f64 models start alike.
         let a_vals: Vec<f64> = (0..din * r)
@@ -143,7 +164,7 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             (b_name.clone(), vec![r, dout]),
         ];
         let magnitude = if cfg.method == Method::Dora {
-            let m_name = graph.fresh_name(&format!("{base}.lora_magnitude"));
+            let m_name = names.value(&format!("{base}.lora_magnitude"));
             let sq = out_feature_sqnorms(w, c.layout)
                 .ok_or_else(|| err("weight is not a readable float tensor".into()))?;
             let m = magnitude_from_sqnorms(dtype, &sq);
@@ -175,7 +196,7 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             .then(|| old.input(2).map(str::to_string))
             .flatten();
         let out = if gemm_bias.is_some() {
-            graph.fresh_name(&format!("{}.adapted", old.outputs[0]))
+            names.value(&format!("{}.adapted", old.outputs[0]))
         } else {
             old.outputs[0].clone()
         };
@@ -204,7 +225,7 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
                 vec![old.outputs[0].clone()],
             ));
         }
-        graph.nodes.splice(idx..=idx, replacement);
+        replacements.insert(idx, replacement);
 
         adapters.push(AdapterRecord {
             module: c.module.clone(),
@@ -213,6 +234,8 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             op: c.op.clone(),
             weight: c.weight.clone(),
             fused_weight: c.fused_weight.clone(),
+            block_offset: c.block_offset,
+            fused_out_features: c.fused_out_features,
             layout: c.layout,
             in_features: din,
             out_features: dout,
@@ -222,6 +245,14 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             lora_b: b_name,
             magnitude,
         });
+    }
+    if !replacements.is_empty() {
+        let old = std::mem::take(&mut graph.nodes);
+        graph.nodes = old
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, n)| replacements.remove(&i).unwrap_or_else(|| vec![n]))
+            .collect();
     }
     if !model
         .opset_imports

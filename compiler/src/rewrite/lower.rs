@@ -14,8 +14,11 @@
 //! `n² = ‖W‖²_col` exactly and `m / n = 1` exactly (the rewrite took `m = √‖W‖²_col` from the same
 //! f32 values): the adapted model reproduces the original outputs bit for bit up to `+ 0`.
 
+use std::collections::{HashMap, HashSet};
+
 use crate::error::{Error, Result};
 use crate::ir::builder::Builder;
+use crate::ir::names::Names;
 use crate::ir::{AttrValue, Graph, Model, Node, Tensor, BIDORA_DOMAIN};
 use crate::targets::Layout;
 
@@ -26,16 +29,28 @@ use super::out_feature_sqnorms;
 pub fn lower(model: &Model) -> Result<Model> {
     let mut model = model.clone();
     let g = &mut model.graph;
-    let mut i = 0;
-    while i < g.nodes.len() {
-        if g.nodes[i].domain != BIDORA_DOMAIN {
-            i += 1;
+    // Built once, so lowering stays linear in the graph: the nodes are rebuilt in one pass (no
+    // splice per adapter), weights found through one producer map, names from one index.
+    let mut names = Names::of(g);
+    let weights = WeightIndex {
+        transposes: g
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Transpose")
+            .filter_map(|n| Some((n.outputs.first()?.clone(), n.input(0)?.to_string())))
+            .collect(),
+        inputs: g.inputs.iter().map(|i| i.name.clone()).collect(),
+    };
+    let old = std::mem::take(&mut g.nodes);
+    let mut nodes = Vec::with_capacity(old.len());
+    for node in old {
+        if node.domain != BIDORA_DOMAIN {
+            nodes.push(node);
             continue;
         }
-        let node = g.nodes[i].clone();
         let new = match node.op_type.as_str() {
-            "DoRA" => lower_adapter(g, &node, true)?,
-            "LoRA" => lower_adapter(g, &node, false)?,
+            "DoRA" => lower_adapter(g, &mut names, &weights, &node, true)?,
+            "LoRA" => lower_adapter(g, &mut names, &weights, &node, false)?,
             other => {
                 return Err(Error::UnsupportedOp {
                     op: format!("{BIDORA_DOMAIN}.{other}"),
@@ -44,10 +59,9 @@ pub fn lower(model: &Model) -> Result<Model> {
                 })
             }
         };
-        let n = new.len();
-        g.nodes.splice(i..=i, new);
-        i += n;
+        nodes.extend(new);
     }
+    g.nodes = nodes;
     Ok(model)
 }
 
@@ -65,12 +79,34 @@ pub fn strip_markers(model: &Model) -> Model {
     model
 }
 
+/// What finding the adapters' weights needs, indexed once per lowering: the Transposes by
+/// output, and the graph inputs (an initializer that is also an input is not a constant; with
+/// three adapter inputs per adapter, `Graph::constant`'s scan of them per adapter would make
+/// lowering quadratic in the number of adapters).
+struct WeightIndex {
+    transposes: HashMap<String, String>,
+    inputs: HashSet<String>,
+}
+
+impl WeightIndex {
+    fn constant<'a>(&self, g: &'a Graph, name: &str) -> Option<&'a Tensor> {
+        if self.inputs.contains(name) {
+            return None;
+        }
+        g.initializers.get(name)
+    }
+}
+
 /// Finds the constant weight behind a composite node's `W` operand (directly, or through the
 /// `Transpose` the dynamo exporter puts in front of a MatMul) and its layout.
-fn weight_constant<'a>(g: &'a Graph, node: &Node) -> Result<(&'a Tensor, Layout)> {
+fn weight_constant<'a>(
+    g: &'a Graph,
+    weights: &WeightIndex,
+    node: &Node,
+) -> Result<(&'a Tensor, Layout)> {
     let w = node.input(1).unwrap_or_default();
     let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
-    if let Some(t) = g.constant(w) {
+    if let Some(t) = weights.constant(g, w) {
         return Ok((
             t,
             if transposed {
@@ -80,11 +116,12 @@ fn weight_constant<'a>(g: &'a Graph, node: &Node) -> Result<(&'a Tensor, Layout)
             },
         ));
     }
-    let producer = g.nodes.iter().find(|n| n.outputs.iter().any(|o| o == w));
-    if let Some(p) = producer.filter(|p| p.op_type == "Transpose") {
-        if let Some(t) = p.input(0).and_then(|s| g.constant(s)) {
-            return Ok((t, Layout::OutIn));
-        }
+    if let Some(t) = weights
+        .transposes
+        .get(w)
+        .and_then(|s| weights.constant(g, s))
+    {
+        return Ok((t, Layout::OutIn));
     }
     Err(Error::Rewrite {
         node: node.label(),
@@ -92,7 +129,13 @@ fn weight_constant<'a>(g: &'a Graph, node: &Node) -> Result<(&'a Tensor, Layout)
     })
 }
 
-fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
+fn lower_adapter(
+    g: &mut Graph,
+    names: &mut Names,
+    weights: &WeightIndex,
+    node: &Node,
+    dora: bool,
+) -> Result<Vec<Node>> {
     let ins: Vec<String> = node.inputs.clone();
     let need = if dora { 5 } else { 4 };
     if ins.len() < need || ins[..need].iter().any(String::is_empty) {
@@ -104,7 +147,7 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
     let (x, w, a, b) = (&ins[0], &ins[1], &ins[2], &ins[3]);
     let s = node.attr_float("scale").unwrap_or(1.0);
     let transposed = node.attr_int("w_transposed").unwrap_or(0) != 0;
-    let (wt, layout) = weight_constant(g, node)?;
+    let (wt, layout) = weight_constant(g, weights, node)?;
     let wdtype = wt.dtype;
     let sqnorm = if dora {
         Some(
@@ -117,7 +160,7 @@ fn lower_adapter(g: &mut Graph, node: &Node, dora: bool) -> Result<Vec<Node>> {
         None
     };
     let out = node.outputs[0].clone();
-    let mut e = Builder::new(g, node.name.clone());
+    let mut e = Builder::sharing(g, names, node.name.clone());
     let dt = wdtype;
     // s², 2s computed in the weight's precision (f32 models keep f32 arithmetic).
     let (s, s_sq) = match dt {

@@ -162,7 +162,7 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
             ops::lookup(&node.domain, &node.op_type).ok_or_else(|| Error::UnsupportedOp {
                 op: node.op_type.clone(),
                 node: node.name.clone(),
-                msg: "no shape rule".into(),
+                msg: format!("no shape rule; {}", crate::error::HINT_NO_SHAPE_RULE),
             })?;
         let mut cx = InferCx {
             node,

@@ -22,6 +22,22 @@ pub fn bidora() -> Command {
     Command::new(env!("CARGO_BIN_EXE_bidora"))
 }
 
+/// Runs `cmd` with its standard output a pipe whose read end is already closed, so every
+/// write to it fails with EPIPE, as under `| head -1` once `head` has exited.
+pub fn output_with_closed_stdout(cmd: &mut Command) -> std::process::Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `pipe` fills the two descriptors; each is then owned exactly once.
+    let write_end = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::close(fds[0]);
+        OwnedFd::from_raw_fd(fds[1])
+    };
+    cmd.stdout(std::process::Stdio::from(write_end))
+        .output()
+        .unwrap()
+}
+
 /// Compiles the fixture `models/{fixture}` with the compiler's library (rank 4, α 8, no
 /// BiDoRA programs) into the artifact folder `dir`. Its manifest records no model path.
 pub fn write_artifact(
