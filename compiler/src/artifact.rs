@@ -243,6 +243,10 @@ pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
         path: parent.clone(),
         source: e,
     })?;
+    // Held until the new folder is in place: a second compile to the same folder would
+    // otherwise swap its folder in under this one's backup.
+    let _lock = crate::lock::FolderLock::output_folder(dir, "bidora-compile")
+        .map_err(|e| Error::Other(e.to_string()))?;
     let tmp = tempfile::Builder::new()
         .prefix(".bidora-artifact-")
         .tempdir_in(&parent)

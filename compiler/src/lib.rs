@@ -11,6 +11,7 @@
 //! - [`dump`]: the readable text form of a graph.
 //! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
 //! - [`optim`]: AdamW as an ONNX program (the runtime's device-resident optimiser).
+//! - [`lock`]: one writer per output or run folder (an advisory lock naming its holder).
 
 pub mod artifact;
 pub mod autodiff;
@@ -21,6 +22,7 @@ pub mod export;
 pub mod heads;
 pub mod ir;
 pub mod legalize;
+pub mod lock;
 pub mod onnx_io;
 pub mod ops;
 pub mod optim;
@@ -63,4 +65,22 @@ pub fn check_opset(model: &ir::Model) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// `s` with control characters (terminal escape codes, newlines) written as Rust escapes,
+/// so a name read from a file cannot redraw the user's terminal or forge a line of output.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }

@@ -317,3 +317,42 @@ fn help_documents_every_option_with_an_example() {
     );
     let _ = AttrValue::Int(0);
 }
+
+/// A compile into a folder another process is writing stops naming that process.
+#[test]
+fn a_second_writer_of_an_output_folder_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let out = dir.path().join("artifact");
+    let held = bidora_compiler::lock::FolderLock::output_folder(&out, "test holder").unwrap();
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("pid {} (test holder)", std::process::id())),
+        "{err}"
+    );
+    assert!(!out.exists());
+    drop(held);
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(!dir.path().join(".artifact.bidora-lock").exists());
+}

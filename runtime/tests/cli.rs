@@ -335,3 +335,73 @@ fn generate_prints_one_text_per_prompt() {
         "{err}"
     );
 }
+
+/// A config for a seq-cls run on the RTE slice with hashed words: `steps` DoRA steps.
+fn rte_config(dir: &Path, steps: usize) -> std::path::PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let cfg = dir.join("train.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "method = 'dora'\nsteps = {steps}\nbatch_size = 4\ncheckpoint_every = 2\n[data]\n\
+             format = 'glue-tsv'\ntrain = '{}'\ntext_a = 'sentence1'\ntext_b = 'sentence2'\n\
+             tokenizer = 'hash:100'\nmax_len = 32\n",
+            data.join("rte-train-head21.tsv").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Two `bidora train` on one run folder: the second stops at once naming the first's pid,
+/// and leaves the first's files alone.
+#[test]
+fn a_second_writer_of_a_run_folder_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let cfg = rte_config(tmp.path(), 100_000);
+    let run = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut c = bidora();
+        c.args(["train", "--threads", "1"])
+            .arg(&art)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&run)
+            .args(extra);
+        c
+    };
+    let mut first = train(&[])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = run.join(bidora_compiler::lock::RUN_LOCK);
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains("pid ")) {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "the first run never locked its folder"
+        );
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for extra in [&[][..], &["--resume"][..]] {
+        let out = train(extra).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("in use by another bidora process")
+                && err.contains(&format!("pid {} (bidora train)", first.id())),
+            "{err}"
+        );
+    }
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run was disturbed"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+}

@@ -143,20 +143,4 @@ pub fn label_set<'a>(labels: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     set
 }
 
-/// `s` with control characters (terminal escape codes, newlines) written as Rust escapes,
-/// so a name read from a file cannot redraw the user's terminal or forge a line of output.
-pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
-        return s.into();
-    }
-    s.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_debug().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect::<String>()
-        .into()
-}
+pub use bidora_compiler::printable;

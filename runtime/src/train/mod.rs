@@ -54,6 +54,9 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("{0}")]
     Data(String),
+    /// Another process writes the run folder.
+    #[error(transparent)]
+    Locked(#[from] bidora_compiler::lock::LockError),
     #[error(
         "{what} became non-finite at {phase} step {step}; stopped. {}",
         match last_good {
@@ -236,6 +239,8 @@ pub struct Trainer<'a> {
     res: Option<resident::State>,
     /// Whether the resident tensors have moved since the host copies were taken.
     host_stale: bool,
+    /// The run folder's lock, held for the trainer's life: one writer per run folder.
+    _lock: bidora_compiler::lock::FolderLock,
 }
 
 impl<'a> Trainer<'a> {
@@ -347,6 +352,16 @@ impl<'a> Trainer<'a> {
             path: run_dir.to_path_buf(),
             message: e.to_string(),
         })?;
+        // Before anything in the folder is read or written: a second `bidora train` (or
+        // `--resume`) on it would interleave the log and mix two runs' files.
+        let lock = bidora_compiler::lock::FolderLock::run_folder(
+            run_dir,
+            if resume {
+                "bidora train --resume"
+            } else {
+                "bidora train"
+            },
+        )?;
         // Decide before touching anything in the folder: a run there is only continued on
         // request, never overwritten.
         let existing = checkpoint::latest(run_dir)?;
@@ -412,6 +427,7 @@ impl<'a> Trainer<'a> {
             last_eval: None,
             res: None,
             host_stale: false,
+            _lock: lock,
         };
         if let Some(dir) = existing {
             t.restore(&dir)?;
