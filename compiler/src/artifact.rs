@@ -229,6 +229,17 @@ pub struct Artifact {
 /// Writes the artifact to `dir` atomically. An existing folder is an error unless `force`,
 /// in which case it is replaced only once the new one is complete.
 pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
+    write_with_fingerprint(artifact, dir, force, None)
+}
+
+/// [`write`], recording in the manifest the fingerprint of the source model's weights
+/// (`crate::provenance`), which `bidora export` and `bidora train --resume` check.
+pub fn write_with_fingerprint(
+    artifact: &Artifact,
+    dir: &Path,
+    force: bool,
+    fingerprint: Option<&crate::provenance::Fingerprint>,
+) -> Result<()> {
     if dir.exists() && !force {
         return Err(Error::Other(format!(
             "output folder {} already exists (pass --force to replace it)",
@@ -265,8 +276,19 @@ pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
         std::fs::write(&p, bytes).map_err(|e| Error::Write { path: p, source: e })
     };
     write_file(INIT, &init)?;
-    let json =
-        serde_json::to_vec_pretty(&artifact.manifest).map_err(|e| Error::Other(e.to_string()))?;
+    // Flattened rather than through a JSON value, which would sort the keys (and programs).
+    #[derive(Serialize)]
+    struct Fingerprinted<'a> {
+        #[serde(flatten)]
+        manifest: &'a Manifest,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source_fingerprint: Option<&'a crate::provenance::Fingerprint>,
+    }
+    let json = serde_json::to_vec_pretty(&Fingerprinted {
+        manifest: &artifact.manifest,
+        source_fingerprint: fingerprint,
+    })
+    .map_err(|e| Error::Other(e.to_string()))?;
     write_file(MANIFEST, &json)?;
     // Swap into place: the old folder (with --force) is moved aside first and removed last.
     let staged = tmp.keep();

@@ -11,6 +11,8 @@
 //! - [`dump`]: the readable text form of a graph.
 //! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
 //! - [`optim`]: AdamW as an ONNX program (the runtime's device-resident optimiser).
+//! - [`provenance`]: the source model's fingerprint, an artifact's identity, no output over
+//!   an input.
 //! - [`lock`]: one writer per output or run folder (an advisory lock naming its holder).
 
 pub mod artifact;
@@ -28,6 +30,7 @@ pub mod ops;
 pub mod optim;
 pub mod pipeline;
 pub mod proto;
+pub mod provenance;
 pub mod regularizer;
 pub mod rewrite;
 pub mod shape;

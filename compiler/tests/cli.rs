@@ -356,3 +356,43 @@ fn a_second_writer_of_an_output_folder_is_refused_naming_the_holder() {
     );
     assert!(!dir.path().join(".artifact.bidora-lock").exists());
 }
+
+/// An output folder that holds the input model is refused before anything is deleted, even
+/// with `--force`; so is a scaling α that is not a finite positive number.
+#[test]
+fn an_output_over_the_input_and_a_bad_alpha_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    let p = write(
+        &m,
+        "model.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    for out in [m.clone(), m.join("."), dir.path().to_path_buf()] {
+        let res = bin()
+            .arg(&p)
+            .args(["--target", "query", "--force", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{err}");
+        assert!(err.contains("holds the input model"), "{err}");
+        assert!(p.exists(), "the input model was deleted");
+    }
+    for alpha in ["nan", "inf", "1e39", "0", "-1"] {
+        let res = bin()
+            .arg(&p)
+            .args(["--target", "query", &format!("--alpha={alpha}"), "-o"])
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{alpha}: {err}");
+        assert!(
+            err.contains("--alpha") && err.contains("finite number > 0"),
+            "{err}"
+        );
+    }
+}

@@ -296,6 +296,9 @@ fn export_cmd(
         force,
     })
     .with_context(|| format!("cannot export {}", artifact.display()))?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     println!(
         "exported {} adapters{} from {} (model {})",
         report.adapters,

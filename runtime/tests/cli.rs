@@ -405,3 +405,67 @@ fn a_second_writer_of_a_run_folder_is_refused_naming_the_holder() {
     first.kill().unwrap();
     first.wait().unwrap();
 }
+
+/// A run records its artifact; `--resume` with an artifact compiled with another α is
+/// refused naming α, and so is exporting the run's tensors with that artifact.
+#[test]
+fn resume_and_export_refuse_an_artifact_with_other_settings() {
+    use bidora_compiler::{heads::Task, rewrite::Method};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a8, a16) = (tmp.path().join("a8"), tmp.path().join("a16"));
+    for (dir, alpha) in [(&a8, 8.0), (&a16, 16.0)] {
+        common::write_artifact_alpha(
+            dir,
+            "bert_legacy17.onnx",
+            "query,value",
+            Method::Dora,
+            Task::SeqCls,
+            false,
+            0,
+            alpha,
+        );
+    }
+    let cfg = rte_config(tmp.path(), 2);
+    let run = tmp.path().join("run");
+    let train = |art: &Path, resume: bool| {
+        let mut c = bidora();
+        c.args(["train", "--threads", "1"])
+            .arg(art)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&run);
+        if resume {
+            c.arg("--resume");
+        }
+        c.output().unwrap()
+    };
+    let out = train(&a8, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = train(&a16, true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another artifact") && err.contains("alpha: 8.0 vs 16.0"),
+        "{err}"
+    );
+    let out = bidora()
+        .arg("export")
+        .arg(&a16)
+        .arg("--tensors")
+        .arg(run.join("final.safetensors"))
+        .arg("--model")
+        .arg(common::root().join("models/bert_legacy17.onnx"))
+        .arg("--merged")
+        .arg(tmp.path().join("m.onnx"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("alpha: 8.0 vs 16.0"), "{err}");
+    assert!(!tmp.path().join("m.onnx").exists());
+}

@@ -173,6 +173,18 @@ struct Cli {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if !(cli.alpha.is_finite() && cli.alpha > 0.0) {
+        anyhow::bail!(
+            "--alpha {} is not allowed: the scaling alpha/rank needs a finite number > 0 \
+             (peft's default is 2 x rank)",
+            cli.alpha
+        );
+    }
+    // Before the (slow) compile: an output folder over the input would delete the model.
+    if let Some(out) = cli.output.as_deref().filter(|_| cli.model.exists()) {
+        bidora_compiler::provenance::refuse_overlap("-o", out, &[("input model", &cli.model)])
+            .map_err(anyhow::Error::msg)?;
+    }
     let model =
         load_model(&cli.model).with_context(|| format!("cannot load {}", cli.model.display()))?;
     if cli.list_targets {
@@ -252,7 +264,8 @@ fn run(cli: Cli) -> Result<()> {
     art.manifest.source_model_path = std::fs::canonicalize(&cli.model)
         .ok()
         .map(|p| p.to_string_lossy().to_string());
-    artifact::write(&art, &out, cli.force)?;
+    let fingerprint = bidora_compiler::provenance::fingerprint(&model);
+    artifact::write_with_fingerprint(&art, &out, cli.force, Some(&fingerprint))?;
     let files: Vec<&str> = art.programs.iter().map(|(f, _)| f.as_str()).collect();
     eprintln!(
         "wrote {} ({} adapters, {:?}, rank {}) to {}",

@@ -72,6 +72,51 @@ pub enum TrainError {
     },
 }
 
+/// The run folder's record of the artifact it trains (its identity), written at the first
+/// start and checked by `--resume`.
+pub const ARTIFACT_RECORD: &str = "artifact.json";
+
+/// Refuses to resume a run with an artifact other than the one it started with: other
+/// adapter settings, hypergradient mode, head or source weights would continue the run on
+/// different programs from tensors that mean something else.
+fn same_artifact(record: &Path, art: &Artifact) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(record) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "warning: {} is missing (a run started by an older bidora), so the artifact is \
+                 not checked to be the one the run started with",
+                record.display()
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(TrainError::Checkpoint {
+                path: record.to_path_buf(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let started: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: record.to_path_buf(),
+            message: format!("not the artifact record bidora train writes: {e}"),
+        })?;
+    let diff = bidora_compiler::provenance::differences(&started, &art.identity);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Checkpoint {
+        path: record.to_path_buf(),
+        message: format!(
+            "--resume: the run started with another artifact ({}; the run's vs {}): resume \
+             it with the artifact it started with",
+            diff.join(", "),
+            art.dir.display()
+        ),
+    })
+}
+
 /// A dataset the loop draws batches from: the training file, or the test file.
 pub trait Examples {
     fn len(&self) -> usize;
@@ -429,8 +474,14 @@ impl<'a> Trainer<'a> {
             host_stale: false,
             _lock: lock,
         };
+        let record = run_dir.join(ARTIFACT_RECORD);
         if let Some(dir) = existing {
+            same_artifact(&record, art)?;
             t.restore(&dir)?;
+        } else {
+            let body = serde_json::to_vec_pretty(&serde_json::Value::Object(art.identity.clone()))
+                .expect("JSON values serialise");
+            checkpoint::write_atomic(&record, &body)?;
         }
         std::fs::write(run_dir.join("config.toml"), t.cfg.to_toml()).map_err(|e| {
             TrainError::Checkpoint {
@@ -1110,6 +1161,10 @@ impl<'a> Trainer<'a> {
             self.st.phase.name(self.cfg.method).to_string(),
         );
         meta.insert("step".to_string(), self.st.step.to_string());
+        meta.insert(
+            bidora_compiler::provenance::IDENTITY_KEY.to_string(),
+            serde_json::Value::Object(self.art.identity.clone()).to_string(),
+        );
         checkpoint::write_safetensors(
             &self.run_dir.join(format!("{name}.safetensors")),
             &t,
