@@ -181,7 +181,30 @@ fn train_cmd(
     let art = Artifact::open(artifact)?;
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
-    let cfg = TrainConfig::parse(&text, &config.display().to_string(), set)?;
+    let saved = output.join("config.toml");
+    let cfg = if resume && saved.exists() {
+        let first = std::fs::read_to_string(&saved)
+            .with_context(|| format!("cannot read {}", saved.display()))?;
+        let (cfg, changed) = TrainConfig::for_resume(
+            &first,
+            &saved.display().to_string(),
+            &text,
+            &config.display().to_string(),
+            set,
+        )?;
+        if !changed.is_empty() {
+            eprintln!(
+                "warning: --resume continues with {}, the config the run started with; {} \
+                 differs from it in {} (not applied)",
+                saved.display(),
+                config.display(),
+                changed.join(", ")
+            );
+        }
+        cfg
+    } else {
+        TrainConfig::parse(&text, &config.display().to_string(), set)?
+    };
     let (kind, opts) = engine.options();
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());

@@ -469,3 +469,99 @@ fn resume_and_export_refuse_an_artifact_with_other_settings() {
     assert!(err.contains("alpha: 8.0 vs 16.0"), "{err}");
     assert!(!tmp.path().join("m.onnx").exists());
 }
+
+/// `--resume` keeps the run's own config (only `checkpoint_every` may be `--set`), falls
+/// back past a newest checkpoint holding a NaN saying so, refuses a `latest` naming a folder
+/// outside the run and a log shorter than the checkpoint's, which it never pads.
+#[test]
+fn resume_keeps_the_config_and_refuses_or_skips_what_does_not_belong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let cfg = rte_config(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        bidora()
+            .args(["train", "--threads", "1"])
+            .arg(&art)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&run)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = train(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+
+    let out = train(&["--resume", "--set", "steps=9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--set: 'steps' cannot change on --resume")
+            && err.contains("only checkpoint_every"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("config.toml")).unwrap(),
+        saved
+    );
+    let out = train(&["--resume", "--set", "checkpoint_every=1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A NaN in the newest checkpoint: the resume falls back to the one before.
+    let ckpts = run.join("checkpoints");
+    let newest = std::fs::read_to_string(ckpts.join("latest")).unwrap();
+    let file = ckpts.join(newest.trim()).join("tensors.safetensors");
+    let mut tensors = bidora_runtime::train::checkpoint::read_safetensors(&file).unwrap();
+    let (name, first) = tensors
+        .iter_mut()
+        .find(|(n, _)| n.starts_with("param/"))
+        .unwrap();
+    first[[0, 0]] = f32::NAN;
+    let name = name.clone();
+    let views: Vec<(String, &ndarray::ArrayD<f32>)> =
+        tensors.iter().map(|(n, a)| (n.clone(), a)).collect();
+    bidora_runtime::train::checkpoint::write_safetensors(&file, &views, None).unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(newest.trim())
+            && err.contains("cannot be used")
+            && err.contains(&format!("tensor '{}' holds a non-finite value", &name[6..]))
+            && err.contains("resuming from"),
+        "{err}"
+    );
+
+    // `latest` naming a folder outside the run.
+    let latest = std::fs::read_to_string(ckpts.join("latest")).unwrap();
+    std::fs::write(ckpts.join("latest"), "../../elsewhere").unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a checkpoint folder of this run"), "{err}");
+    std::fs::write(ckpts.join("latest"), latest).unwrap();
+
+    // A log shorter than the checkpoint says: refused, not padded with NULs.
+    let log = run.join("metrics.jsonl");
+    std::fs::write(&log, "{}\n").unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("metrics.jsonl") && err.contains("was cut or replaced"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), b"{}\n");
+}

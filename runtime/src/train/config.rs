@@ -237,6 +237,27 @@ impl Default for TrainConfig {
     }
 }
 
+/// `--set` keys a resumed run may change: they decide when checkpoints are written, which
+/// changes neither the tensors nor the metrics (a resumed run equals the uninterrupted one).
+pub const RESUME_SETTABLE: &[&str] = &["checkpoint_every"];
+
+/// The dotted keys whose values differ between two configs.
+fn differing_keys(a: &toml::Table, b: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        let name = format!("{prefix}{k}");
+        match (a.get(k), b.get(k)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                differing_keys(x, y, &format!("{name}."), out)
+            }
+            (x, y) if x != y => out.push(name),
+            _ => {}
+        }
+    }
+}
+
 impl TrainConfig {
     /// Reads `text` (TOML; empty for all defaults) and applies `overrides` (`a.b=value`, the
     /// value parsed as TOML, or taken as a string when it does not parse).
@@ -272,18 +293,75 @@ impl TrainConfig {
             }
             table.insert(keys[keys.len() - 1].to_string(), parsed);
         }
+        let file_alone: Result<TrainConfig, _> = toml::from_str(text);
+        if let Err(e) = &file_alone {
+            return Err(TrainError::Config {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            });
+        }
+        // With the file fine alone, what fails now comes from an override.
+        let blame = if overrides.is_empty() {
+            origin
+        } else {
+            "--set"
+        };
         let cfg: TrainConfig =
             toml::Value::Table(value)
                 .try_into()
                 .map_err(|e: toml::de::Error| TrainError::Config {
-                    origin: origin.to_string(),
+                    origin: blame.to_string(),
                     message: e.to_string(),
                 })?;
-        cfg.validate().map_err(|message| TrainError::Config {
-            origin: origin.to_string(),
-            message,
+        cfg.validate().map_err(|message| {
+            let file_ok = file_alone
+                .as_ref()
+                .is_ok_and(|f| f.validate().as_ref() != Err(&message));
+            TrainError::Config {
+                origin: if file_ok { blame } else { origin }.to_string(),
+                message,
+            }
         })?;
         Ok(cfg)
+    }
+
+    /// The config of a resumed run: the one it started with (`saved`, the run folder's
+    /// `config.toml`), with only [`RESUME_SETTABLE`] keys overridable, so the whole run keeps
+    /// one config and its saved config tells the truth. Returns the config and the keys in
+    /// which the config file given now (`given`) differs from the saved one, for a warning.
+    pub fn for_resume(
+        saved: &str,
+        saved_origin: &str,
+        given: &str,
+        given_origin: &str,
+        overrides: &[String],
+    ) -> Result<(TrainConfig, Vec<String>), TrainError> {
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            if !RESUME_SETTABLE.contains(&key) {
+                return Err(TrainError::Config {
+                    origin: "--set".into(),
+                    message: format!(
+                        "'{key}' cannot change on --resume: the run continues with the config it \
+                         started with ({saved_origin}), so that every step of it ran under one \
+                         config; only {} can change (it decides when checkpoints are written, \
+                         not the results). To change '{key}', start a new run in another folder",
+                        RESUME_SETTABLE.join(", ")
+                    ),
+                });
+            }
+        }
+        let cfg = TrainConfig::parse(saved, saved_origin, overrides)?;
+        let first = TrainConfig::parse(saved, saved_origin, &[])?;
+        let now = TrainConfig::parse(given, given_origin, &[])?;
+        let mut diff = vec![];
+        differing_keys(
+            &toml::Table::try_from(&first).expect("the config serialises"),
+            &toml::Table::try_from(&now).expect("the config serialises"),
+            "",
+            &mut diff,
+        );
+        Ok((cfg, diff))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -356,5 +434,46 @@ mod tests {
         let c = TrainConfig::parse("[data]\ntrain = 'x.tsv'\n", "t", &[]).unwrap();
         let again = TrainConfig::parse(&c.to_toml(), "saved", &[]).unwrap();
         assert_eq!(c.to_toml(), again.to_toml());
+    }
+
+    #[test]
+    fn set_errors_are_blamed_on_set_and_file_errors_on_the_file() {
+        let file = "[data]\ntrain = 'a'\n";
+        let e = TrainConfig::parse(file, "t.toml", &["steps=abc".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--set:") && !e.contains("t.toml"), "{e}");
+        let e = TrainConfig::parse(file, "t.toml", &["batch_size=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--set:") && e.contains("batch sizes"), "{e}");
+        let e = TrainConfig::parse("steps = 'x'\n", "t.toml", &["seed=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:"), "{e}");
+    }
+
+    #[test]
+    fn a_resume_keeps_the_saved_config_and_only_checkpoint_every_may_change() {
+        let saved = TrainConfig::parse("steps = 10\n[data]\ntrain = 'a'\n", "s", &[])
+            .unwrap()
+            .to_toml();
+        let given = "steps = 20\n[data]\ntrain = 'a'\n";
+        let (cfg, changed) =
+            TrainConfig::for_resume(&saved, "run/config.toml", given, "t.toml", &[]).unwrap();
+        assert_eq!((cfg.steps, changed), (10, vec!["steps".to_string()]));
+        let (cfg, _) = TrainConfig::for_resume(
+            &saved,
+            "run/config.toml",
+            given,
+            "t.toml",
+            &["checkpoint_every=5".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.checkpoint_every, 5);
+        let e = TrainConfig::for_resume(&saved, "r", given, "t", &["lower.lr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'lower.lr' cannot change on --resume"), "{e}");
     }
 }

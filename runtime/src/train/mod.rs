@@ -477,7 +477,7 @@ impl<'a> Trainer<'a> {
         let record = run_dir.join(ARTIFACT_RECORD);
         if let Some(dir) = existing {
             same_artifact(&record, art)?;
-            t.restore(&dir)?;
+            t.restore_newest(&dir)?;
         } else {
             let body = serde_json::to_vec_pretty(&serde_json::Value::Object(art.identity.clone()))
                 .expect("JSON values serialise");
@@ -492,17 +492,69 @@ impl<'a> Trainer<'a> {
         Ok(t)
     }
 
+    /// Continues from checkpoint `dir`, or leaves the trainer untouched when it does not
+    /// belong to this run: a tensor not of this artifact or of another shape, a non-finite
+    /// value, or a log that is not the one the checkpoint was written with.
     fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
         let (tensors, st): (checkpoint::Tensors, RunState) = checkpoint::load(dir)?;
-        for (n, a) in tensors.params {
-            match self.params.iter_mut().find(|(p, _)| *p == n) {
-                Some(slot) if slot.1.shape() == a.shape() => slot.1 = a,
-                _ => {
-                    return Err(TrainError::Checkpoint {
-                        path: dir.to_path_buf(),
-                        message: format!("tensor '{n}' does not belong to this artifact"),
-                    })
+        let bad = |message: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message,
+        };
+        let finite = |what: &str, a: &ArrayD<f32>| match a.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(bad(format!(
+                "{what} holds a non-finite value ({}) at index {i}",
+                a.iter().nth(i).copied().unwrap_or(f32::NAN)
+            ))),
+            None => Ok(()),
+        };
+        let shape_of = |n: &str| {
+            self.params
+                .iter()
+                .find(|(p, _)| p == n)
+                .map(|(_, a)| a.shape())
+        };
+        for (n, a) in &tensors.params {
+            match shape_of(n) {
+                Some(s) if s == a.shape() => finite(&format!("tensor '{n}'"), a)?,
+                Some(s) => {
+                    return Err(bad(format!(
+                        "tensor '{n}' has shape {:?}, the artifact's has {s:?}",
+                        a.shape()
+                    )))
                 }
+                None => {
+                    return Err(bad(format!(
+                        "tensor '{n}' does not belong to this artifact"
+                    )))
+                }
+            }
+        }
+        if let Some((n, _)) = self
+            .params
+            .iter()
+            .find(|(n, _)| !tensors.params.iter().any(|(p, _)| p == n))
+        {
+            return Err(bad(format!("tensor '{n}' of the artifact is missing")));
+        }
+        for (opt, _, m, v) in &tensors.optims {
+            for (kind, moments) in [("m", m), ("v", v)] {
+                for (n, a) in moments {
+                    let what = format!("optimiser moment '{opt}/{kind}/{n}'");
+                    if shape_of(n) != Some(a.shape()) {
+                        return Err(bad(format!(
+                            "{what} does not match a tensor of this artifact"
+                        )));
+                    }
+                    finite(&what, a)?;
+                }
+            }
+        }
+        // Checked before anything changes; it truncates only once the checks pass.
+        let log = log::MetricsLog::open(&self.run_dir.join("metrics.jsonl"), st.log_len)?;
+        for (n, a) in tensors.params {
+            if let Some(slot) = self.params.iter_mut().find(|(p, _)| *p == n) {
+                slot.1 = a;
             }
         }
         for (name, step, m, v) in tensors.optims {
@@ -519,10 +571,41 @@ impl<'a> Trainer<'a> {
             self.cfg.seed ^ 2,
             st.all,
         );
-        self.log = log::MetricsLog::open(&self.run_dir.join("metrics.jsonl"), st.log_len)?;
+        self.log = log;
         self.st = st;
         self.last_checkpoint = Some(dir.to_path_buf());
         Ok(())
+    }
+
+    /// Restores the newest checkpoint that loads, falling back past unusable newer ones
+    /// (saying which and why); an error when none does.
+    fn restore_newest(&mut self, newest: &Path) -> Result<(), TrainError> {
+        let mut refused: Vec<String> = vec![];
+        let candidates =
+            std::iter::once(newest.to_path_buf()).chain(checkpoint::older(&self.run_dir, newest));
+        for d in candidates {
+            match self.restore(&d) {
+                Ok(()) => {
+                    if !refused.is_empty() {
+                        eprintln!(
+                            "warning: not resuming from the newer checkpoint(s), which cannot \
+                             be used: {}; resuming from {} instead",
+                            refused.join("; "),
+                            d.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => refused.push(e.to_string()),
+            }
+        }
+        Err(TrainError::Checkpoint {
+            path: checkpoint::dir(&self.run_dir),
+            message: format!(
+                "--resume: no checkpoint can be used: {}",
+                refused.join("; ")
+            ),
+        })
     }
 
     fn checkpoint(&mut self) -> Result<(), TrainError> {
