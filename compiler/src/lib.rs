@@ -73,12 +73,23 @@ pub fn check_opset(model: &ir::Model) -> Result<()> {
 /// `s` with control characters (terminal escape codes, newlines) written as Rust escapes,
 /// so a name read from a file cannot redraw the user's terminal or forge a line of output.
 pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.chars().any(char::is_control) {
+    escape_controls(s, |_| true)
+}
+
+/// [`printable`] for text of several lines: newlines and tabs kept. What the binaries pass
+/// their error messages and listings through, since those quote names read from files.
+pub fn printable_lines(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(s, |c| c != '\n' && c != '\t')
+}
+
+fn escape_controls(s: &str, escape: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && escape(c);
+    if !s.chars().any(bad) {
         return s.into();
     }
     s.chars()
         .map(|c| {
-            if c.is_control() {
+            if bad(c) {
                 c.escape_debug().to_string()
             } else {
                 c.to_string()
@@ -86,4 +97,24 @@ pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
         })
         .collect::<String>()
         .into()
+}
+
+/// An error and its causes on one line, each cause once: most messages here already embed
+/// their cause's text (so they read whole on their own), and printing the chain as well
+/// would repeat it ("Is a directory (os error 21): Is a directory (os error 21)").
+pub fn error_chain<'a>(
+    causes: impl IntoIterator<Item = &'a (dyn std::error::Error + 'a)>,
+) -> String {
+    let mut out = String::new();
+    for cause in causes {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -396,3 +396,40 @@ fn an_output_over_the_input_and_a_bad_alpha_are_refused() {
         );
     }
 }
+
+/// Each cause of an error is printed once.
+#[test]
+fn an_error_prints_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let res = bin()
+        .arg(dir.path())
+        .arg("--list-targets")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+}
+
+/// Names read from the model are printed with terminal escape codes escaped, in listings and
+/// in errors.
+#[test]
+fn names_with_escape_codes_are_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![4, 6], 18);
+    m.graph.nodes[0].name = "/encoder/layer.0/attention/qu\u{1b}[2Jery/MatMul".into();
+    let p = write(dir.path(), "m.onnx", &proto_of(&m).encode_to_vec());
+    let res = bin().arg(&p).arg("--list-targets").output().unwrap();
+    let out = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success());
+    assert!(!out.contains('\u{1b}') && out.contains("\\u{1b}"), "{out}");
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "nothing", "-o"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(!err.contains('\u{1b}'), "{err}");
+}

@@ -511,7 +511,12 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                bidora_compiler::printable_lines(&bidora_compiler::error_chain(
+                    e.chain().map(|c| c as &dyn std::error::Error)
+                ))
+            );
             ExitCode::FAILURE
         }
     }

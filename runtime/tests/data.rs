@@ -789,3 +789,32 @@ fn regression_targets_and_tags_outside_the_set_are_refused() {
         "{e}"
     );
 }
+
+/// A JSON file that is not a tokenizer is called that, not a syntax error at a column.
+#[test]
+fn a_json_file_that_is_no_tokenizer_says_so() {
+    let (d, f) = tmp("a.csv", "text,label\na,0\n");
+    std::fs::write(
+        d.path().join("config.json"),
+        r#"{"vocab_size": 3, "hidden": 2}"#,
+    )
+    .unwrap();
+    let t = format!("data.train={f}");
+    let e = err(
+        d.path(),
+        &[
+            "data.format=csv",
+            "data.text_a=text",
+            "data.tokenizer=config.json",
+            &t,
+        ],
+        "seq-cls",
+        None,
+    );
+    assert!(
+        e.contains("config.json")
+            && e.contains("is JSON but not a tokenizer.json")
+            && e.contains("vocab_size"),
+        "{e}"
+    );
+}

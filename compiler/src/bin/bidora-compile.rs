@@ -194,7 +194,10 @@ fn run(cli: Cli) -> Result<()> {
             cands.len(),
             cli.model.display()
         );
-        print!("{}", targets::format_candidates(&cands));
+        print!(
+            "{}",
+            bidora_compiler::printable_lines(&targets::format_candidates(&cands))
+        );
         return Ok(());
     }
     if cli.dump == Some(DumpStage::Input) {
@@ -282,7 +285,12 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                bidora_compiler::printable_lines(&bidora_compiler::error_chain(
+                    e.chain().map(|c| c as &dyn std::error::Error)
+                ))
+            );
             ExitCode::FAILURE
         }
     }
