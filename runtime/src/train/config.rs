@@ -379,11 +379,56 @@ impl TrainConfig {
         }
         for (name, l) in [("lower", &self.lower), ("upper", &self.upper)] {
             if !(l.lr.is_finite() && l.lr >= 0.0) {
-                return Err(format!("{name}.lr must be a finite non-negative number"));
+                return Err(format!(
+                    "{name}.lr = {} is not allowed: a finite number >= 0",
+                    l.lr
+                ));
             }
             if !(0.0..=1.0).contains(&l.warmup_ratio) {
-                return Err(format!("{name}.warmup_ratio must be in [0, 1]"));
+                return Err(format!(
+                    "{name}.warmup_ratio = {} is not in [0, 1]",
+                    l.warmup_ratio
+                ));
             }
+            // AdamW's moment decays: 1 or more never forgets (and divides by 1 - beta^t = 0).
+            for (key, v) in [("beta1", l.beta1), ("beta2", l.beta2)] {
+                if !(0.0..1.0).contains(&v) {
+                    return Err(format!("{name}.{key} = {v} is not in [0, 1)"));
+                }
+            }
+            if !(l.eps.is_finite() && l.eps > 0.0) {
+                return Err(format!(
+                    "{name}.eps = {} is not allowed: a finite number > 0",
+                    l.eps
+                ));
+            }
+            if !(l.weight_decay.is_finite() && l.weight_decay >= 0.0) {
+                return Err(format!(
+                    "{name}.weight_decay = {} is not allowed: a finite number >= 0",
+                    l.weight_decay
+                ));
+            }
+        }
+        for (key, v, zero_ok) in [
+            ("gamma", self.gamma, true),
+            ("xi", self.xi, true),
+            ("alpha_fd", self.alpha_fd, false),
+        ] {
+            if let Some(v) = v {
+                let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
+                if !ok {
+                    return Err(format!(
+                        "{key} = {v} is not allowed: a finite number {}",
+                        if zero_ok { ">= 0" } else { "> 0" }
+                    ));
+                }
+            }
+        }
+        if !self.generation.length_penalty.is_finite() {
+            return Err(format!(
+                "generation.length_penalty = {} is not a finite number",
+                self.generation.length_penalty
+            ));
         }
         if self.generation.beam_width == 0 {
             return Err("generation.beam_width must be at least 1".into());
@@ -475,5 +520,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("'lower.lr' cannot change on --resume"), "{e}");
+    }
+
+    #[test]
+    fn numeric_settings_outside_their_range_are_refused_with_the_range() {
+        let file = "[data]\ntrain = 'a'\n";
+        for (set, range) in [
+            ("lower.beta1=-3", "[0, 1)"),
+            ("upper.beta2=2", "[0, 1)"),
+            ("lower.beta2=1", "[0, 1)"),
+            ("lower.weight_decay=-100", ">= 0"),
+            ("lower.eps=0", "> 0"),
+            ("gamma=-1", ">= 0"),
+            ("xi=-0.5", ">= 0"),
+            ("alpha_fd=0", "> 0"),
+            ("gamma=nan", ">= 0"),
+            ("lower.lr=inf", ">= 0"),
+        ] {
+            let e = TrainConfig::parse(file, "t.toml", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            let key = set.split('=').next().unwrap();
+            assert!(e.contains(key) && e.contains(range), "{set}: {e}");
+        }
+        TrainConfig::parse(file, "t.toml", &["gamma=0".into(), "xi=0".into()]).unwrap();
     }
 }
