@@ -16,6 +16,53 @@ use serde::{Deserialize, Serialize};
 
 use crate::ir::{Model, TensorData};
 
+/// The first non-finite value among the model's floating-point weights: (tensor, index,
+/// value as text). A NaN or infinity there would train a model whose every output is NaN.
+pub fn non_finite_weight(model: &Model) -> Option<(String, usize, String)> {
+    use crate::ir::DataType;
+    for (name, t) in &model.graph.initializers {
+        let TensorData::Raw(b) = &t.data else {
+            continue;
+        };
+        let found = match t.dtype {
+            DataType::Float => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .position(|v| !v.is_finite())
+                .map(|i| {
+                    (
+                        i,
+                        f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()).to_string(),
+                    )
+                }),
+            DataType::Double => b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .position(|v| !v.is_finite())
+                .map(|i| {
+                    (
+                        i,
+                        f64::from_le_bytes(b[8 * i..8 * i + 8].try_into().unwrap()).to_string(),
+                    )
+                }),
+            // Exponent bits all set: infinity or NaN.
+            DataType::Float16 => b
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 == 0x7c00)
+                .map(|i| (i, "inf or NaN".to_string())),
+            DataType::Bfloat16 => b
+                .chunks_exact(2)
+                .position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 == 0x7f80)
+                .map(|i| (i, "inf or NaN".to_string())),
+            _ => None,
+        };
+        if let Some((i, v)) = found {
+            return Some((name.clone(), i, v));
+        }
+    }
+    None
+}
+
 /// The manifest key of the fingerprint.
 pub const FINGERPRINT_KEY: &str = "source_fingerprint";
 /// The safetensors metadata key under which trained tensors carry their artifact's identity.

@@ -433,3 +433,33 @@ fn names_with_escape_codes_are_printed_escaped() {
     assert_eq!(res.status.code(), Some(1), "{err}");
     assert!(!err.contains('\u{1b}'), "{err}");
 }
+
+/// NaN weights in the source model are refused naming the weight, unless asked for.
+#[test]
+fn non_finite_weights_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![4, 6], 18);
+    let mut w: Vec<f32> = (0..24).map(|i| i as f32).collect();
+    w[5] = f32::NAN;
+    m.graph.initializers.insert(
+        "onnx::MatMul_1".into(),
+        Tensor::from_f32("onnx::MatMul_1", vec![4, 6], &w),
+    );
+    let p = write(dir.path(), "m.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains("onnx::MatMul_1") && err.contains("NaN at index 5"),
+        "{err}"
+    );
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "--allow-non-finite-weights", "-o"])
+        .arg(dir.path().join("artifact"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}

@@ -162,6 +162,11 @@ struct Cli {
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
 
+    /// Compile a model whose weights hold NaN or infinity (refused otherwise: every output
+    /// would be NaN). Example: `--allow-non-finite-weights`.
+    #[arg(long)]
+    allow_non_finite_weights: bool,
+
     /// Replace the output folder if it exists. Example: `--force`.
     #[arg(long)]
     force: bool,
@@ -187,6 +192,18 @@ fn run(cli: Cli) -> Result<()> {
     }
     let model =
         load_model(&cli.model).with_context(|| format!("cannot load {}", cli.model.display()))?;
+    // Only when writing an artifact: listing or dumping such a model is how one finds out.
+    if !cli.allow_non_finite_weights && cli.output.is_some() {
+        if let Some((name, index, value)) = bidora_compiler::provenance::non_finite_weight(&model) {
+            anyhow::bail!(
+                "{}: weight '{}' holds {value} at index {index}; a model with non-finite \
+                 weights trains and predicts NaN (pass --allow-non-finite-weights to compile \
+                 it anyway)",
+                cli.model.display(),
+                bidora_compiler::printable(&name)
+            );
+        }
+    }
     if cli.list_targets {
         let cands = targets::candidates(&model.graph);
         println!(
