@@ -25,6 +25,7 @@ pub mod heads;
 pub mod ir;
 pub mod legalize;
 pub mod lock;
+pub mod memory;
 pub mod onnx_io;
 pub mod ops;
 pub mod optim;

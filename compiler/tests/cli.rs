@@ -463,3 +463,19 @@ fn non_finite_weights_are_refused_unless_allowed() {
         String::from_utf8_lossy(&res.stderr)
     );
 }
+
+/// A rank whose adapters cannot be held is refused with the estimate, not an abort.
+#[test]
+fn a_rank_that_cannot_fit_is_refused_with_the_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let err = fails(dir.path(), &p, &["--rank", "1000000000000"]);
+    assert!(
+        err.contains("--rank 1000000000000") && err.contains("this machine has available"),
+        "{err}"
+    );
+}

@@ -157,6 +157,17 @@ struct EngineArgs {
 
 impl EngineArgs {
     fn options(self) -> (BackendKind, BackendOptions) {
+        if let Ok(cores) = std::thread::available_parallelism() {
+            if self.threads > cores.get() {
+                eprintln!(
+                    "warning: --threads {} is more than the {} cores this process may use; \
+                     the threads then take turns on them, which is slower, not faster (0 \
+                     uses every core)",
+                    self.threads,
+                    cores.get()
+                );
+            }
+        }
         (
             self.backend,
             BackendOptions {
@@ -205,6 +216,8 @@ fn train_cmd(
     } else {
         TrainConfig::parse(&text, &config.display().to_string(), set)?
     };
+    // Before anything is allocated: a batch or rank that cannot fit would abort the process.
+    bidora_runtime::train::resources::check(&cfg, &art, bidora_compiler::memory::available())?;
     let (kind, opts) = engine.options();
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());

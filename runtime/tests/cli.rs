@@ -565,3 +565,42 @@ fn resume_keeps_the_config_and_refuses_or_skips_what_does_not_belong() {
     );
     assert_eq!(std::fs::read(&log).unwrap(), b"{}\n");
 }
+
+/// A batch that cannot fit is refused with the estimate before anything is allocated (it
+/// aborted the process before); more threads than cores get a warning.
+#[test]
+fn a_batch_that_cannot_fit_is_refused_and_too_many_threads_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let cfg = rte_config(tmp.path(), 2);
+    let run = tmp.path().join("run");
+    let out = bidora()
+        .args(["train", "--set", "batch_size=1000000000000"])
+        .arg(&art)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("batch_size: the run needs at least") && err.contains("GiB"),
+        "{err}"
+    );
+    assert!(!run.exists());
+    let more = std::thread::available_parallelism().unwrap().get() + 1;
+    let out = bidora()
+        .args(["check", "--threads", &more.to_string()])
+        .arg(&art)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--threads {more} is more than the")),
+        "{err}"
+    );
+}

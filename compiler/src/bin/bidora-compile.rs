@@ -258,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             }),
     };
+    check_rank_fits(&model, &opts)?;
     let compiled = pipeline::compile(&model, &opts)
         .with_context(|| format!("cannot compile {}", cli.model.display()))?;
     match cli.dump {
@@ -295,6 +296,47 @@ fn run(cli: Cli) -> Result<()> {
         opts.adapter.rank,
         out.display()
     );
+    Ok(())
+}
+
+/// Refuses a rank whose adapter tensors cannot be held while compiling (about three copies:
+/// the values, their serialised form and the init file's), before allocating any of them.
+fn check_rank_fits(model: &bidora_compiler::ir::Model, opts: &CompileOptions) -> Result<()> {
+    // A selection error is reported by the compile itself, with its listing.
+    let Ok(selected) = targets::select(&model.graph, &opts.targets) else {
+        return Ok(());
+    };
+    let per_rank: f64 = selected
+        .iter()
+        .map(|s| {
+            let c = &s.candidate;
+            match &s.blocks {
+                Some(b) => b.len() as f64 * (c.in_features + c.out_features / 3) as f64,
+                None => (c.in_features + c.out_features) as f64,
+            }
+        })
+        .sum();
+    let bytes = opts.adapter.rank as f64 * per_rank * 4.0;
+    if let Some(avail) = bidora_compiler::memory::available() {
+        if 3.0 * bytes > avail as f64 {
+            let useful = selected
+                .iter()
+                .map(|s| s.candidate.in_features.min(s.candidate.out_features))
+                .min()
+                .unwrap_or(0);
+            anyhow::bail!(
+                "--rank {}: the adapters of the {} targets take {} (rank x sum of in + out \
+                 features x 4 bytes), and compiling holds about 3 copies ({}), more than the \
+                 {} this machine has available; lower --rank (above {useful}, the smallest \
+                 target's min(in, out), a rank adds nothing)",
+                opts.adapter.rank,
+                selected.len(),
+                bidora_compiler::memory::human(bytes),
+                bidora_compiler::memory::human(3.0 * bytes),
+                bidora_compiler::memory::human(avail as f64)
+            );
+        }
+    }
     Ok(())
 }
 

@@ -25,6 +25,7 @@ pub mod generation;
 pub mod log;
 pub mod plot;
 pub mod resident;
+pub mod resources;
 pub mod schedule;
 pub mod stream;
 
