@@ -479,3 +479,33 @@ fn a_rank_that_cannot_fit_is_refused_with_the_estimate() {
         "{err}"
     );
 }
+
+/// `-o .` (the folder one is in) is refused up front, leaving no staging folder behind.
+#[test]
+fn an_output_that_is_the_current_folder_is_refused_without_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let here = dir.path().join("here");
+    std::fs::create_dir(&here).unwrap();
+    let res = bin()
+        .current_dir(&here)
+        .arg(&p)
+        .args(["--target", "query", "--force", "-o", "."])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains("is the current folder"), "{err}");
+    for d in [dir.path(), here.as_path()] {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".bidora-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}
