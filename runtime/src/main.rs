@@ -156,8 +156,19 @@ struct EngineArgs {
 }
 
 impl EngineArgs {
-    fn options(self) -> (BackendKind, BackendOptions) {
+    fn options(self) -> Result<(BackendKind, BackendOptions)> {
         if let Ok(cores) = std::thread::available_parallelism() {
+            // Far past the cores, starting the pools alone takes minutes and gigabytes.
+            let most = cores.get().saturating_mul(MAX_THREADS_PER_CORE);
+            if self.threads > most {
+                anyhow::bail!(
+                    "--threads {} is not allowed: this process may use {} cores, and more than \
+                     {most} threads ({MAX_THREADS_PER_CORE} a core) only take turns on them; \
+                     give at most the core count (0 uses every core)",
+                    self.threads,
+                    cores.get()
+                );
+            }
             if self.threads > cores.get() {
                 eprintln!(
                     "warning: --threads {} is more than the {} cores this process may use; \
@@ -168,16 +179,19 @@ impl EngineArgs {
                 );
             }
         }
-        (
+        Ok((
             self.backend,
             BackendOptions {
                 threads: self.threads,
                 device: self.device,
                 ort_lib: self.ort_lib,
             },
-        )
+        ))
     }
 }
+
+/// `--threads` above this many a core is refused rather than warned about.
+const MAX_THREADS_PER_CORE: usize = 16;
 
 fn train_cmd(
     artifact: &std::path::Path,
@@ -218,7 +232,7 @@ fn train_cmd(
     };
     // Before anything is allocated: a batch or rank that cannot fit would abort the process.
     bidora_runtime::train::resources::check(&cfg, &art, bidora_compiler::memory::available())?;
-    let (kind, opts) = engine.options();
+    let (kind, opts) = engine.options()?;
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());
     let spec = dataset::ModelSpec::of(&art)?;
@@ -382,7 +396,7 @@ fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs)
     let eos = enc.eos()?;
     let decoder = enc.decoder([]);
     let tensors = bidora_runtime::train::checkpoint::read_safetensors(&a.tensors)?;
-    let (kind, opts) = engine.options();
+    let (kind, opts) = engine.options()?;
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());
     let mut program = engine.load(&art.dir.join(&sig.file))?;
@@ -439,10 +453,9 @@ fn main() -> ExitCode {
             batch,
             seq,
             engine,
-        } => {
-            let (kind, opts) = engine.options();
-            check(&artifact, batch, seq, kind, &opts)
-        }
+        } => engine
+            .options()
+            .and_then(|(kind, opts)| check(&artifact, batch, seq, kind, &opts)),
         Cmd::Train {
             artifact,
             config,
