@@ -484,12 +484,8 @@ impl<'a> Trainer<'a> {
                 .expect("JSON values serialise");
             checkpoint::write_atomic(&record, &body)?;
         }
-        std::fs::write(run_dir.join("config.toml"), t.cfg.to_toml()).map_err(|e| {
-            TrainError::Checkpoint {
-                path: run_dir.join("config.toml"),
-                message: e.to_string(),
-            }
-        })?;
+        // Atomic: a resume reads it back as the run's config.
+        checkpoint::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml().as_bytes())?;
         Ok(t)
     }
 
