@@ -56,7 +56,8 @@ enum Cmd {
         /// Override a config value, repeatable. Example: `--set lower.lr=5e-4 --set steps=200`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Continue the run in the output folder from its newest checkpoint.
+        /// Continue the run in the output folder from its newest usable checkpoint, with the
+        /// config and artifact it started with (`--set` may change only checkpoint_every).
         #[arg(long)]
         resume: bool,
         /// Keep the trainable tensors, gradients and AdamW moments in the backend's memory
