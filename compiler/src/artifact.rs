@@ -232,6 +232,23 @@ pub struct Artifact {
 /// Writes the artifact to `dir` atomically. An existing folder is an error unless `force`,
 /// in which case it is replaced only once the new one is complete.
 pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
+    write_with_fingerprint(artifact, dir, force, None)
+}
+
+/// [`write`], recording in the manifest the fingerprint of the source model's weights
+/// (`crate::provenance`), which `bidora export` and `bidora train --resume` check.
+pub fn write_with_fingerprint(
+    artifact: &Artifact,
+    dir: &Path,
+    force: bool,
+    fingerprint: Option<&crate::provenance::Fingerprint>,
+) -> Result<()> {
+    if dir.file_name().is_none() {
+        return Err(Error::Other(format!(
+            "output folder {} names no folder (it ends in `.` or `..`): give the folder's name",
+            dir.display()
+        )));
+    }
     if dir.exists() && !force {
         return Err(Error::Other(format!(
             "output folder {} already exists (pass --force to replace it)",
@@ -246,6 +263,10 @@ pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
         path: parent.clone(),
         source: e,
     })?;
+    // Held until the new folder is in place: a second compile to the same folder would
+    // otherwise swap its folder in under this one's backup.
+    let _lock = crate::lock::FolderLock::output_folder(dir, "bidora-compile")
+        .map_err(|e| Error::Other(e.to_string()))?;
     let tmp = tempfile::Builder::new()
         .prefix(".bidora-artifact-")
         .tempdir_in(&parent)
@@ -274,38 +295,103 @@ pub fn write(artifact: &Artifact, dir: &Path, force: bool) -> Result<()> {
         std::fs::write(&p, bytes).map_err(|e| Error::Write { path: p, source: e })
     };
     write_file(INIT, &init)?;
-    let json =
-        serde_json::to_vec_pretty(&artifact.manifest).map_err(|e| Error::Other(e.to_string()))?;
-    write_file(MANIFEST, &json)?;
-    // Swap into place: the old folder (with --force) is moved aside first and removed last.
-    let staged = tmp.keep();
-    let backup = dir.exists().then(|| {
-        parent.join(format!(
-            ".bidora-old-{}",
-            dir.file_name()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default()
-        ))
-    });
-    if let Some(b) = &backup {
-        let _ = std::fs::remove_dir_all(b);
-        std::fs::rename(dir, b).map_err(|e| Error::Write {
-            path: dir.to_path_buf(),
-            source: e,
-        })?;
+    // Flattened rather than through a JSON value, which would sort the keys (and programs).
+    #[derive(Serialize)]
+    struct Fingerprinted<'a> {
+        #[serde(flatten)]
+        manifest: &'a Manifest,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        source_fingerprint: Option<&'a crate::provenance::Fingerprint>,
     }
-    if let Err(e) = std::fs::rename(&staged, dir) {
-        let _ = std::fs::remove_dir_all(&staged);
+    let json = serde_json::to_vec_pretty(&Fingerprinted {
+        manifest: &artifact.manifest,
+        source_fingerprint: fingerprint,
+    })
+    .map_err(|e| Error::Other(e.to_string()))?;
+    write_file(MANIFEST, &json)?;
+    swap_into_place(tmp, dir, &parent).map_err(|e| Error::Write {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    Ok(())
+}
+
+/// Moves the staged folder `tmp` (in `parent`) to `dir`, replacing whatever is there: the old
+/// entry is moved aside first and removed last. On every failure the old entry is put back
+/// and the staged folder removed (dropping `tmp` does it), so no `.bidora-*` folder is left.
+pub fn swap_into_place(tmp: tempfile::TempDir, dir: &Path, parent: &Path) -> std::io::Result<()> {
+    let backup = match dir.symlink_metadata() {
+        Ok(_) => {
+            let name = dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let b = parent.join(format!(".bidora-old-{name}-{}", std::process::id()));
+            remove_entry(&b);
+            std::fs::rename(dir, &b)?;
+            Some(b)
+        }
+        Err(_) => None,
+    };
+    if let Err(e) = std::fs::rename(tmp.path(), dir) {
         if let Some(b) = &backup {
             let _ = std::fs::rename(b, dir);
         }
-        return Err(Error::Write {
-            path: dir.to_path_buf(),
-            source: e,
-        });
+        return Err(e);
     }
+    // Renamed away: nothing is left for the guard to remove.
+    let _ = tmp.keep();
     if let Some(b) = backup {
-        let _ = std::fs::remove_dir_all(b);
+        remove_entry(&b);
     }
     Ok(())
+}
+
+/// Removes a folder with its contents, or a file or link (what `--force` may replace).
+fn remove_entry(p: &Path) {
+    match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => {
+            let _ = std::fs::remove_dir_all(p);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(p);
+        }
+        Err(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod swap_tests {
+    use super::*;
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".bidora-"))
+            .collect()
+    }
+
+    #[test]
+    fn replacing_a_file_or_failing_leaves_no_staging_or_backup_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("out");
+        std::fs::write(&out, "a plain file").unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix(".bidora-artifact-")
+            .tempdir_in(d.path())
+            .unwrap();
+        std::fs::write(tmp.path().join("manifest.json"), "{}").unwrap();
+        swap_into_place(tmp, &out, d.path()).unwrap();
+        assert!(out.join("manifest.json").exists());
+        assert_eq!(leftovers(d.path()), Vec::<String>::new());
+
+        // The final rename fails (no such parent): the staged folder goes, the old stays.
+        let tmp = tempfile::Builder::new()
+            .prefix(".bidora-artifact-")
+            .tempdir_in(d.path())
+            .unwrap();
+        assert!(swap_into_place(tmp, &d.path().join("missing/out"), d.path()).is_err());
+        assert_eq!(leftovers(d.path()), Vec::<String>::new());
+    }
 }

@@ -17,14 +17,19 @@ pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-/// The process's exit code for a tool's result, printing the error (with its causes) to
-/// standard error.
+/// The process's exit code for a tool's result, printing the error (each cause once, control
+/// characters escaped) to standard error.
 pub fn exit_code(res: anyhow::Result<()>) -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!(
+                "error: {}",
+                crate::printable_lines(&crate::error_chain(
+                    e.chain().map(|c| c as &dyn std::error::Error)
+                ))
+            );
             ExitCode::FAILURE
         }
     }

@@ -14,6 +14,9 @@
 //! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
 //! - [`optim`]: AdamW as an ONNX program (the runtime's device-resident optimiser).
 //! - [`cli_exit`]: how the command-line tools end (errors, a closed standard output).
+//! - [`provenance`]: the source model's fingerprint, an artifact's identity, no output over
+//!   an input.
+//! - [`lock`]: one writer per output or run folder (an advisory lock naming its holder).
 
 pub mod artifact;
 pub mod autodiff;
@@ -26,11 +29,14 @@ pub mod export;
 pub mod heads;
 pub mod ir;
 pub mod legalize;
+pub mod lock;
+pub mod memory;
 pub mod onnx_io;
 pub mod ops;
 pub mod optim;
 pub mod pipeline;
 pub mod proto;
+pub mod provenance;
 pub mod regularizer;
 pub mod rewrite;
 pub mod shape;
@@ -68,4 +74,53 @@ pub fn check_opset(model: &ir::Model) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// `s` with control characters (terminal escape codes, newlines) written as Rust escapes,
+/// so a name read from a file cannot redraw the user's terminal or forge a line of output.
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(s, |_| true)
+}
+
+/// [`printable`] for text of several lines: newlines and tabs kept. What the binaries pass
+/// their error messages and listings through, since those quote names read from files.
+pub fn printable_lines(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(s, |c| c != '\n' && c != '\t')
+}
+
+fn escape_controls(s: &str, escape: impl Fn(char) -> bool) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| c.is_control() && escape(c);
+    if !s.chars().any(bad) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if bad(c) {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+/// An error and its causes on one line, each cause once: most messages here already embed
+/// their cause's text (so they read whole on their own), and printing the chain as well
+/// would repeat it ("Is a directory (os error 21): Is a directory (os error 21)").
+pub fn error_chain<'a>(
+    causes: impl IntoIterator<Item = &'a (dyn std::error::Error + 'a)>,
+) -> String {
+    let mut out = String::new();
+    for cause in causes {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }

@@ -378,3 +378,195 @@ fn closed_stdout_ends_quietly() {
         assert!(err.is_empty(), "{args:?} printed to stderr: {err}");
     }
 }
+
+/// A compile into a folder another process is writing stops naming that process.
+#[test]
+fn a_second_writer_of_an_output_folder_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let out = dir.path().join("artifact");
+    let held = bidora_compiler::lock::FolderLock::output_folder(&out, "test holder").unwrap();
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("pid {} (test holder)", std::process::id())),
+        "{err}"
+    );
+    assert!(!out.exists());
+    drop(held);
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "-o"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    assert!(!dir.path().join(".artifact.bidora-lock").exists());
+}
+
+/// An output folder that holds the input model is refused before anything is deleted, even
+/// with `--force`; so is a scaling α that is not a finite positive number.
+#[test]
+fn an_output_over_the_input_and_a_bad_alpha_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    let p = write(
+        &m,
+        "model.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    for out in [m.clone(), m.join("."), dir.path().to_path_buf()] {
+        let res = bin()
+            .arg(&p)
+            .args(["--target", "query", "--force", "-o"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{err}");
+        assert!(err.contains("holds the input model"), "{err}");
+        assert!(p.exists(), "the input model was deleted");
+    }
+    for alpha in ["nan", "inf", "1e39", "0", "-1"] {
+        let res = bin()
+            .arg(&p)
+            .args(["--target", "query", &format!("--alpha={alpha}"), "-o"])
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert_eq!(res.status.code(), Some(1), "{alpha}: {err}");
+        assert!(
+            err.contains("--alpha") && err.contains("finite number > 0"),
+            "{err}"
+        );
+    }
+}
+
+/// Each cause of an error is printed once.
+#[test]
+fn an_error_prints_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let res = bin()
+        .arg(dir.path())
+        .arg("--list-targets")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
+}
+
+/// Names read from the model are printed with terminal escape codes escaped, in listings and
+/// in errors.
+#[test]
+fn names_with_escape_codes_are_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![4, 6], 18);
+    m.graph.nodes[0].name = "/encoder/layer.0/attention/qu\u{1b}[2Jery/MatMul".into();
+    let p = write(dir.path(), "m.onnx", &proto_of(&m).encode_to_vec());
+    let res = bin().arg(&p).arg("--list-targets").output().unwrap();
+    let out = String::from_utf8_lossy(&res.stdout);
+    assert!(res.status.success());
+    assert!(!out.contains('\u{1b}') && out.contains("\\u{1b}"), "{out}");
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "nothing", "-o"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(!err.contains('\u{1b}'), "{err}");
+}
+
+/// NaN weights in the source model are refused naming the weight, unless asked for.
+#[test]
+fn non_finite_weights_are_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = linear_model(vec![4, 6], 18);
+    let mut w: Vec<f32> = (0..24).map(|i| i as f32).collect();
+    w[5] = f32::NAN;
+    m.graph.initializers.insert(
+        "onnx::MatMul_1".into(),
+        Tensor::from_f32("onnx::MatMul_1", vec![4, 6], &w),
+    );
+    let p = write(dir.path(), "m.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains("onnx::MatMul_1") && err.contains("NaN at index 5"),
+        "{err}"
+    );
+    let res = bin()
+        .arg(&p)
+        .args(["--target", "query", "--allow-non-finite-weights", "-o"])
+        .arg(dir.path().join("artifact"))
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
+/// A rank whose adapters cannot be held is refused with the estimate, not an abort.
+#[test]
+fn a_rank_that_cannot_fit_is_refused_with_the_estimate() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let err = fails(dir.path(), &p, &["--rank", "1000000000000"]);
+    assert!(
+        err.contains("--rank 1000000000000") && err.contains("this machine has available"),
+        "{err}"
+    );
+}
+
+/// `-o .` (the folder one is in) is refused up front, leaving no staging folder behind.
+#[test]
+fn an_output_that_is_the_current_folder_is_refused_without_leftovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.onnx",
+        &proto_of(&linear_model(vec![4, 6], 18)).encode_to_vec(),
+    );
+    let here = dir.path().join("here");
+    std::fs::create_dir(&here).unwrap();
+    let res = bin()
+        .current_dir(&here)
+        .arg(&p)
+        .args(["--target", "query", "--force", "-o", "."])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert_eq!(res.status.code(), Some(1), "{err}");
+    assert!(err.contains("is the current folder"), "{err}");
+    for d in [dir.path(), here.as_path()] {
+        let left: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".bidora-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+}

@@ -100,6 +100,9 @@ pub struct BilevelDefaults {
 pub struct Artifact {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// What decides what its trained tensors mean (`bidora_compiler::provenance::identity`):
+    /// recorded with a run and with its tensors, checked by `--resume` and `bidora export`.
+    pub identity: serde_json::Map<String, serde_json::Value>,
     /// Initial values of the trainable tensors, looked up by name.
     pub init: Vec<(String, ArrayD<f32>)>,
 }
@@ -143,9 +146,12 @@ impl Artifact {
                 ArrayD::from_shape_vec(IxDyn(view.shape()), data)?,
             ));
         }
+        let identity =
+            bidora_compiler::provenance::identity(&serde_json::from_str(&text).unwrap_or_default());
         Ok(Artifact {
             dir: dir.to_path_buf(),
             manifest,
+            identity,
             init,
         })
     }

@@ -59,7 +59,8 @@ enum Cmd {
         /// Override a config value, repeatable. Example: `--set lower.lr=5e-4 --set steps=200`.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
-        /// Continue the run in the output folder from its newest checkpoint.
+        /// Continue the run in the output folder from its newest usable checkpoint, with the
+        /// config and artifact it started with (`--set` may change only checkpoint_every).
         #[arg(long)]
         resume: bool,
         /// Keep the trainable tensors, gradients and AdamW moments in the backend's memory
@@ -196,15 +197,37 @@ struct EngineArgs {
 }
 
 impl EngineArgs {
-    fn options(self) -> (BackendKind, BackendOptions) {
-        (
+    fn options(self) -> Result<(BackendKind, BackendOptions)> {
+        if let Ok(cores) = std::thread::available_parallelism() {
+            // Far past the cores, starting the pools alone takes minutes and gigabytes.
+            let most = cores.get().saturating_mul(MAX_THREADS_PER_CORE);
+            if self.threads > most {
+                anyhow::bail!(
+                    "--threads {} is not allowed: this process may use {} cores, and more than \
+                     {most} threads ({MAX_THREADS_PER_CORE} a core) only take turns on them; \
+                     give at most the core count (0 uses every core)",
+                    self.threads,
+                    cores.get()
+                );
+            }
+            if self.threads > cores.get() {
+                eprintln!(
+                    "warning: --threads {} is more than the {} cores this process may use; \
+                     the threads then take turns on them, which is slower, not faster (0 \
+                     uses every core)",
+                    self.threads,
+                    cores.get()
+                );
+            }
+        }
+        Ok((
             self.backend,
             BackendOptions {
                 threads: self.threads,
                 device: self.device,
                 ort_lib: self.ort_lib,
             },
-        )
+        ))
     }
 }
 
@@ -332,6 +355,9 @@ fn sweep_cmd(
     Ok(())
 }
 
+/// `--threads` above this many a core is refused rather than warned about.
+const MAX_THREADS_PER_CORE: usize = 16;
+
 fn train_cmd(
     artifact: &std::path::Path,
     config: &std::path::Path,
@@ -345,8 +371,33 @@ fn train_cmd(
     let art = Artifact::open(artifact)?;
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
-    let cfg = TrainConfig::parse(&text, &config.display().to_string(), set)?;
-    let (kind, opts) = engine.options();
+    let saved = output.join("config.toml");
+    let cfg = if resume && saved.exists() {
+        let first = std::fs::read_to_string(&saved)
+            .with_context(|| format!("cannot read {}", saved.display()))?;
+        let (cfg, changed) = TrainConfig::for_resume(
+            &first,
+            &saved.display().to_string(),
+            &text,
+            &config.display().to_string(),
+            set,
+        )?;
+        if !changed.is_empty() {
+            eprintln!(
+                "warning: --resume continues with {}, the config the run started with; {} \
+                 differs from it in {} (not applied)",
+                saved.display(),
+                config.display(),
+                changed.join(", ")
+            );
+        }
+        cfg
+    } else {
+        TrainConfig::parse(&text, &config.display().to_string(), set)?
+    };
+    // Before anything is allocated: a batch or rank that cannot fit would abort the process.
+    bidora_runtime::train::resources::check(&cfg, &art, bidora_compiler::memory::available())?;
+    let (kind, opts) = engine.options()?;
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());
     let spec = dataset::ModelSpec::of(&art)?;
@@ -480,6 +531,9 @@ fn export_cmd(
         force,
     })
     .with_context(|| format!("cannot export {}", artifact.display()))?;
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
     let mut out = std::io::stdout();
     writeln!(
         out,
@@ -529,7 +583,7 @@ fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs)
     let eos = enc.eos()?;
     let decoder = enc.decoder([]);
     let tensors = bidora_runtime::train::checkpoint::read_safetensors(&a.tensors)?;
-    let (kind, opts) = engine.options();
+    let (kind, opts) = engine.options()?;
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
     eprintln!("backend: {}", engine.description());
     let mut program = engine.load(&art.dir.join(&sig.file))?;
@@ -587,10 +641,9 @@ fn main() -> ExitCode {
             batch,
             seq,
             engine,
-        } => {
-            let (kind, opts) = engine.options();
-            check(&artifact, batch, seq, kind, &opts)
-        }
+        } => engine
+            .options()
+            .and_then(|(kind, opts)| check(&artifact, batch, seq, kind, &opts)),
         Cmd::Analyze {
             sweep,
             artifact,

@@ -521,3 +521,272 @@ fn sweep_runs_every_cell_once_and_tabulates_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("method \"qlora\""), "{err}");
 }
+
+/// A config for a seq-cls run on the RTE slice with hashed words: `steps` DoRA steps.
+fn rte_config(dir: &Path, steps: usize) -> std::path::PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let cfg = dir.join("train.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "method = 'dora'\nsteps = {steps}\nbatch_size = 4\ncheckpoint_every = 2\n[data]\n\
+             format = 'glue-tsv'\ntrain = '{}'\ntext_a = 'sentence1'\ntext_b = 'sentence2'\n\
+             tokenizer = 'hash:100'\nmax_len = 32\n",
+            data.join("rte-train-head21.tsv").display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+/// Two `bidora train` on one run folder: the second stops at once naming the first's pid,
+/// and leaves the first's files alone.
+#[test]
+fn a_second_writer_of_a_run_folder_is_refused_naming_the_holder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let cfg = rte_config(tmp.path(), 100_000);
+    let run = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut c = bidora();
+        c.args(["train", "--threads", "1"])
+            .arg(&art)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&run)
+            .args(extra);
+        c
+    };
+    let mut first = train(&[])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = run.join(bidora_compiler::lock::RUN_LOCK);
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&lock).is_ok_and(|s| s.contains("pid ")) {
+        assert!(
+            t0.elapsed().as_secs() < 120,
+            "the first run never locked its folder"
+        );
+        assert!(first.try_wait().unwrap().is_none(), "the first run ended");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for extra in [&[][..], &["--resume"][..]] {
+        let out = train(extra).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("in use by another bidora process")
+                && err.contains(&format!("pid {} (bidora train)", first.id())),
+            "{err}"
+        );
+    }
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the first run was disturbed"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+/// A run records its artifact; `--resume` with an artifact compiled with another α is
+/// refused naming α, and so is exporting the run's tensors with that artifact.
+#[test]
+fn resume_and_export_refuse_an_artifact_with_other_settings() {
+    use bidora_compiler::{heads::Task, rewrite::Method};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a8, a16) = (tmp.path().join("a8"), tmp.path().join("a16"));
+    for (dir, alpha) in [(&a8, 8.0), (&a16, 16.0)] {
+        common::write_artifact_alpha(
+            dir,
+            "bert_legacy17.onnx",
+            "query,value",
+            Method::Dora,
+            Task::SeqCls,
+            false,
+            0,
+            alpha,
+        );
+    }
+    let cfg = rte_config(tmp.path(), 2);
+    let run = tmp.path().join("run");
+    let train = |art: &Path, resume: bool| {
+        let mut c = bidora();
+        c.args(["train", "--threads", "1"])
+            .arg(art)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&run);
+        if resume {
+            c.arg("--resume");
+        }
+        c.output().unwrap()
+    };
+    let out = train(&a8, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = train(&a16, true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another artifact") && err.contains("alpha: 8.0 vs 16.0"),
+        "{err}"
+    );
+    let out = bidora()
+        .arg("export")
+        .arg(&a16)
+        .arg("--tensors")
+        .arg(run.join("final.safetensors"))
+        .arg("--model")
+        .arg(common::root().join("models/bert_legacy17.onnx"))
+        .arg("--merged")
+        .arg(tmp.path().join("m.onnx"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("alpha: 8.0 vs 16.0"), "{err}");
+    assert!(!tmp.path().join("m.onnx").exists());
+}
+
+/// `--resume` keeps the run's own config (only `checkpoint_every` may be `--set`), falls
+/// back past a newest checkpoint holding a NaN saying so, refuses a `latest` naming a folder
+/// outside the run and a log shorter than the checkpoint's, which it never pads.
+#[test]
+fn resume_keeps_the_config_and_refuses_or_skips_what_does_not_belong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let cfg = rte_config(tmp.path(), 4);
+    let run = tmp.path().join("run");
+    let train = |extra: &[&str]| {
+        bidora()
+            .args(["train", "--threads", "1"])
+            .arg(&art)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("-o")
+            .arg(&run)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = train(&[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+
+    let out = train(&["--resume", "--set", "steps=9"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--set: 'steps' cannot change on --resume")
+            && err.contains("only checkpoint_every"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(run.join("config.toml")).unwrap(),
+        saved
+    );
+    let out = train(&["--resume", "--set", "checkpoint_every=1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A NaN in the newest checkpoint: the resume falls back to the one before.
+    let ckpts = run.join("checkpoints");
+    let newest = std::fs::read_to_string(ckpts.join("latest")).unwrap();
+    let file = ckpts.join(newest.trim()).join("tensors.safetensors");
+    let mut tensors = bidora_runtime::train::checkpoint::read_safetensors(&file).unwrap();
+    let (name, first) = tensors
+        .iter_mut()
+        .find(|(n, _)| n.starts_with("param/"))
+        .unwrap();
+    first[[0, 0]] = f32::NAN;
+    let name = name.clone();
+    let views: Vec<(String, &ndarray::ArrayD<f32>)> =
+        tensors.iter().map(|(n, a)| (n.clone(), a)).collect();
+    bidora_runtime::train::checkpoint::write_safetensors(&file, &views, None).unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(newest.trim())
+            && err.contains("cannot be used")
+            && err.contains(&format!("tensor '{}' holds a non-finite value", &name[6..]))
+            && err.contains("resuming from"),
+        "{err}"
+    );
+
+    // `latest` naming a folder outside the run.
+    let latest = std::fs::read_to_string(ckpts.join("latest")).unwrap();
+    std::fs::write(ckpts.join("latest"), "../../elsewhere").unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a checkpoint folder of this run"), "{err}");
+    std::fs::write(ckpts.join("latest"), latest).unwrap();
+
+    // A log shorter than the checkpoint says: refused, not padded with NULs.
+    let log = run.join("metrics.jsonl");
+    std::fs::write(&log, "{}\n").unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("metrics.jsonl") && err.contains("was cut or replaced"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&log).unwrap(), b"{}\n");
+}
+
+/// A batch that cannot fit is refused with the estimate before anything is allocated (it
+/// aborted the process before); more threads than cores get a warning.
+#[test]
+fn a_batch_that_cannot_fit_is_refused_and_too_many_threads_warned_about() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    compile(&art);
+    let cfg = rte_config(tmp.path(), 2);
+    let run = tmp.path().join("run");
+    let out = bidora()
+        .args(["train", "--set", "batch_size=1000000000000"])
+        .arg(&art)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("-o")
+        .arg(&run)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("batch_size: the run needs at least") && err.contains("GiB"),
+        "{err}"
+    );
+    assert!(!run.exists());
+    let more = std::thread::available_parallelism().unwrap().get() + 1;
+    let out = bidora()
+        .args(["check", "--threads", &more.to_string()])
+        .arg(&art)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("--threads {more} is more than the")),
+        "{err}"
+    );
+}

@@ -33,6 +33,7 @@ fn spec(task: &str, vocab: Option<usize>) -> ModelSpec {
         ],
         task: task.into(),
         vocab_size: vocab,
+        classes: None,
     }
 }
 
@@ -605,8 +606,24 @@ fn trainer_runs_on_conll_with_a_token_cls_fixture() {
         .map(String::from),
     )
     .unwrap();
-    let spec = ModelSpec::of(&art).unwrap();
+    let mut spec = ModelSpec::of(&art).unwrap();
     assert_eq!(spec.vocab_size, Some(1000));
+    // The fixture's head is GPT-2's 1000-way LM projection standing in for a tagger: the 7
+    // tag names of the training file do not fill it, so loading refuses before training.
+    assert_eq!(spec.classes, Some(1000));
+    let err = match dataset::load_for(&cfg.data, &base, &spec, cfg.val_ratio, cfg.seed) {
+        Ok(_) => panic!("7 tags for 1000 classes were accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("conll2003-eng.train-head49")
+            && err.contains("7 distinct labels")
+            && err.contains("1000 classes")
+            && err.contains("data.labels"),
+        "{err}"
+    );
+    // Without the class count the steps run, and scoring refuses what 7 tags cannot name.
+    spec.classes = None;
     let data = dataset::load_for(&cfg.data, &base, &spec, cfg.val_ratio, cfg.seed).unwrap();
     assert_eq!((data.train_idx.len(), data.val_idx.len()), (3, 1));
     let tract = backend::tract::TractBackend::new(
@@ -620,9 +637,6 @@ fn trainer_runs_on_conll_with_a_token_cls_fixture() {
     let run = dir.path().join("run");
     let mut t = bidora_runtime::train::Trainer::new(cfg, &art, &tract, data, &run, false).unwrap();
     t.progress = false;
-    // The fixture's head is GPT-2's 1000-way LM projection standing in for a tagger: the
-    // four training steps run on the CoNLL batches, and scoring then refuses predictions that
-    // the 7 tag names (collected from the training file) cannot name.
     let err = t.run_to_end(None).unwrap_err().to_string();
     let steps = std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
@@ -633,5 +647,174 @@ fn trainer_runs_on_conll_with_a_token_cls_fixture() {
     assert!(
         err.contains("names 7 tags") && err.contains("1000 classes"),
         "{err}"
+    );
+}
+
+fn err_classes(base: &Path, sets: &[&str], task: &str, classes: usize) -> String {
+    let mut sp = spec(task, None);
+    sp.classes = Some(classes);
+    match dataset::read(&cfg(sets).data, base, &sp) {
+        Ok(_) => panic!("{sets:?} was accepted for {classes} classes"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Every label maps to a class the head has, or loading stops naming the file, the line and
+/// the label: a typo, an empty cell, a label list of the wrong length, a one-class slice.
+#[test]
+fn labels_that_do_not_fit_the_head_are_refused_before_training() {
+    let csv = "text,label\na,0\nb,1\nc,7\nd,0\ne,1\n";
+    let (d, f) = tmp("l.csv", csv);
+    let t = format!("data.train={f}");
+    let base = [
+        "data.format=csv",
+        "data.text_a=text",
+        "data.tokenizer=hash:100",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter()
+            .chain([t.as_str()].iter())
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let sets = with(&[]);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    // A typo label '7' in a binary file: named with its line, rarest first.
+    let e = err_classes(d.path(), &sets, "seq-cls", 2);
+    assert!(
+        e.contains("l.csv")
+            && e.contains("3 distinct labels")
+            && e.contains("2 classes")
+            && e.contains("'7' (1 time, first at line 4)"),
+        "{e}"
+    );
+    // The same file fits a 3-class head.
+    let mut sp = spec("seq-cls", None);
+    sp.classes = Some(3);
+    assert!(dataset::read(&cfg(&sets).data, d.path(), &sp).is_ok());
+
+    // A configured list of the wrong length, and one naming a label twice.
+    let s = with(&["data.labels=['0', '1', '7']"]);
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    let e = err_classes(d.path(), &s, "seq-cls", 2);
+    assert!(
+        e.contains("data.labels names 3 labels") && e.contains("2 classes"),
+        "{e}"
+    );
+    let s = with(&["data.labels=['0', '0']"]);
+    let s: Vec<&str> = s.iter().map(String::as_str).collect();
+    let e = err_classes(d.path(), &s, "seq-cls", 2);
+    assert!(e.contains("'0' twice"), "{e}");
+
+    // An empty label cell is an error at its line, not a class "" that shifts the others.
+    let (d2, f2) = tmp("e.csv", "text,label\na,0\nb,\nc,1\n");
+    let t2 = format!("data.train={f2}");
+    let e = err(
+        d2.path(),
+        &[base[0], base[1], base[2], &t2],
+        "seq-cls",
+        None,
+    );
+    assert!(
+        e.contains("e.csv:3:") && e.contains("label is empty"),
+        "{e}"
+    );
+
+    // A slice holding one of a binary head's two labels would map it to id 0.
+    let (d3, f3) = tmp("one.csv", "text,label\na,1\nb,1\n");
+    let t3 = format!("data.train={f3}");
+    let e = err_classes(d3.path(), &[base[0], base[1], base[2], &t3], "seq-cls", 2);
+    assert!(
+        e.contains("1 distinct labels") && e.contains("data.labels"),
+        "{e}"
+    );
+
+    // Names with terminal escape codes are printed escaped.
+    let (d4, f4) = tmp("esc.csv", "text,label\na,0\nb,\u{1b}[2Jx\n");
+    let t4 = format!("data.train={f4}");
+    let e = err_classes(d4.path(), &[base[0], base[1], base[2], &t4], "seq-cls", 3);
+    assert!(!e.contains('\u{1b}') && e.contains("\\u{1b}[2Jx"), "{e}");
+}
+
+/// Regression targets must be finite numbers; CoNLL tags outside the tag set are refused.
+#[test]
+fn regression_targets_and_tags_outside_the_set_are_refused() {
+    for bad in ["nan", "inf", "-inf"] {
+        let (d, f) = tmp("r.csv", &format!("text,label\na,0.5\nb,{bad}\n"));
+        let t = format!("data.train={f}");
+        let e = err(
+            d.path(),
+            &[
+                "data.format=csv",
+                "data.text_a=text",
+                "data.tokenizer=hash:100",
+                &t,
+            ],
+            "regression",
+            None,
+        );
+        assert!(
+            e.contains("r.csv:3:") && e.contains("not a finite number"),
+            "{e}"
+        );
+    }
+    let (d, f) = tmp("t.conll", "EU B-ORG\nrejects O\n\nPeter B-PER\n");
+    let t = format!("data.train={f}");
+    let sets = [
+        "data.format=conll",
+        "data.tokenizer=hash:100",
+        "data.labels=['O', 'B-ORG', 'I-ORG']",
+        &t,
+    ];
+    let e = err(d.path(), &sets, "token-cls", None);
+    assert!(
+        e.contains("t.conll:4:") && e.contains("unknown label 'B-PER'"),
+        "{e}"
+    );
+    // The tag set derived from the file must fill the head.
+    let e = err_classes(
+        d.path(),
+        &sets[..3]
+            .iter()
+            .copied()
+            .chain([t.as_str()])
+            .filter(|s| !s.starts_with("data.labels"))
+            .collect::<Vec<_>>(),
+        "token-cls",
+        9,
+    );
+    assert!(
+        e.contains("3 distinct labels") && e.contains("9 classes"),
+        "{e}"
+    );
+}
+
+/// A JSON file that is not a tokenizer is called that, not a syntax error at a column.
+#[test]
+fn a_json_file_that_is_no_tokenizer_says_so() {
+    let (d, f) = tmp("a.csv", "text,label\na,0\n");
+    std::fs::write(
+        d.path().join("config.json"),
+        r#"{"vocab_size": 3, "hidden": 2}"#,
+    )
+    .unwrap();
+    let t = format!("data.train={f}");
+    let e = err(
+        d.path(),
+        &[
+            "data.format=csv",
+            "data.text_a=text",
+            "data.tokenizer=config.json",
+            &t,
+        ],
+        "seq-cls",
+        None,
+    );
+    assert!(
+        e.contains("config.json")
+            && e.contains("is JSON but not a tokenizer.json")
+            && e.contains("vocab_size"),
+        "{e}"
     );
 }

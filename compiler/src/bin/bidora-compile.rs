@@ -163,6 +163,11 @@ struct Cli {
     #[arg(short, long, value_name = "DIR")]
     output: Option<PathBuf>,
 
+    /// Compile a model whose weights hold NaN or infinity (refused otherwise: every output
+    /// would be NaN). Example: `--allow-non-finite-weights`.
+    #[arg(long)]
+    allow_non_finite_weights: bool,
+
     /// Replace the output folder if it exists. Example: `--force`.
     #[arg(long)]
     force: bool,
@@ -174,8 +179,32 @@ struct Cli {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if !(cli.alpha.is_finite() && cli.alpha > 0.0) {
+        anyhow::bail!(
+            "--alpha {} is not allowed: the scaling alpha/rank needs a finite number > 0 \
+             (peft's default is 2 x rank)",
+            cli.alpha
+        );
+    }
+    // Before the (slow) compile: an output folder over the input would delete the model.
+    if let Some(out) = cli.output.as_deref().filter(|_| cli.model.exists()) {
+        bidora_compiler::provenance::refuse_overlap("-o", out, &[("input model", &cli.model)])
+            .map_err(anyhow::Error::msg)?;
+    }
     let model =
         load_model(&cli.model).with_context(|| format!("cannot load {}", cli.model.display()))?;
+    // Only when writing an artifact: listing or dumping such a model is how one finds out.
+    if !cli.allow_non_finite_weights && cli.output.is_some() {
+        if let Some((name, index, value)) = bidora_compiler::provenance::non_finite_weight(&model) {
+            anyhow::bail!(
+                "{}: weight '{}' holds {value} at index {index}; a model with non-finite \
+                 weights trains and predicts NaN (pass --allow-non-finite-weights to compile \
+                 it anyway)",
+                cli.model.display(),
+                bidora_compiler::printable(&name)
+            );
+        }
+    }
     if cli.list_targets {
         let cands = targets::candidates(&model.graph);
         let mut out = std::io::stdout().lock();
@@ -185,7 +214,11 @@ fn run(cli: Cli) -> Result<()> {
             cands.len(),
             cli.model.display()
         )?;
-        write!(out, "{}", targets::format_candidates(&cands))?;
+        write!(
+            out,
+            "{}",
+            bidora_compiler::printable_lines(&targets::format_candidates(&cands))
+        )?;
         out.flush()?;
         return Ok(());
     }
@@ -230,6 +263,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             }),
     };
+    check_rank_fits(&model, &opts)?;
     let compiled = pipeline::compile(&model, &opts)
         .with_context(|| format!("cannot compile {}", cli.model.display()))?;
     match cli.dump {
@@ -256,7 +290,8 @@ fn run(cli: Cli) -> Result<()> {
     art.manifest.source_model_path = std::fs::canonicalize(&cli.model)
         .ok()
         .map(|p| p.to_string_lossy().to_string());
-    artifact::write(&art, &out, cli.force)?;
+    let fingerprint = bidora_compiler::provenance::fingerprint(&model);
+    artifact::write_with_fingerprint(&art, &out, cli.force, Some(&fingerprint))?;
     let files: Vec<&str> = art.programs.iter().map(|(f, _)| f.as_str()).collect();
     eprintln!(
         "wrote {} ({} adapters, {:?}, rank {}) to {}",
@@ -275,6 +310,47 @@ fn print_all(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     out.flush()?;
+    Ok(())
+}
+
+/// Refuses a rank whose adapter tensors cannot be held while compiling (about three copies:
+/// the values, their serialised form and the init file's), before allocating any of them.
+fn check_rank_fits(model: &bidora_compiler::ir::Model, opts: &CompileOptions) -> Result<()> {
+    // A selection error is reported by the compile itself, with its listing.
+    let Ok(selected) = targets::select(&model.graph, &opts.targets) else {
+        return Ok(());
+    };
+    let per_rank: f64 = selected
+        .iter()
+        .map(|s| {
+            let c = &s.candidate;
+            match &s.blocks {
+                Some(b) => b.len() as f64 * (c.in_features + c.out_features / 3) as f64,
+                None => (c.in_features + c.out_features) as f64,
+            }
+        })
+        .sum();
+    let bytes = opts.adapter.rank as f64 * per_rank * 4.0;
+    if let Some(avail) = bidora_compiler::memory::available() {
+        if 3.0 * bytes > avail as f64 {
+            let useful = selected
+                .iter()
+                .map(|s| s.candidate.in_features.min(s.candidate.out_features))
+                .min()
+                .unwrap_or(0);
+            anyhow::bail!(
+                "--rank {}: the adapters of the {} targets take {} (rank x sum of in + out \
+                 features x 4 bytes), and compiling holds about 3 copies ({}), more than the \
+                 {} this machine has available; lower --rank (above {useful}, the smallest \
+                 target's min(in, out), a rank adds nothing)",
+                opts.adapter.rank,
+                selected.len(),
+                bidora_compiler::memory::human(bytes),
+                bidora_compiler::memory::human(3.0 * bytes),
+                bidora_compiler::memory::human(avail as f64)
+            );
+        }
+    }
     Ok(())
 }
 

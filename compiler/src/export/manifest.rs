@@ -28,9 +28,15 @@ pub struct ExportManifest {
     pub task: Option<TaskInfo>,
     #[serde(default)]
     pub adapters: Vec<AdapterRecord>,
+    /// The source model's weights when compiled (absent from older compilers' manifests).
+    #[serde(default)]
+    pub source_fingerprint: Option<crate::provenance::Fingerprint>,
     /// The manifest file, for messages.
     #[serde(skip)]
     pub path: PathBuf,
+    /// The manifest as JSON, for [`crate::provenance::identity`].
+    #[serde(skip)]
+    pub json: serde_json::Value,
 }
 
 impl ExportManifest {
@@ -69,6 +75,7 @@ impl ExportManifest {
             }
         }
         m.path = path;
+        m.json = serde_json::from_str(&text).unwrap_or_default();
         Ok(m)
     }
 

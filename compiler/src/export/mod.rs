@@ -44,6 +44,8 @@ pub struct ExportReport {
     pub model: PathBuf,
     pub adapters: usize,
     pub heads: usize,
+    /// What could not be checked (printed by the caller).
+    pub warnings: Vec<String>,
 }
 
 /// Checks everything, computes both outputs in memory, then writes them (each atomically).
@@ -58,8 +60,45 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
     }
     let manifest = ExportManifest::read(job.artifact)?;
     let model_path = manifest.model_path(job.model)?;
+    refuse_overlaps(job, &model_path)?;
     let model = load_source(&model_path)?;
+    let mut warnings = vec![];
+    let found = crate::provenance::fingerprint(&model);
+    match &manifest.source_fingerprint {
+        Some(f) if *f != found => {
+            return Err(ExportError::ModelMismatch {
+                model: model_path,
+                msg: format!(
+                    "its weights are not those the artifact was compiled from (compiled from: \
+                     {f}; this model: {found}); a merged model, or another checkpoint of the \
+                     same architecture, would have the adapters folded into the wrong weights"
+                ),
+            });
+        }
+        Some(_) => {}
+        None => warnings.push(format!(
+            "{} records no fingerprint of its source model (an older bidora-compile), so \
+             {} is not checked to be that model: compile again to have it checked",
+            manifest.path.display(),
+            model_path.display()
+        )),
+    }
     let trained = Trained::read(job.tensors, &manifest.trainable_names())?;
+    if let Some(theirs) = &trained.identity {
+        let diff =
+            crate::provenance::differences(theirs, &crate::provenance::identity(&manifest.json));
+        if !diff.is_empty() {
+            return Err(ExportError::Tensors {
+                path: job.tensors.to_path_buf(),
+                msg: format!(
+                    "trained with an artifact of other settings ({}; the tensors' artifact vs \
+                     {}): export them with the artifact they were trained with",
+                    diff.join(", "),
+                    job.artifact.display()
+                ),
+            });
+        }
+    }
     let resolved = resolve(&manifest, &model, &model_path, &trained)?;
     let merged = job
         .merged
@@ -79,7 +118,47 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
         model: model_path,
         adapters: resolved.adapters.len(),
         heads: resolved.heads.len(),
+        warnings,
     })
+}
+
+/// Refuses outputs that would overwrite an input: `--merged` onto the source model (every
+/// later export would then fold the adapters in twice) or the tensors, into the artifact
+/// folder, and a `--peft` folder that is or holds any of them.
+fn refuse_overlaps(job: &ExportJob, model: &Path) -> Result<()> {
+    use crate::provenance::{refuse_overlap, resolved};
+    let inputs = [
+        ("source model", model),
+        ("tensors file", job.tensors),
+        ("artifact folder", job.artifact),
+    ];
+    let refuse = |flag: &str, out: &Path, msg: String| ExportError::Write {
+        path: out.to_path_buf(),
+        msg: format!("{flag}: {msg}"),
+    };
+    if let Some(m) = job.merged {
+        refuse_overlap("--merged", m, &inputs).map_err(|e| refuse("--merged", m, e))?;
+        if resolved(m).starts_with(resolved(job.artifact)) {
+            return Err(refuse(
+                "--merged",
+                m,
+                "it is inside the artifact folder, which bidora-compile owns: write it elsewhere"
+                    .into(),
+            ));
+        }
+    }
+    if let Some(p) = job.peft {
+        refuse_overlap("--peft", p, &inputs).map_err(|e| refuse("--peft", p, e))?;
+        if resolved(p).starts_with(resolved(job.artifact)) {
+            return Err(refuse(
+                "--peft",
+                p,
+                "it is inside the artifact folder, which bidora-compile owns: write it elsewhere"
+                    .into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What can go wrong in an export; every message names the file and the tensor or module.

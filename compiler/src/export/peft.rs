@@ -310,27 +310,6 @@ pub fn write_peft(adapter: &PeftAdapter, dir: &Path, force: bool) -> Result<()> 
     let config = tmp.path().join(CONFIG);
     let text = serde_json::to_string_pretty(&adapter.config).expect("JSON values serialise");
     std::fs::write(&config, text).map_err(|e| werr(&config, e.to_string()))?;
-    let staged = tmp.keep();
-    let backup = parent.join(format!(
-        ".bidora-old-{}",
-        dir.file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default()
-    ));
-    let had_old = dir.exists();
-    if had_old {
-        let _ = std::fs::remove_dir_all(&backup);
-        std::fs::rename(dir, &backup).map_err(|e| werr(dir, e.to_string()))?;
-    }
-    if let Err(e) = std::fs::rename(&staged, dir) {
-        let _ = std::fs::remove_dir_all(&staged);
-        if had_old {
-            let _ = std::fs::rename(&backup, dir);
-        }
-        return Err(werr(dir, e.to_string()));
-    }
-    if had_old {
-        let _ = std::fs::remove_dir_all(&backup);
-    }
+    crate::artifact::swap_into_place(tmp, dir, &parent).map_err(|e| werr(dir, e.to_string()))?;
     Ok(())
 }

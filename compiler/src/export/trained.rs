@@ -9,6 +9,9 @@ use super::{ExportError, Result};
 pub struct Trained {
     pub path: PathBuf,
     tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
+    /// The identity of the artifact whose run wrote the file (`bidora train` records it in
+    /// the metadata; `crate::provenance::identity`), when the file says.
+    pub identity: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl Trained {
@@ -22,6 +25,23 @@ impl Trained {
         let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let identity = safetensors::SafeTensors::read_metadata(&bytes)
+            .ok()
+            .and_then(|(_, m)| {
+                m.metadata()
+                    .as_ref()?
+                    .get(crate::provenance::IDENTITY_KEY)
+                    .cloned()
+            })
+            .map(|text| {
+                serde_json::from_str(&text).map_err(|e| {
+                    err(format!(
+                        "its metadata '{}' is not a JSON object: {e}",
+                        crate::provenance::IDENTITY_KEY
+                    ))
+                })
+            })
+            .transpose()?;
         let mut tensors = HashMap::new();
         for (name, view) in st.iter() {
             if !known.iter().any(|k| k == name) {
@@ -61,6 +81,7 @@ impl Trained {
         Ok(Trained {
             path: path.to_path_buf(),
             tensors,
+            identity,
         })
     }
 

@@ -122,7 +122,15 @@ pub fn class_id(file: &Path, line: usize, raw: &str, names: &[String]) -> Result
             at(
                 file,
                 line,
-                format!("unknown label '{raw}' (labels: {})", names.join(", ")),
+                format!(
+                    "unknown label '{}' (labels: {})",
+                    printable(raw),
+                    names
+                        .iter()
+                        .map(|n| printable(n))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             )
         })
 }
@@ -134,3 +142,5 @@ pub fn label_set<'a>(labels: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     set.dedup();
     set
 }
+
+pub use bidora_compiler::printable;

@@ -33,6 +33,34 @@ pub enum Encoder {
     Hash { vocab: u64, max_len: usize },
 }
 
+/// Why `path` did not load as a tokenizer: the tokenizers crate's serde message for a JSON
+/// file of another kind points at a column of the file ("expected `,` or `}`"), which tells
+/// the user nothing; say which of the two it is instead.
+fn not_a_tokenizer(path: &Path, error: &str) -> String {
+    let json = std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    match json {
+        Some(v) if v.get("model").is_none() => format!(
+            "is JSON but not a tokenizer.json (it has no \"model\" key{}): give the model's \
+             tokenizer.json (Hugging Face tokenizers format), or hash:VOCAB",
+            match v.as_object() {
+                Some(o) if !o.is_empty() => format!(
+                    "; its keys: {}",
+                    o.keys()
+                        .take(8)
+                        .map(|k| bidora_compiler::printable(k).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                _ => String::new(),
+            }
+        ),
+        Some(_) => format!("a tokenizer.json this version cannot read: {error}"),
+        None => format!("not a usable tokenizer.json (not valid JSON): {error}"),
+    }
+}
+
 pub(crate) fn resolve(base: &Path, p: &str) -> PathBuf {
     let path = Path::new(p);
     if path.is_absolute() {
@@ -75,7 +103,7 @@ impl Encoder {
         let path = resolve(base, spec);
         let mut tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| DataError::File {
             file: path.clone(),
-            message: format!("not a usable tokenizer.json: {e}"),
+            message: not_a_tokenizer(&path, &e.to_string()),
         })?;
         let pad = tok
             .get_padding()

@@ -318,7 +318,8 @@ impl Sweep {
             art.manifest.source_model_path = std::path::absolute(&model_path)
                 .ok()
                 .map(|p| p.display().to_string());
-            bidora_compiler::artifact::write(&art, &dir, true)
+            let fp = bidora_compiler::provenance::fingerprint(model);
+            bidora_compiler::artifact::write_with_fingerprint(&art, &dir, true, Some(&fp))
                 .with_context(|| format!("writing {}", dir.display()))?;
         }
         Ok(())
@@ -434,11 +435,13 @@ impl Sweep {
             .arg("--threads")
             .arg(threads.to_string())
             .args(engine_args);
-        for s in &c.set {
-            cmd.arg("--set").arg(s);
-        }
         if resume {
+            // The run keeps the settings it started with (config.toml in its folder).
             cmd.arg("--resume");
+        } else {
+            for s in &c.set {
+                cmd.arg("--set").arg(s);
+            }
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -160,7 +160,8 @@ fn prune(root: &Path, newest: &str) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// The newest checkpoint's folder, if any.
+/// The newest checkpoint's folder, if any. `latest` must name a checkpoint folder inside
+/// `checkpoints/` (one `step-*` name, no path): anything else is refused, never followed.
 pub fn latest(run: &Path) -> Result<Option<PathBuf>, TrainError> {
     let root = dir(run);
     let p = root.join(LATEST);
@@ -168,7 +169,34 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>, TrainError> {
         return Ok(None);
     }
     let name = std::fs::read_to_string(&p).map_err(|e| io(&p, e))?;
-    let d = root.join(name.trim());
+    let name = name.trim();
+    let mut parts = Path::new(name).components();
+    let single = matches!(
+        (parts.next(), parts.next()),
+        (Some(std::path::Component::Normal(_)), None)
+    );
+    if !single || !name.starts_with("step-") {
+        return Err(io(
+            &p,
+            format!(
+                "names '{}', not a checkpoint folder of this run (step-NNNNNNN-PHASE): \
+                 the file was edited or replaced; write the newest checkpoint's name into it",
+                bidora_compiler::printable(name)
+            ),
+        ));
+    }
+    let d = root.join(name);
+    // A `step-*` symlink could still lead out of the run folder.
+    let inside = match (std::fs::canonicalize(&d), std::fs::canonicalize(&root)) {
+        (Ok(a), Ok(b)) => a.starts_with(b),
+        _ => true,
+    };
+    if !inside {
+        return Err(io(
+            &d,
+            "leads outside the run's checkpoints folder: refused",
+        ));
+    }
     if !d.join(STATE).exists() {
         return Err(io(
             &d,
@@ -176,6 +204,27 @@ pub fn latest(run: &Path) -> Result<Option<PathBuf>, TrainError> {
         ));
     }
     Ok(Some(d))
+}
+
+/// Every complete checkpoint folder of the run but `except`, newest first: where a resume
+/// falls back to when the newest checkpoint does not load.
+pub fn older(run: &Path, except: &Path) -> Vec<PathBuf> {
+    let root = dir(run);
+    let mut names: Vec<String> = std::fs::read_dir(&root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with("step-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.reverse();
+    names
+        .into_iter()
+        .map(|n| root.join(n))
+        .filter(|d| d != except && d.join(STATE).exists())
+        .collect()
 }
 
 /// Reads a checkpoint folder back.

@@ -237,6 +237,27 @@ impl Default for TrainConfig {
     }
 }
 
+/// `--set` keys a resumed run may change: they decide when checkpoints are written, which
+/// changes neither the tensors nor the metrics (a resumed run equals the uninterrupted one).
+pub const RESUME_SETTABLE: &[&str] = &["checkpoint_every"];
+
+/// The dotted keys whose values differ between two configs.
+fn differing_keys(a: &toml::Table, b: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        let name = format!("{prefix}{k}");
+        match (a.get(k), b.get(k)) {
+            (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                differing_keys(x, y, &format!("{name}."), out)
+            }
+            (x, y) if x != y => out.push(name),
+            _ => {}
+        }
+    }
+}
+
 impl TrainConfig {
     /// Reads `text` (TOML; empty for all defaults) and applies `overrides` (`a.b=value`, the
     /// value parsed as TOML, or taken as a string when it does not parse).
@@ -272,18 +293,75 @@ impl TrainConfig {
             }
             table.insert(keys[keys.len() - 1].to_string(), parsed);
         }
+        let file_alone: Result<TrainConfig, _> = toml::from_str(text);
+        if let Err(e) = &file_alone {
+            return Err(TrainError::Config {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            });
+        }
+        // With the file fine alone, what fails now comes from an override.
+        let blame = if overrides.is_empty() {
+            origin
+        } else {
+            "--set"
+        };
         let cfg: TrainConfig =
             toml::Value::Table(value)
                 .try_into()
                 .map_err(|e: toml::de::Error| TrainError::Config {
-                    origin: origin.to_string(),
+                    origin: blame.to_string(),
                     message: e.to_string(),
                 })?;
-        cfg.validate().map_err(|message| TrainError::Config {
-            origin: origin.to_string(),
-            message,
+        cfg.validate().map_err(|message| {
+            let file_ok = file_alone
+                .as_ref()
+                .is_ok_and(|f| f.validate().as_ref() != Err(&message));
+            TrainError::Config {
+                origin: if file_ok { blame } else { origin }.to_string(),
+                message,
+            }
         })?;
         Ok(cfg)
+    }
+
+    /// The config of a resumed run: the one it started with (`saved`, the run folder's
+    /// `config.toml`), with only [`RESUME_SETTABLE`] keys overridable, so the whole run keeps
+    /// one config and its saved config tells the truth. Returns the config and the keys in
+    /// which the config file given now (`given`) differs from the saved one, for a warning.
+    pub fn for_resume(
+        saved: &str,
+        saved_origin: &str,
+        given: &str,
+        given_origin: &str,
+        overrides: &[String],
+    ) -> Result<(TrainConfig, Vec<String>), TrainError> {
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            if !RESUME_SETTABLE.contains(&key) {
+                return Err(TrainError::Config {
+                    origin: "--set".into(),
+                    message: format!(
+                        "'{key}' cannot change on --resume: the run continues with the config it \
+                         started with ({saved_origin}), so that every step of it ran under one \
+                         config; only {} can change (it decides when checkpoints are written, \
+                         not the results). To change '{key}', start a new run in another folder",
+                        RESUME_SETTABLE.join(", ")
+                    ),
+                });
+            }
+        }
+        let cfg = TrainConfig::parse(saved, saved_origin, overrides)?;
+        let first = TrainConfig::parse(saved, saved_origin, &[])?;
+        let now = TrainConfig::parse(given, given_origin, &[])?;
+        let mut diff = vec![];
+        differing_keys(
+            &toml::Table::try_from(&first).expect("the config serialises"),
+            &toml::Table::try_from(&now).expect("the config serialises"),
+            "",
+            &mut diff,
+        );
+        Ok((cfg, diff))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -301,11 +379,56 @@ impl TrainConfig {
         }
         for (name, l) in [("lower", &self.lower), ("upper", &self.upper)] {
             if !(l.lr.is_finite() && l.lr >= 0.0) {
-                return Err(format!("{name}.lr must be a finite non-negative number"));
+                return Err(format!(
+                    "{name}.lr = {} is not allowed: a finite number >= 0",
+                    l.lr
+                ));
             }
             if !(0.0..=1.0).contains(&l.warmup_ratio) {
-                return Err(format!("{name}.warmup_ratio must be in [0, 1]"));
+                return Err(format!(
+                    "{name}.warmup_ratio = {} is not in [0, 1]",
+                    l.warmup_ratio
+                ));
             }
+            // AdamW's moment decays: 1 or more never forgets (and divides by 1 - beta^t = 0).
+            for (key, v) in [("beta1", l.beta1), ("beta2", l.beta2)] {
+                if !(0.0..1.0).contains(&v) {
+                    return Err(format!("{name}.{key} = {v} is not in [0, 1)"));
+                }
+            }
+            if !(l.eps.is_finite() && l.eps > 0.0) {
+                return Err(format!(
+                    "{name}.eps = {} is not allowed: a finite number > 0",
+                    l.eps
+                ));
+            }
+            if !(l.weight_decay.is_finite() && l.weight_decay >= 0.0) {
+                return Err(format!(
+                    "{name}.weight_decay = {} is not allowed: a finite number >= 0",
+                    l.weight_decay
+                ));
+            }
+        }
+        for (key, v, zero_ok) in [
+            ("gamma", self.gamma, true),
+            ("xi", self.xi, true),
+            ("alpha_fd", self.alpha_fd, false),
+        ] {
+            if let Some(v) = v {
+                let ok = v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0));
+                if !ok {
+                    return Err(format!(
+                        "{key} = {v} is not allowed: a finite number {}",
+                        if zero_ok { ">= 0" } else { "> 0" }
+                    ));
+                }
+            }
+        }
+        if !self.generation.length_penalty.is_finite() {
+            return Err(format!(
+                "generation.length_penalty = {} is not a finite number",
+                self.generation.length_penalty
+            ));
         }
         if self.generation.beam_width == 0 {
             return Err("generation.beam_width must be at least 1".into());
@@ -356,5 +479,70 @@ mod tests {
         let c = TrainConfig::parse("[data]\ntrain = 'x.tsv'\n", "t", &[]).unwrap();
         let again = TrainConfig::parse(&c.to_toml(), "saved", &[]).unwrap();
         assert_eq!(c.to_toml(), again.to_toml());
+    }
+
+    #[test]
+    fn set_errors_are_blamed_on_set_and_file_errors_on_the_file() {
+        let file = "[data]\ntrain = 'a'\n";
+        let e = TrainConfig::parse(file, "t.toml", &["steps=abc".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--set:") && !e.contains("t.toml"), "{e}");
+        let e = TrainConfig::parse(file, "t.toml", &["batch_size=0".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--set:") && e.contains("batch sizes"), "{e}");
+        let e = TrainConfig::parse("steps = 'x'\n", "t.toml", &["seed=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.toml:"), "{e}");
+    }
+
+    #[test]
+    fn a_resume_keeps_the_saved_config_and_only_checkpoint_every_may_change() {
+        let saved = TrainConfig::parse("steps = 10\n[data]\ntrain = 'a'\n", "s", &[])
+            .unwrap()
+            .to_toml();
+        let given = "steps = 20\n[data]\ntrain = 'a'\n";
+        let (cfg, changed) =
+            TrainConfig::for_resume(&saved, "run/config.toml", given, "t.toml", &[]).unwrap();
+        assert_eq!((cfg.steps, changed), (10, vec!["steps".to_string()]));
+        let (cfg, _) = TrainConfig::for_resume(
+            &saved,
+            "run/config.toml",
+            given,
+            "t.toml",
+            &["checkpoint_every=5".into()],
+        )
+        .unwrap();
+        assert_eq!(cfg.checkpoint_every, 5);
+        let e = TrainConfig::for_resume(&saved, "r", given, "t", &["lower.lr=1".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'lower.lr' cannot change on --resume"), "{e}");
+    }
+
+    #[test]
+    fn numeric_settings_outside_their_range_are_refused_with_the_range() {
+        let file = "[data]\ntrain = 'a'\n";
+        for (set, range) in [
+            ("lower.beta1=-3", "[0, 1)"),
+            ("upper.beta2=2", "[0, 1)"),
+            ("lower.beta2=1", "[0, 1)"),
+            ("lower.weight_decay=-100", ">= 0"),
+            ("lower.eps=0", "> 0"),
+            ("gamma=-1", ">= 0"),
+            ("xi=-0.5", ">= 0"),
+            ("alpha_fd=0", "> 0"),
+            ("gamma=nan", ">= 0"),
+            ("lower.lr=inf", ">= 0"),
+        ] {
+            let e = TrainConfig::parse(file, "t.toml", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            let key = set.split('=').next().unwrap();
+            assert!(e.contains(key) && e.contains(range), "{set}: {e}");
+        }
+        TrainConfig::parse(file, "t.toml", &["gamma=0".into(), "xi=0".into()]).unwrap();
     }
 }

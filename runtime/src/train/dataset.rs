@@ -13,12 +13,16 @@ use crate::data::{
 };
 
 /// What the data must fit: the eval program's inputs (whether it reads `token_type_ids`),
-/// the head's task, and the model's vocabulary size (token ids at or above it are refused).
+/// the head's task, the model's vocabulary size (token ids at or above it are refused) and
+/// the head's class count (a label set of another size is refused).
 #[derive(Clone, Debug)]
 pub struct ModelSpec {
     pub inputs: Vec<String>,
     pub task: String,
     pub vocab_size: Option<usize>,
+    /// Classes (tags, topics) the head scores: the last dim of the eval program's logits;
+    /// `None` when the artifact does not say (a symbolic dim) or the head has no classes.
+    pub classes: Option<usize>,
 }
 
 impl ModelSpec {
@@ -38,7 +42,116 @@ impl ModelSpec {
                 .manifest
                 .vocab_size
                 .and_then(|v| usize::try_from(v).ok()),
+            classes: classes_of(art),
         })
+    }
+}
+
+/// The class count of a classifying head: the last dim of the eval program's logits.
+fn classes_of(art: &crate::artifact::Artifact) -> Option<usize> {
+    let task = art.manifest.task.as_ref()?;
+    if !matches!(task.task.as_str(), "seq-cls" | "token-cls" | "multi-label") {
+        return None;
+    }
+    let eval = art.manifest.programs.get("eval")?;
+    let logits = eval.outputs.iter().find(|o| o.name == task.logits)?;
+    let last = logits.shape.as_ref()?.last()?.as_u64()?;
+    usize::try_from(last).ok()
+}
+
+/// Where a run's label names come from, for [`fit_head`]'s message.
+enum LabelSource<'r> {
+    /// `data.labels` in the config.
+    Config,
+    /// Collected from a file: every label occurrence with its line.
+    File(&'r Path, Vec<(&'r str, usize)>),
+}
+
+/// Refuses a label set that does not fit the head: a configured list with empty or repeated
+/// names, and any list whose length is not the head's class count (ids past the head would
+/// add nothing to the loss, and a missing label would shift every id after it).
+fn fit_head(names: &[String], source: LabelSource, spec: &ModelSpec) -> Result<(), DataError> {
+    if matches!(source, LabelSource::Config) {
+        if let Some(i) = names.iter().position(|n| n.trim().is_empty()) {
+            return Err(DataError::Config(format!(
+                "data.labels: name {} is empty; list the label names in id order",
+                i + 1
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(d) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(DataError::Config(format!(
+                "data.labels names '{}' twice; each label needs one id",
+                crate::data::printable(d)
+            )));
+        }
+    }
+    let Some(classes) = spec.classes else {
+        return Ok(());
+    };
+    if names.len() == classes {
+        return Ok(());
+    }
+    match source {
+        LabelSource::Config => Err(DataError::Config(format!(
+            "data.labels names {} labels but the artifact's {} head has {classes} classes (the \
+             last dim of eval.onnx's logits): list exactly {classes} names in id order, or \
+             compile the model for {} classes",
+            names.len(),
+            spec.task,
+            names.len()
+        ))),
+        LabelSource::File(file, seen) => {
+            // Rarest first: a typo or a stray value is usually a label seen once.
+            let mut census: Vec<(&str, usize, usize)> = vec![];
+            for (label, line) in seen {
+                match census.iter_mut().find(|c| c.0 == label) {
+                    Some(c) => c.1 += 1,
+                    None => census.push((label, 1, line)),
+                }
+            }
+            census.sort_by_key(|c| (c.1, c.2));
+            let shown: Vec<String> = census
+                .iter()
+                .take(12)
+                .map(|(l, n, line)| {
+                    format!(
+                        "'{}' ({n} {}, first at line {line})",
+                        crate::data::printable(l),
+                        if *n == 1 { "time" } else { "times" }
+                    )
+                })
+                .collect();
+            Err(crate::data::file_error(
+                file,
+                format!(
+                    "{} distinct labels but the artifact's {} head has {classes} classes: {}{}; \
+                     fix the rows whose label does not belong, or set data.labels to the \
+                     {classes} label names in id order",
+                    census.len(),
+                    spec.task,
+                    shown.join(", "),
+                    if census.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
+                ),
+            ))
+        }
+    }
+}
+
+/// Refuses an empty label cell: it would become a class of its own (or, sorted first, shift
+/// every other label's id).
+fn no_empty_labels(recs: &Records) -> Result<(), DataError> {
+    match recs.rows.iter().find(|r| r.label.trim().is_empty()) {
+        Some(r) => Err(at(
+            &recs.file,
+            r.line,
+            "the label is empty: every row needs a label",
+        )),
+        None => Ok(()),
     }
 }
 
@@ -106,6 +219,7 @@ pub fn load(
         inputs: model_inputs.to_vec(),
         task: task.to_string(),
         vocab_size: None,
+        classes: None,
     };
     load_for(cfg, base, &spec, val_ratio, seed)
 }
@@ -145,6 +259,26 @@ pub fn load_for(
         val_idx,
         test: test.map(|t| Box::new(t) as Box<dyn super::Examples>),
     })
+}
+
+/// A regression target: a finite number (NaN or infinity would poison every loss after it).
+fn score(file: &Path, line: usize, raw: &str) -> Result<f32, DataError> {
+    match raw.parse::<f32>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        Ok(_) => Err(at(
+            file,
+            line,
+            format!(
+                "label '{}' is not a finite number (regression targets must be finite)",
+                crate::data::printable(raw)
+            ),
+        )),
+        Err(_) => Err(at(
+            file,
+            line,
+            format!("label '{}' is not a number", crate::data::printable(raw)),
+        )),
+    }
 }
 
 struct Reader<'a> {
@@ -205,15 +339,7 @@ impl Reader<'_> {
             .map(|r| {
                 let target = match labels {
                     Some(names) => Target::Class(class_id(f, r.line, &r.label, names)?),
-                    None => Target::Score(
-                        r.label
-                            .parse::<f32>()
-                            .ok()
-                            .filter(|v| v.is_finite())
-                            .ok_or_else(|| {
-                                at(f, r.line, format!("label '{}' is not a number", r.label))
-                            })?,
-                    ),
+                    None => Target::Score(score(f, r.line, &r.label)?),
                 };
                 let p = self
                     .enc
@@ -233,17 +359,31 @@ impl Reader<'_> {
     fn sentences(&self) -> Result<Loaded, DataError> {
         let c = self.cfg;
         let train = self.records(&resolve(self.base, &c.train), c.limit)?;
-        let labels: Option<Vec<String>> = (self.spec.task == "seq-cls").then(|| {
-            c.labels.clone().unwrap_or_else(|| {
-                if c.format == "peptides" {
-                    // The files are binary by construction (the descriptor names two
-                    // classes); a slice of only positives must still mean class 1.
-                    vec!["0".into(), "1".into()]
-                } else {
-                    label_set(train.rows.iter().map(|r| r.label.as_str()))
-                }
-            })
-        });
+        no_empty_labels(&train)?;
+        let labels: Option<Vec<String>> = match (self.spec.task == "seq-cls", &c.labels) {
+            (false, _) => None,
+            (true, Some(names)) => {
+                fit_head(names, LabelSource::Config, self.spec)?;
+                Some(names.clone())
+            }
+            (true, None) if c.format == "peptides" => {
+                // The files are binary by construction (the descriptor names two
+                // classes); a slice of only positives must still mean class 1.
+                let names = vec!["0".to_string(), "1".to_string()];
+                fit_head(&names, LabelSource::Config, self.spec)?;
+                Some(names)
+            }
+            (true, None) => {
+                let names = label_set(train.rows.iter().map(|r| r.label.as_str()));
+                let seen = train
+                    .rows
+                    .iter()
+                    .map(|r| (r.label.as_str(), r.line))
+                    .collect();
+                fit_head(&names, LabelSource::File(&train.file, seen), self.spec)?;
+                Some(names)
+            }
+        };
         let data = self.set(
             self.encode_records(&train, labels.as_deref())?,
             labels.clone().unwrap_or_default(),
@@ -251,6 +391,7 @@ impl Reader<'_> {
         let test = match self.test_path() {
             Some(p) => {
                 let recs = self.records(&p, c.test_limit)?;
+                no_empty_labels(&recs)?;
                 Some(self.set(
                     self.encode_records(&recs, labels.as_deref())?,
                     labels.unwrap_or_default(),
@@ -266,9 +407,26 @@ impl Reader<'_> {
         let scheme = conll::Scheme::parse(&c.tag_scheme)?;
         let train_path = resolve(self.base, &c.train);
         let train = conll::read(&train_path, scheme, c.limit)?;
-        let labels = c.labels.clone().unwrap_or_else(|| {
-            label_set(train.iter().flat_map(|s| s.tags.iter().map(String::as_str)))
-        });
+        let labels = match &c.labels {
+            Some(names) => {
+                fit_head(names, LabelSource::Config, self.spec)?;
+                names.clone()
+            }
+            None => {
+                let names = label_set(train.iter().flat_map(|s| s.tags.iter().map(String::as_str)));
+                let seen = train
+                    .iter()
+                    .flat_map(|s| {
+                        s.tags
+                            .iter()
+                            .map(String::as_str)
+                            .zip(s.lines.iter().copied())
+                    })
+                    .collect();
+                fit_head(&names, LabelSource::File(&train_path, seen), self.spec)?;
+                names
+            }
+        };
         let encode = |path: &Path, sents: &[conll::Sentence]| -> Result<Vec<Encoded>, DataError> {
             sents
                 .iter()
@@ -336,6 +494,17 @@ impl Reader<'_> {
                 c.split
             )));
         }
+        let source = match c.labels {
+            Some(_) => LabelSource::Config,
+            None => LabelSource::File(
+                &train_path,
+                train
+                    .iter()
+                    .flat_map(|d| d.topics.iter().map(|t| (t.as_str(), d.line)))
+                    .collect(),
+            ),
+        };
+        fit_head(&labels, source, self.spec)?;
         let encode = |docs: &[reuters::Doc]| -> Result<Vec<Encoded>, DataError> {
             docs.iter()
                 .map(|d| {

@@ -16,18 +16,46 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `path` for appending after truncating it to `keep` bytes (0 for a new run).
+    /// A file shorter than `keep`, or whose first `keep` bytes do not end a line, is not the
+    /// log the checkpoint was written with: refused rather than padded or cut mid-line.
     pub fn open(path: &Path, keep: u64) -> Result<MetricsLog, TrainError> {
         let err = |e: std::io::Error| TrainError::Checkpoint {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(path)
             .map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        if len < keep {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!(
+                    "is {len} bytes, but the checkpoint was written when it was {keep}: the log \
+                     was cut or replaced since"
+                ),
+            });
+        }
+        if keep > 0 {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut last = [0u8];
+            file.seek(SeekFrom::Start(keep - 1))
+                .and_then(|_| file.read_exact(&mut last))
+                .map_err(err)?;
+            if last[0] != b'\n' {
+                return Err(TrainError::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "byte {keep}, where the checkpoint says the log ended, is not the end of \
+                         a line: the log was changed since"
+                    ),
+                });
+            }
+        }
         file.set_len(keep).map_err(err)?;
         let file = OpenOptions::new().append(true).open(path).map_err(err)?;
         Ok(MetricsLog {

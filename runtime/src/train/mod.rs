@@ -25,6 +25,7 @@ pub mod generation;
 pub mod log;
 pub mod plot;
 pub mod resident;
+pub mod resources;
 pub mod schedule;
 pub mod stream;
 
@@ -54,6 +55,9 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("{0}")]
     Data(String),
+    /// Another process writes the run folder.
+    #[error(transparent)]
+    Locked(#[from] bidora_compiler::lock::LockError),
     #[error(
         "{what} became non-finite at {phase} step {step}; stopped. {}",
         match last_good {
@@ -67,6 +71,51 @@ pub enum TrainError {
         step: usize,
         last_good: Option<PathBuf>,
     },
+}
+
+/// The run folder's record of the artifact it trains (its identity), written at the first
+/// start and checked by `--resume`.
+pub const ARTIFACT_RECORD: &str = "artifact.json";
+
+/// Refuses to resume a run with an artifact other than the one it started with: other
+/// adapter settings, hypergradient mode, head or source weights would continue the run on
+/// different programs from tensors that mean something else.
+fn same_artifact(record: &Path, art: &Artifact) -> Result<(), TrainError> {
+    let text = match std::fs::read_to_string(record) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "warning: {} is missing (a run started by an older bidora), so the artifact is \
+                 not checked to be the one the run started with",
+                record.display()
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(TrainError::Checkpoint {
+                path: record.to_path_buf(),
+                message: e.to_string(),
+            })
+        }
+    };
+    let started: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+            path: record.to_path_buf(),
+            message: format!("not the artifact record bidora train writes: {e}"),
+        })?;
+    let diff = bidora_compiler::provenance::differences(&started, &art.identity);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    Err(TrainError::Checkpoint {
+        path: record.to_path_buf(),
+        message: format!(
+            "--resume: the run started with another artifact ({}; the run's vs {}): resume \
+             it with the artifact it started with",
+            diff.join(", "),
+            art.dir.display()
+        ),
+    })
 }
 
 /// A dataset the loop draws batches from: the training file, or the test file.
@@ -236,6 +285,8 @@ pub struct Trainer<'a> {
     res: Option<resident::State>,
     /// Whether the resident tensors have moved since the host copies were taken.
     host_stale: bool,
+    /// The run folder's lock, held for the trainer's life: one writer per run folder.
+    _lock: bidora_compiler::lock::FolderLock,
 }
 
 impl<'a> Trainer<'a> {
@@ -347,6 +398,16 @@ impl<'a> Trainer<'a> {
             path: run_dir.to_path_buf(),
             message: e.to_string(),
         })?;
+        // Before anything in the folder is read or written: a second `bidora train` (or
+        // `--resume`) on it would interleave the log and mix two runs' files.
+        let lock = bidora_compiler::lock::FolderLock::run_folder(
+            run_dir,
+            if resume {
+                "bidora train --resume"
+            } else {
+                "bidora train"
+            },
+        )?;
         // Decide before touching anything in the folder: a run there is only continued on
         // request, never overwritten.
         let existing = checkpoint::latest(run_dir)?;
@@ -412,30 +473,85 @@ impl<'a> Trainer<'a> {
             last_eval: None,
             res: None,
             host_stale: false,
+            _lock: lock,
         };
+        let record = run_dir.join(ARTIFACT_RECORD);
         if let Some(dir) = existing {
-            t.restore(&dir)?;
+            same_artifact(&record, art)?;
+            t.restore_newest(&dir)?;
+        } else {
+            let body = serde_json::to_vec_pretty(&serde_json::Value::Object(art.identity.clone()))
+                .expect("JSON values serialise");
+            checkpoint::write_atomic(&record, &body)?;
         }
-        std::fs::write(run_dir.join("config.toml"), t.cfg.to_toml()).map_err(|e| {
-            TrainError::Checkpoint {
-                path: run_dir.join("config.toml"),
-                message: e.to_string(),
-            }
-        })?;
+        // Atomic: a resume reads it back as the run's config.
+        checkpoint::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml().as_bytes())?;
         Ok(t)
     }
 
+    /// Continues from checkpoint `dir`, or leaves the trainer untouched when it does not
+    /// belong to this run: a tensor not of this artifact or of another shape, a non-finite
+    /// value, or a log that is not the one the checkpoint was written with.
     fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
         let (tensors, st): (checkpoint::Tensors, RunState) = checkpoint::load(dir)?;
-        for (n, a) in tensors.params {
-            match self.params.iter_mut().find(|(p, _)| *p == n) {
-                Some(slot) if slot.1.shape() == a.shape() => slot.1 = a,
-                _ => {
-                    return Err(TrainError::Checkpoint {
-                        path: dir.to_path_buf(),
-                        message: format!("tensor '{n}' does not belong to this artifact"),
-                    })
+        let bad = |message: String| TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            message,
+        };
+        let finite = |what: &str, a: &ArrayD<f32>| match a.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(bad(format!(
+                "{what} holds a non-finite value ({}) at index {i}",
+                a.iter().nth(i).copied().unwrap_or(f32::NAN)
+            ))),
+            None => Ok(()),
+        };
+        let shape_of = |n: &str| {
+            self.params
+                .iter()
+                .find(|(p, _)| p == n)
+                .map(|(_, a)| a.shape())
+        };
+        for (n, a) in &tensors.params {
+            match shape_of(n) {
+                Some(s) if s == a.shape() => finite(&format!("tensor '{n}'"), a)?,
+                Some(s) => {
+                    return Err(bad(format!(
+                        "tensor '{n}' has shape {:?}, the artifact's has {s:?}",
+                        a.shape()
+                    )))
                 }
+                None => {
+                    return Err(bad(format!(
+                        "tensor '{n}' does not belong to this artifact"
+                    )))
+                }
+            }
+        }
+        if let Some((n, _)) = self
+            .params
+            .iter()
+            .find(|(n, _)| !tensors.params.iter().any(|(p, _)| p == n))
+        {
+            return Err(bad(format!("tensor '{n}' of the artifact is missing")));
+        }
+        for (opt, _, m, v) in &tensors.optims {
+            for (kind, moments) in [("m", m), ("v", v)] {
+                for (n, a) in moments {
+                    let what = format!("optimiser moment '{opt}/{kind}/{n}'");
+                    if shape_of(n) != Some(a.shape()) {
+                        return Err(bad(format!(
+                            "{what} does not match a tensor of this artifact"
+                        )));
+                    }
+                    finite(&what, a)?;
+                }
+            }
+        }
+        // Checked before anything changes; it truncates only once the checks pass.
+        let log = log::MetricsLog::open(&self.run_dir.join("metrics.jsonl"), st.log_len)?;
+        for (n, a) in tensors.params {
+            if let Some(slot) = self.params.iter_mut().find(|(p, _)| *p == n) {
+                slot.1 = a;
             }
         }
         for (name, step, m, v) in tensors.optims {
@@ -452,10 +568,41 @@ impl<'a> Trainer<'a> {
             self.cfg.seed ^ 2,
             st.all,
         );
-        self.log = log::MetricsLog::open(&self.run_dir.join("metrics.jsonl"), st.log_len)?;
+        self.log = log;
         self.st = st;
         self.last_checkpoint = Some(dir.to_path_buf());
         Ok(())
+    }
+
+    /// Restores the newest checkpoint that loads, falling back past unusable newer ones
+    /// (saying which and why); an error when none does.
+    fn restore_newest(&mut self, newest: &Path) -> Result<(), TrainError> {
+        let mut refused: Vec<String> = vec![];
+        let candidates =
+            std::iter::once(newest.to_path_buf()).chain(checkpoint::older(&self.run_dir, newest));
+        for d in candidates {
+            match self.restore(&d) {
+                Ok(()) => {
+                    if !refused.is_empty() {
+                        eprintln!(
+                            "warning: not resuming from the newer checkpoint(s), which cannot \
+                             be used: {}; resuming from {} instead",
+                            refused.join("; "),
+                            d.display()
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(e) => refused.push(e.to_string()),
+            }
+        }
+        Err(TrainError::Checkpoint {
+            path: checkpoint::dir(&self.run_dir),
+            message: format!(
+                "--resume: no checkpoint can be used: {}",
+                refused.join("; ")
+            ),
+        })
     }
 
     fn checkpoint(&mut self) -> Result<(), TrainError> {
@@ -1094,6 +1241,10 @@ impl<'a> Trainer<'a> {
             self.st.phase.name(self.cfg.method).to_string(),
         );
         meta.insert("step".to_string(), self.st.step.to_string());
+        meta.insert(
+            bidora_compiler::provenance::IDENTITY_KEY.to_string(),
+            serde_json::Value::Object(self.art.identity.clone()).to_string(),
+        );
         checkpoint::write_safetensors(
             &self.run_dir.join(format!("{name}.safetensors")),
             &t,

@@ -39,7 +39,8 @@ pub fn output_with_closed_stdout(cmd: &mut Command) -> std::process::Output {
 }
 
 /// Compiles the fixture `models/{fixture}` with the compiler's library (rank 4, α 8, no
-/// BiDoRA programs) into the artifact folder `dir`. Its manifest records no model path.
+/// BiDoRA programs) into the artifact folder `dir`. Its manifest records no model path, and
+/// the fingerprint of the model's weights as `bidora-compile` does.
 pub fn write_artifact(
     dir: &Path,
     fixture: &str,
@@ -49,7 +50,26 @@ pub fn write_artifact(
     train_head: bool,
     seed: u64,
 ) {
-    write_artifact_with(dir, fixture, target, method, task, train_head, seed, None);
+    write_artifact_full(
+        dir, fixture, target, method, task, train_head, seed, 8.0, None,
+    )
+}
+
+/// [`write_artifact`] with another α.
+#[allow(clippy::too_many_arguments)]
+pub fn write_artifact_alpha(
+    dir: &Path,
+    fixture: &str,
+    target: &str,
+    method: Method,
+    task: Task,
+    train_head: bool,
+    seed: u64,
+    alpha: f32,
+) {
+    write_artifact_full(
+        dir, fixture, target, method, task, train_head, seed, alpha, None,
+    )
 }
 
 /// [`write_artifact`], with BiDoRA's lower and upper programs when `bilevel` is given.
@@ -64,13 +84,30 @@ pub fn write_artifact_with(
     seed: u64,
     bilevel: Option<pipeline::BilevelOptions>,
 ) {
+    write_artifact_full(
+        dir, fixture, target, method, task, train_head, seed, 8.0, bilevel,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_artifact_full(
+    dir: &Path,
+    fixture: &str,
+    target: &str,
+    method: Method,
+    task: Task,
+    train_head: bool,
+    seed: u64,
+    alpha: f32,
+    bilevel: Option<pipeline::BilevelOptions>,
+) {
     let model = bidora_compiler::load_model(&root().join("models").join(fixture)).unwrap();
     let opts = pipeline::CompileOptions {
         targets: TargetSpec::parse(&[target.to_string()], None).unwrap(),
         adapter: AdapterConfig {
             method,
             rank: 4,
-            alpha: 8.0,
+            alpha,
             rslora: false,
             detach_norm: false,
             seed,
@@ -81,7 +118,14 @@ pub fn write_artifact_with(
         lm_labels: false,
     };
     let c = pipeline::compile(&model, &opts).unwrap();
-    bidora_compiler::artifact::write(&pipeline::artifact(&c, fixture, &opts), dir, false).unwrap();
+    let fp = bidora_compiler::provenance::fingerprint(&model);
+    bidora_compiler::artifact::write_with_fingerprint(
+        &pipeline::artifact(&c, fixture, &opts),
+        dir,
+        false,
+        Some(&fp),
+    )
+    .unwrap();
 }
 
 /// The BERT fixture with DoRA on query/value and a seq-cls head (`train_head`: the
