@@ -141,6 +141,13 @@ impl OrtBackend {
                 .with_initializer(&name, value)
                 .map_err(|e| err(format!("sharing weight '{name}': {e}")))?;
         }
+        // MLAS prepacking keeps a packed copy of every constant MatMul weight per session: with
+        // five programs over one model that is several copies of the weights (0.84 B Llama,
+        // batch 1 x 128: `bidora check` peaks at 13.0 GB with it, 7.4 GB without). Packing per
+        // call instead costs no measurable time on the quickstart's MiniLM (BENCHMARKS.md).
+        b = b
+            .with_config_entry("session.disable_prepacking", "1")
+            .map_err(|e| err(e.to_string()))?;
         b.commit_from_file(path).map_err(|e| err(e.to_string()))
     }
 }

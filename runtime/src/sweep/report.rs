@@ -245,7 +245,7 @@ pub fn markdown(records: &[Record], title: &str) -> String {
         }
         if !rows.is_empty() {
             md.push_str(&format!(
-                "\nPaired by seed (same data order and initialisation seed):\n\n| difference | pairs | mean test {metric} | 95 % interval (t) |\n|---|---|---|---|\n"
+                "\nPaired by seed (the seed sets the data split and order; the adapters start from the artifact's initialisation in every run):\n\n| difference | pairs | mean test {metric} | 95 % interval (t) |\n|---|---|---|---|\n"
             ));
             for r in rows {
                 md.push_str(&r);
