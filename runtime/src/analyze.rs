@@ -133,7 +133,12 @@ pub fn sweep_inputs(dir: &Path) -> Result<Vec<Input>> {
         if !rec.ok {
             continue;
         }
-        let Some(artifact) = rec.artifact.clone() else {
+        // Cells of sweeps before the record named its artifact: the only one of its kind.
+        let Some(artifact) = rec
+            .artifact
+            .clone()
+            .or_else(|| guess_artifact(dir, &rec.method))
+        else {
             continue;
         };
         for stage in ["search", "final"] {
@@ -149,6 +154,22 @@ pub fn sweep_inputs(dir: &Path) -> Result<Vec<Input>> {
         }
     }
     Ok(out)
+}
+
+/// The sweep's artifact for `method` when exactly one fits (`lora`, or one `dora-*`).
+fn guess_artifact(dir: &Path, method: &str) -> Option<String> {
+    let names: Vec<String> = std::fs::read_dir(dir.join("artifacts"))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+        .filter(|n| {
+            if method == "lora" {
+                n == "lora"
+            } else {
+                n.starts_with("dora-")
+            }
+        })
+        .collect();
+    (names.len() == 1).then(|| names[0].clone())
 }
 
 /// `analysis.md`: the fit per label.
