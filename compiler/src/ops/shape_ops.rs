@@ -263,13 +263,19 @@ fn squeeze(cx: &mut InferCx) -> Result<Vec<Fact>> {
 
 fn unsqueeze(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let x = cx.input(0)?;
-    let axes = axes_of(cx)?.ok_or_else(|| cx.err("Unsqueeze needs axes"))?;
-    let out_rank = x.rank() + axes.len();
-    let mut axes: Vec<usize> = axes
+    let given = axes_of(cx)?.ok_or_else(|| cx.err("Unsqueeze needs axes"))?;
+    let out_rank = x.rank() + given.len();
+    let mut axes: Vec<usize> = given
         .iter()
         .map(|&a| cx.axis(a, out_rank))
         .collect::<Result<_>>()?;
     axes.sort_unstable();
+    // ONNX requires distinct axes; a repeated one would insert past the end of the shape.
+    if axes.windows(2).any(|w| w[0] == w[1]) {
+        return Err(cx.err(format!(
+            "Unsqueeze axes {given:?} name an output axis twice (output rank {out_rank})"
+        )));
+    }
     let mut shape = x.shape.clone();
     for a in axes {
         shape.insert(a, k(1));
