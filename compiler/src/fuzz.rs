@@ -22,9 +22,10 @@ use rand_chacha::ChaCha8Rng;
 use crate::bilevel::Hypergrad;
 use crate::heads::Task;
 use crate::pipeline::{self, BilevelOptions, CompileOptions};
-use crate::proto::onnx::tensor_proto::DataLocation;
+use crate::proto::onnx::tensor_proto::{self, DataLocation};
 use crate::proto::onnx::{
-    attribute_proto, tensor_shape_proto, type_proto, GraphProto, ModelProto, StringStringEntryProto,
+    attribute_proto, tensor_shape_proto, type_proto, GraphProto, ModelProto,
+    StringStringEntryProto, TensorProto,
 };
 use crate::regularizer::RegVariant;
 use crate::rewrite::{AdapterConfig, Method};
@@ -337,7 +338,7 @@ fn mutate_graph(g: &mut GraphProto, rng: &mut ChaCha8Rng) -> &'static str {
             value_names[rng.random_range(0..value_names.len())].clone()
         }
     };
-    match rng.random_range(0..16) {
+    match rng.random_range(0..18) {
         0 => {
             let Some(t) = pick(&mut g.initializer, rng) else {
                 return "no initializer";
@@ -555,6 +556,41 @@ fn mutate_graph(g: &mut GraphProto, rng: &mut ChaCha8Rng) -> &'static str {
                 other
             });
             "initializer renamed"
+        }
+        // Small integer tensors (Reshape shapes, Slice bounds, Split sizes, Gather indices) are
+        // what shape inference computes with, so their values get the interesting dims twice
+        // as often as any other mutation.
+        16 | 17 => {
+            let mut small: Vec<&mut TensorProto> = g
+                .initializer
+                .iter_mut()
+                .chain(
+                    g.node
+                        .iter_mut()
+                        .flat_map(|n| n.attribute.iter_mut())
+                        .filter_map(|a| a.t.as_mut()),
+                )
+                .filter(|t| {
+                    t.data_type == Some(tensor_proto::DataType::Int64 as i32)
+                        && t.raw_data
+                            .as_ref()
+                            .is_some_and(|r| (8..=64).contains(&r.len()))
+                })
+                .collect();
+            let Some(t) = pick(&mut small, rng) else {
+                return "no small int tensor";
+            };
+            let Some(raw) = t.raw_data.as_ref() else {
+                return "no small int tensor";
+            };
+            let mut v = raw.to_vec();
+            let at = 8 * rng.random_range(0..v.len() / 8);
+            if at + 8 <= v.len() {
+                v[at..at + 8]
+                    .copy_from_slice(&INTERESTING_DIMS[rng.random_range(0..10)].to_le_bytes());
+            }
+            t.raw_data = Some(v.into());
+            "small int tensor value"
         }
         _ => {
             let Some(n) = pick(&mut g.node, rng) else {
