@@ -365,11 +365,12 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
     } else if let Some(s) = cx.node.attr_ints("split") {
         s.iter().map(|&v| k(v)).collect()
     } else {
-        let parts = cx
-            .node
-            .attr_int("num_outputs")
-            .map(|v| v as usize)
-            .unwrap_or(n);
+        // The sizes are allocated per part: a num_outputs other than the node's own output
+        // count (ONNX requires them equal) aborted on a 64 GiB allocation.
+        if let Some(v) = cx.node.attr_int("num_outputs").filter(|&v| v != n as i64) {
+            return Err(cx.err(format!("num_outputs is {v} but the node has {n} outputs")));
+        }
+        let parts = n;
         if parts == 0 {
             return Err(cx.err("Split into 0 outputs"));
         }
