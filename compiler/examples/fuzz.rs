@@ -6,6 +6,7 @@
 //! mutant's seed and index (replay: `bidora_compiler::fuzz::mutant(&fixtures, seed, index)`,
 //! or `--write-mutant INDEX FILE` to get its bytes).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +87,9 @@ fn main() {
         }
         return;
     }
+    SEED.store(o.seed, Ordering::SeqCst);
+    // SAFETY: the handler only reads atomics and calls write(2), both async-signal-safe.
+    unsafe { libc::signal(libc::SIGABRT, on_abort as *const () as libc::sighandler_t) };
     let bar = indicatif::ProgressBar::new(o.mutants);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -118,5 +122,53 @@ fn main() {
     if !s.panics.is_empty() || !s.hangs.is_empty() {
         // A hung worker cannot be joined; exit rather than wait on it.
         std::process::exit(1);
+    }
+}
+
+static SEED: AtomicU64 = AtomicU64::new(0);
+
+/// On an abort (a failed allocation prints its size, then aborts): which mutants were running,
+/// so the crasher can be replayed with `--write-mutant`.
+extern "C" fn on_abort(_: libc::c_int) {
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    let mut push = |b: &[u8]| {
+        for &c in b {
+            if n < buf.len() {
+                buf[n] = c;
+                n += 1;
+            }
+        }
+    };
+    let push_u64 = |mut v: u64, push: &mut dyn FnMut(&[u8])| {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        push(&digits[i..]);
+    };
+    push(b"abort: seed ");
+    push_u64(SEED.load(Ordering::SeqCst), &mut push);
+    push(b", mutants in flight:");
+    for slot in &fuzz::IN_FLIGHT {
+        let v = slot.load(Ordering::SeqCst);
+        if v != u64::MAX {
+            push(b" ");
+            push_u64(v, &mut push);
+        }
+    }
+    push(b"\n");
+    // SAFETY: writing our own stack buffer to standard error, then dying of the signal as if
+    // unhandled (abort() would, but a SIGABRT sent from outside would otherwise be survived).
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), n);
+        libc::signal(libc::SIGABRT, libc::SIG_DFL);
+        libc::raise(libc::SIGABRT);
     }
 }

@@ -775,6 +775,11 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The mutant each worker is on (`u64::MAX`: none), for a signal handler: an abort (a failed
+/// allocation, a stack overflow) cannot be caught, but the process can still say which mutants
+/// were running.
+pub static IN_FLIGHT: [AtomicU64; 64] = [const { AtomicU64::new(u64::MAX) }; 64];
+
 pub struct RunOptions {
     pub seed: u64,
     pub mutants: u64,
@@ -805,7 +810,7 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
     type Slot = Arc<Mutex<Option<(u64, Instant)>>>;
     let current: Vec<Slot> = (0..o.threads.max(1)).map(|_| Arc::default()).collect();
     let mut handles = vec![];
-    for slot in &current {
+    for (worker, slot) in current.iter().enumerate() {
         let (fx, shared, slot) = (fx.clone(), shared.clone(), slot.clone());
         let (seed, total) = (o.seed, o.mutants);
         handles.push(std::thread::spawn(move || {
@@ -822,6 +827,9 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
                     break;
                 }
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, Instant::now()));
+                if let Some(f) = IN_FLIGHT.get(worker) {
+                    f.store(index, Ordering::SeqCst);
+                }
                 let m = mutant(&fx, seed, index);
                 let f = &fx[m.fixture];
                 match run_file(&m.bytes, f, dir.path()) {
@@ -846,6 +854,9 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
                     }
                 };
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if let Some(f) = IN_FLIGHT.get(worker) {
+                    f.store(u64::MAX, Ordering::SeqCst);
+                }
                 shared.done.fetch_add(1, Ordering::SeqCst);
             }
             Ok(())
