@@ -519,17 +519,26 @@ fn gather_elements(cx: &mut InferCx) -> Result<Vec<Fact>> {
 
 fn gather_nd(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let (x, idx) = (cx.input(0)?, cx.input(1)?);
-    let b = cx.node.attr_int("batch_dims").unwrap_or(0) as usize;
-    let last =
-        idx.shape
-            .last()
-            .and_then(DimExpr::as_known)
-            .ok_or_else(|| cx.err("the last dim of the indices must be known"))? as usize;
-    if idx.rank() == 0 || b + last > x.rank() {
-        return Err(cx.err("indices do not fit the data's rank"));
-    }
+    let b = cx.node.attr_int("batch_dims").unwrap_or(0);
+    let last = idx
+        .shape
+        .last()
+        .and_then(DimExpr::as_known)
+        .ok_or_else(|| cx.err("the last dim of the indices must be known"))?;
+    // Both come from the file: a negative one cast to usize overflowed the sum.
+    let end = usize::try_from(b)
+        .ok()
+        .zip(usize::try_from(last).ok())
+        .and_then(|(b, l)| b.checked_add(l))
+        .filter(|&e| e <= x.rank());
+    let Some(end) = end else {
+        return Err(cx.err(format!(
+            "indices do not fit the data's rank {} (batch_dims {b}, index length {last})",
+            x.rank()
+        )));
+    };
     let mut shape = idx.shape[..idx.rank() - 1].to_vec();
-    shape.extend(x.shape[b + last..].iter().cloned());
+    shape.extend(x.shape[end..].iter().cloned());
     Ok(vec![Fact::new(x.dtype, shape)])
 }
 
