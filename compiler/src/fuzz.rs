@@ -42,9 +42,9 @@ pub struct Fixture {
     lengths: Vec<(usize, usize)>,
 }
 
-/// The encoder and decoder fixtures of `models/` with their usual `--target` and task.
+/// The fixtures of `models/` and `models/ops/` with their usual `--target` and task.
 pub fn fixtures(models: &Path) -> crate::Result<Vec<Fixture>> {
-    let specs: [(&str, &str, Task); 8] = [
+    let specs: [(&str, &str, Task); 11] = [
         ("bert_dynamo18.onnx", "query,value", Task::SeqCls),
         ("bert_legacy17.onnx", "query,value", Task::SeqCls),
         ("roberta_dynamo18.onnx", "query,value", Task::MultiLabel),
@@ -53,6 +53,14 @@ pub fn fixtures(models: &Path) -> crate::Result<Vec<Fixture>> {
         ("esm_legacy17.onnx", "query,value", Task::SeqCls),
         ("gpt2_dynamo18.onnx", "c_attn:q,v", Task::CausalLm),
         ("gpt2_legacy17.onnx", "c_attn:q,v", Task::CausalLm),
+        // GatherND pooling, a grouped-query fused qkv_proj, a Conv patch embedding.
+        (
+            "ops/llama_seqcls_dynamo18.onnx",
+            "q_proj,v_proj",
+            Task::SeqCls,
+        ),
+        ("ops/phi3_gqa_dynamo18.onnx", "qkv_proj:q,v", Task::CausalLm),
+        ("ops/vit_dynamo18.onnx", "q_proj,v_proj", Task::SeqCls),
     ];
     specs
         .into_iter()
