@@ -377,10 +377,19 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
         let d = &x.shape[axis];
         match d.as_known() {
             Some(len) => {
-                // Opset 18: the last chunk may be smaller.
-                let chunk = (len + parts as i64 - 1) / parts as i64;
+                if len < 0 {
+                    return Err(cx.err(format!("cannot split an axis of size {len}")));
+                }
+                // Opset 18: the last chunk may be smaller. Written so that a size near
+                // i64::MAX (a mutated Reshape can make one) cannot overflow.
+                let p = parts as i64;
+                let chunk = len / p + i64::from(len % p != 0);
                 (0..parts)
-                    .map(|i| k(chunk.min(len - chunk * i as i64).max(0)))
+                    .map(|i| {
+                        k(chunk
+                            .min(len.saturating_sub(chunk.saturating_mul(i as i64)))
+                            .max(0))
+                    })
                     .collect()
             }
             None => {
