@@ -26,6 +26,8 @@ pub mod cli_exit;
 pub mod dump;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod heads;
 pub mod ir;
 pub mod legalize;

@@ -263,13 +263,19 @@ fn squeeze(cx: &mut InferCx) -> Result<Vec<Fact>> {
 
 fn unsqueeze(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let x = cx.input(0)?;
-    let axes = axes_of(cx)?.ok_or_else(|| cx.err("Unsqueeze needs axes"))?;
-    let out_rank = x.rank() + axes.len();
-    let mut axes: Vec<usize> = axes
+    let given = axes_of(cx)?.ok_or_else(|| cx.err("Unsqueeze needs axes"))?;
+    let out_rank = x.rank() + given.len();
+    let mut axes: Vec<usize> = given
         .iter()
         .map(|&a| cx.axis(a, out_rank))
         .collect::<Result<_>>()?;
     axes.sort_unstable();
+    // ONNX requires distinct axes; a repeated one would insert past the end of the shape.
+    if axes.windows(2).any(|w| w[0] == w[1]) {
+        return Err(cx.err(format!(
+            "Unsqueeze axes {given:?} name an output axis twice (output rank {out_rank})"
+        )));
+    }
     let mut shape = x.shape.clone();
     for a in axes {
         shape.insert(a, k(1));
@@ -359,21 +365,31 @@ fn split(cx: &mut InferCx) -> Result<Vec<Fact>> {
     } else if let Some(s) = cx.node.attr_ints("split") {
         s.iter().map(|&v| k(v)).collect()
     } else {
-        let parts = cx
-            .node
-            .attr_int("num_outputs")
-            .map(|v| v as usize)
-            .unwrap_or(n);
+        // The sizes are allocated per part: a num_outputs other than the node's own output
+        // count (ONNX requires them equal) aborted on a 64 GiB allocation.
+        if let Some(v) = cx.node.attr_int("num_outputs").filter(|&v| v != n as i64) {
+            return Err(cx.err(format!("num_outputs is {v} but the node has {n} outputs")));
+        }
+        let parts = n;
         if parts == 0 {
             return Err(cx.err("Split into 0 outputs"));
         }
         let d = &x.shape[axis];
         match d.as_known() {
             Some(len) => {
-                // Opset 18: the last chunk may be smaller.
-                let chunk = (len + parts as i64 - 1) / parts as i64;
+                if len < 0 {
+                    return Err(cx.err(format!("cannot split an axis of size {len}")));
+                }
+                // Opset 18: the last chunk may be smaller. Written so that a size near
+                // i64::MAX (a mutated Reshape can make one) cannot overflow.
+                let p = parts as i64;
+                let chunk = len / p + i64::from(len % p != 0);
                 (0..parts)
-                    .map(|i| k(chunk.min(len - chunk * i as i64).max(0)))
+                    .map(|i| {
+                        k(chunk
+                            .min(len.saturating_sub(chunk.saturating_mul(i as i64)))
+                            .max(0))
+                    })
                     .collect()
             }
             None => {
@@ -512,17 +528,26 @@ fn gather_elements(cx: &mut InferCx) -> Result<Vec<Fact>> {
 
 fn gather_nd(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let (x, idx) = (cx.input(0)?, cx.input(1)?);
-    let b = cx.node.attr_int("batch_dims").unwrap_or(0) as usize;
-    let last =
-        idx.shape
-            .last()
-            .and_then(DimExpr::as_known)
-            .ok_or_else(|| cx.err("the last dim of the indices must be known"))? as usize;
-    if idx.rank() == 0 || b + last > x.rank() {
-        return Err(cx.err("indices do not fit the data's rank"));
-    }
+    let b = cx.node.attr_int("batch_dims").unwrap_or(0);
+    let last = idx
+        .shape
+        .last()
+        .and_then(DimExpr::as_known)
+        .ok_or_else(|| cx.err("the last dim of the indices must be known"))?;
+    // Both come from the file: a negative one cast to usize overflowed the sum.
+    let end = usize::try_from(b)
+        .ok()
+        .zip(usize::try_from(last).ok())
+        .and_then(|(b, l)| b.checked_add(l))
+        .filter(|&e| e <= x.rank());
+    let Some(end) = end else {
+        return Err(cx.err(format!(
+            "indices do not fit the data's rank {} (batch_dims {b}, index length {last})",
+            x.rank()
+        )));
+    };
     let mut shape = idx.shape[..idx.rank() - 1].to_vec();
-    shape.extend(x.shape[b + last..].iter().cloned());
+    shape.extend(x.shape[end..].iter().cloned());
     Ok(vec![Fact::new(x.dtype, shape)])
 }
 
