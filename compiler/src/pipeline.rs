@@ -67,6 +67,9 @@ pub struct Compiled {
 }
 
 pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
+    // The input type-checks first: a fault in the user's model is reported as one, naming
+    // its node, not later as a failed check of an emitted program (a compiler bug).
+    crate::shape::infer(model)?;
     let selected = targets::select(&model.graph, &opts.targets)?;
     let mut adapted = rewrite::adapt(model, selected, &opts.adapter)?;
     let mut head_params = vec![];
