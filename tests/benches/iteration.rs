@@ -107,16 +107,10 @@ fn measure(
     timed(art, be, cfg, data, steps, resident)
 }
 
-/// The same on real SST-2 sentences through the data layer, each batch padded to its own
-/// longest sentence (the quickstart's config: max_len 64, lengths rounded up to 16).
-fn measure_real(
-    art: &Artifact,
-    be: &dyn Backend,
-    method: Method,
-    steps: usize,
-) -> BTreeMap<String, f64> {
+/// The quickstart's config with `sets` (first 2,000 sentences) and its data for `art`,
+/// through the data layer: each batch padded to its own longest sentence, rounded up to 16.
+fn real_data(art: &Artifact, mut sets: Vec<String>) -> (TrainConfig, RunData) {
     let config = repo_root().join("examples/sst2/train.toml");
-    let mut sets = bench_sets(method);
     sets.push("data.limit=2000".into());
     let cfg = TrainConfig::parse(
         &std::fs::read_to_string(&config).unwrap(),
@@ -138,33 +132,24 @@ fn measure_real(
         cfg.seed,
     )
     .unwrap();
+    (cfg, data)
+}
+
+/// The same on real SST-2 sentences ([`real_data`]).
+fn measure_real(
+    art: &Artifact,
+    be: &dyn Backend,
+    method: Method,
+    steps: usize,
+) -> BTreeMap<String, f64> {
+    let (cfg, data) = real_data(art, bench_sets(method));
     timed(art, be, cfg, data, steps, false)
 }
 
 /// (min, mean, max) padded length of the real data's batches of `BATCH` consecutive
 /// training examples: how far they are from the fixed 128.
 fn real_lengths(art: &Artifact) -> (usize, f64, usize) {
-    let config = repo_root().join("examples/sst2/train.toml");
-    let cfg = TrainConfig::parse(
-        &std::fs::read_to_string(&config).unwrap(),
-        "train.toml",
-        &["data.limit=2000".to_string()],
-    )
-    .unwrap();
-    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
-        .inputs
-        .iter()
-        .map(|i| i.name.clone())
-        .collect();
-    let d = bidora_runtime::train::dataset::load(
-        &cfg.data,
-        config.parent().unwrap(),
-        &eval_inputs,
-        "seq-cls",
-        cfg.val_ratio,
-        cfg.seed,
-    )
-    .unwrap();
+    let (_, d) = real_data(art, vec![]);
     let lens: Vec<usize> = d
         .train_idx
         .chunks(BATCH)
