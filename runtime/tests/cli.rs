@@ -49,7 +49,7 @@ fn check_runs_every_program_and_prints_the_loss() {
 fn check_feeds_the_upper_program_batches_of_different_sizes() {
     let tmp = tempfile::tempdir().unwrap();
     let art = tmp.path().join("art");
-    common::write_artifact_with(
+    common::write_artifact_full(
         &art,
         "bert_legacy17.onnx",
         "query,value",
@@ -57,6 +57,7 @@ fn check_feeds_the_upper_program_batches_of_different_sizes() {
         bidora_compiler::heads::Task::SeqCls,
         false,
         0,
+        8.0,
         Some(bidora_compiler::pipeline::BilevelOptions {
             hypergrad: bidora_compiler::bilevel::Hypergrad::Fd,
             regularizer: bidora_compiler::regularizer::RegVariant::Paper,
@@ -600,7 +601,7 @@ fn resume_and_export_refuse_an_artifact_with_other_settings() {
     let tmp = tempfile::tempdir().unwrap();
     let (a8, a16) = (tmp.path().join("a8"), tmp.path().join("a16"));
     for (dir, alpha) in [(&a8, 8.0), (&a16, 16.0)] {
-        common::write_artifact_alpha(
+        common::write_artifact_full(
             dir,
             "bert_legacy17.onnx",
             "query,value",
@@ -609,6 +610,7 @@ fn resume_and_export_refuse_an_artifact_with_other_settings() {
             false,
             0,
             alpha,
+            None,
         );
     }
     let cfg = rte_config(tmp.path(), 2);

@@ -55,42 +55,10 @@ pub fn write_artifact(
     )
 }
 
-/// [`write_artifact`] with another α.
+/// [`write_artifact`] with another α, and BiDoRA's lower and upper programs when `bilevel`
+/// is given.
 #[allow(clippy::too_many_arguments)]
-pub fn write_artifact_alpha(
-    dir: &Path,
-    fixture: &str,
-    target: &str,
-    method: Method,
-    task: Task,
-    train_head: bool,
-    seed: u64,
-    alpha: f32,
-) {
-    write_artifact_full(
-        dir, fixture, target, method, task, train_head, seed, alpha, None,
-    )
-}
-
-/// [`write_artifact`], with BiDoRA's lower and upper programs when `bilevel` is given.
-#[allow(clippy::too_many_arguments)]
-pub fn write_artifact_with(
-    dir: &Path,
-    fixture: &str,
-    target: &str,
-    method: Method,
-    task: Task,
-    train_head: bool,
-    seed: u64,
-    bilevel: Option<pipeline::BilevelOptions>,
-) {
-    write_artifact_full(
-        dir, fixture, target, method, task, train_head, seed, 8.0, bilevel,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_artifact_full(
+pub fn write_artifact_full(
     dir: &Path,
     fixture: &str,
     target: &str,
