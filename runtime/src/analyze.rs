@@ -30,20 +30,33 @@ pub struct Point {
     pub delta_d: f64,
 }
 
-/// ΔM and ΔD of every adapter in `tensors` (trained for `artifact`).
-pub fn points(
-    artifact: &Path,
-    model: Option<&Path>,
-    tensors: &Path,
-    label: &str,
-    seed: Option<u64>,
-) -> Result<Vec<Point>> {
-    let manifest = ExportManifest::read(artifact)?;
-    let model_path = manifest.model_path(model)?;
-    let m = export::load_source(&model_path)?;
-    let trained = Trained::read(tensors, &manifest.trainable_names())?;
-    let resolved = export::resolve(&manifest, &m, &model_path, &trained)
-        .with_context(|| format!("{} against {}", tensors.display(), artifact.display()))?;
+/// An artifact's manifest and source model, read once for all its tensors files.
+pub struct Source {
+    artifact: PathBuf,
+    manifest: ExportManifest,
+    model_path: PathBuf,
+    model: bidora_compiler::ir::Model,
+}
+
+impl Source {
+    pub fn open(artifact: &Path, model: Option<&Path>) -> Result<Source> {
+        let manifest = ExportManifest::read(artifact)?;
+        let model_path = manifest.model_path(model)?;
+        let model = export::load_source(&model_path)?;
+        Ok(Source {
+            artifact: artifact.to_path_buf(),
+            manifest,
+            model_path,
+            model,
+        })
+    }
+}
+
+/// ΔM and ΔD of every adapter in `tensors` (trained for `src`'s artifact).
+pub fn points(src: &Source, tensors: &Path, label: &str, seed: Option<u64>) -> Result<Vec<Point>> {
+    let trained = Trained::read(tensors, &src.manifest.trainable_names())?;
+    let resolved = export::resolve(&src.manifest, &src.model, &src.model_path, &trained)
+        .with_context(|| format!("{} against {}", tensors.display(), src.artifact.display()))?;
     let stage = tensors
         .file_stem()
         .map(|s| s.to_string_lossy().to_string())
@@ -172,14 +185,20 @@ fn guess_artifact(dir: &Path, method: &str) -> Option<String> {
     (names.len() == 1).then(|| names[0].clone())
 }
 
-/// `analysis.md`: the fit per label.
-pub fn markdown(pts: &[Point]) -> String {
-    let mut labels: Vec<&str> = vec![];
+/// The labels of `pts`, in first-seen order.
+fn labels(pts: &[Point]) -> Vec<&str> {
+    let mut out: Vec<&str> = vec![];
     for p in pts {
-        if !labels.contains(&p.label.as_str()) {
-            labels.push(&p.label);
+        if !out.contains(&p.label.as_str()) {
+            out.push(&p.label);
         }
     }
+    out
+}
+
+/// `analysis.md`: the fit per label.
+pub fn markdown(pts: &[Point]) -> String {
+    let labels = labels(pts);
     let mut md = String::from(
         "# Weight decomposition: ΔM against ΔD\n\nOne point per adapted layer and tensors \
          file. Slope: least squares of ΔM on ΔD (the DoRA paper's Figure 2 reading; the \
@@ -213,12 +232,7 @@ pub fn plot(pts: &[Point], path: &Path) -> Result<()> {
         (a.max(p.delta_d), b.max(p.delta_m))
     });
     let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
-    let mut labels: Vec<&str> = vec![];
-    for p in pts {
-        if !labels.contains(&p.label.as_str()) {
-            labels.push(&p.label);
-        }
-    }
+    let labels = labels(pts);
     let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)

@@ -263,15 +263,17 @@ fn analyze_cmd(
     if inputs.is_empty() {
         anyhow::bail!("no finished runs with tensors to analyse");
     }
+    // Each artifact's manifest and source model once, however many runs used it.
+    let mut sources: std::collections::HashMap<PathBuf, analyze::Source> = Default::default();
     let mut pts = vec![];
     for i in &inputs {
-        pts.extend(analyze::points(
-            &i.artifact,
-            model,
-            &i.tensors,
-            &i.label,
-            i.seed,
-        )?);
+        let src = match sources.entry(i.artifact.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(analyze::Source::open(&i.artifact, model)?)
+            }
+        };
+        pts.extend(analyze::points(src, &i.tensors, &i.label, i.seed)?);
     }
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut jsonl = String::new();
