@@ -73,7 +73,40 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
         .ok_or_else(|| Error::Other("the model has no output to put a loss on".into()))?
         .name
         .clone();
-    let lf = facts.get(&logits).unwrap().clone();
+    let mut lf = facts.get(&logits).unwrap().clone();
+    if lf.dtype.is_half() {
+        // The loss is f32 whatever the model's type: the half logits get a new name and the
+        // output's name becomes their f32 cast.
+        let half = crate::ir::names::Names::of(&m.graph).value(&format!("{logits}.half"));
+        for n in &mut m.graph.nodes {
+            for v in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
+                if *v == logits {
+                    *v = half.clone();
+                }
+            }
+        }
+        m.graph.nodes.push(
+            crate::ir::Node::new(
+                "Cast",
+                format!("{logits}.to_f32"),
+                vec![half],
+                vec![logits.clone()],
+            )
+            .with_attr("to", AttrValue::Int(DataType::Float as i64)),
+        );
+        m.graph.value_info.retain(|v| v.name != logits);
+        m.graph.outputs[0].ty = Some(ValueType::tensor(
+            DataType::Float,
+            lf.shape
+                .iter()
+                .map(|d| match d.as_known() {
+                    Some(v) => Dim::Known(v),
+                    None => Dim::Sym(d.to_string()),
+                })
+                .collect(),
+        ));
+        lf.dtype = DataType::Float;
+    }
     if lf.dtype != DataType::Float {
         return Err(Error::Other(format!(
             "logits '{logits}' are {}, not f32",

@@ -54,7 +54,12 @@ pub fn attach(
                 ad.weight, ad.module
             ))
         })?;
-        dtype = w.dtype;
+        // Half weights: R is computed in f32 like the adapters (rewrite::adapter_dtype).
+        dtype = crate::rewrite::adapter_dtype(w.dtype);
+        let half = dtype != w.dtype;
+        let cast = |b: &mut Builder, tag: &str, v: &str, to: DataType| {
+            b.op("Cast", tag, &[v], vec![("to", AttrValue::Int(to as i64))])
+        };
         // The Gram matrix of V' = W0 + s·A·B without materialising V' or multiplying two
         // [in, out] matrices: with P = Aᵀ·W0 and C = s·P + (s²/2)·(AᵀA)·B (both [r, out]),
         //   V'ᵀV' = W0ᵀW0 + BᵀC + CᵀB,   ‖V'‖²_col = ‖W0‖²_col + 2·colsum(B ⊙ C).
@@ -79,17 +84,24 @@ pub fn attach(
             };
             sq0[j] += v * v;
         }
+        // For a half weight the Gram matrix is taken of W0 cast up (constants only: folded at
+        // load, the up-cast copy dropped after), so DᵀD keeps f32 accuracy.
+        let w0 = if half {
+            cast(&mut b, "w0.up", &ad.weight, dtype)
+        } else {
+            ad.weight.clone()
+        };
         let g0 = match ad.layout {
             Layout::InOut => b.op(
                 "Gemm",
                 "w0_gram",
-                &[&ad.weight, &ad.weight],
+                &[&w0, &w0],
                 vec![("transA", AttrValue::Int(1))],
             ),
             Layout::OutIn => b.op(
                 "Gemm",
                 "w0_gram",
-                &[&ad.weight, &ad.weight],
+                &[&w0, &w0],
                 vec![("transB", AttrValue::Int(1))],
             ),
         };
@@ -105,15 +117,25 @@ pub fn attach(
         );
         let two = b.constant("two", Tensor::from_f64_as(dtype, "", vec![], &[2.0]));
         let ta = vec![("transA", AttrValue::Int(1))];
-        let p = match ad.layout {
-            Layout::InOut => b.op("Gemm", "AtW", &[&ad.lora_a, &ad.weight], ta.clone()),
+        // Aᵀ·W0 against the weight in its own type (as the lowering does: A cast down, the
+        // [r, out] product cast up), so no f32 copy of W0 lives beside the run.
+        let a_w = if half {
+            cast(&mut b, "A.down", &ad.lora_a, w.dtype)
+        } else {
+            ad.lora_a.clone()
+        };
+        let mut p = match ad.layout {
+            Layout::InOut => b.op("Gemm", "AtW", &[&a_w, &ad.weight], ta.clone()),
             Layout::OutIn => b.op(
                 "Gemm",
                 "AtW",
-                &[&ad.lora_a, &ad.weight],
+                &[&a_w, &ad.weight],
                 vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
             ),
         };
+        if half {
+            p = cast(&mut b, "AtW.up", &p, dtype);
+        }
         let ata = b.op("Gemm", "AtA", &[&ad.lora_a, &ad.lora_a], ta.clone());
         let atab = b.op("MatMul", "AtAB", &[&ata, &ad.lora_b], vec![]);
         let c1 = b.op("Mul", "sP", &[&p, &sc], vec![]);

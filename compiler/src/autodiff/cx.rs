@@ -140,15 +140,17 @@ impl GradCx<'_, '_> {
     }
 }
 
-/// A float constant of the given element type.
+/// A float constant of the given element type (f32, f64, f16 or bf16: activations of a
+/// half-precision model carry half gradients, as in PyTorch's mixed-precision training).
 pub fn scalar_tensor(dtype: DataType, v: f64, dims: Vec<i64>) -> Result<Tensor> {
     let n = dims.iter().product::<i64>().max(1) as usize;
     Ok(match dtype {
-        DataType::Float => Tensor::from_f32("", dims, &vec![v as f32; n]),
-        DataType::Double => Tensor::from_f64("", dims, &vec![v; n]),
+        DataType::Float | DataType::Double | DataType::Float16 | DataType::Bfloat16 => {
+            Tensor::from_f64_as(dtype, "", dims, &vec![v; n])
+        }
         other => {
             return Err(Error::Other(format!(
-                "gradients need f32 or f64 values, found {}",
+                "gradients need float values (f32, f64, f16, bf16), found {}",
                 other.short_name()
             )))
         }

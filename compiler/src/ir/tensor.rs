@@ -99,6 +99,11 @@ impl DataType {
         )
     }
 
+    /// f16 or bf16: types the adapters never use (they stay f32, peft's mixed precision).
+    pub fn is_half(self) -> bool {
+        matches!(self, DataType::Float16 | DataType::Bfloat16)
+    }
+
     pub fn is_integer(self) -> bool {
         use DataType::*;
         matches!(
@@ -188,7 +193,8 @@ impl Tensor {
         Tensor::from_raw(name, DataType::Double, dims, raw)
     }
 
-    /// Values given in f64, stored as `dtype` (f32 or f64; f32 rounds each value once).
+    /// Values given in f64, stored as `dtype` (f64, f16, bf16, else f32; each value rounded
+    /// once, to nearest even).
     pub fn from_f64_as(
         dtype: DataType,
         name: impl Into<String>,
@@ -197,6 +203,20 @@ impl Tensor {
     ) -> Tensor {
         match dtype {
             DataType::Double => Tensor::from_f64(name, dims, values),
+            DataType::Float16 => {
+                let raw = values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f64(v).to_le_bytes())
+                    .collect();
+                Tensor::from_raw(name, DataType::Float16, dims, raw)
+            }
+            DataType::Bfloat16 => {
+                let raw = values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f64(v).to_le_bytes())
+                    .collect();
+                Tensor::from_raw(name, DataType::Bfloat16, dims, raw)
+            }
             _ => {
                 let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
                 Tensor::from_f32(name, dims, &v)
@@ -223,7 +243,7 @@ impl Tensor {
         }
     }
 
-    /// Values as f32 (from f32 or f64 storage), for compile-time math on weights.
+    /// Values as f32 (from f32, f64, f16 or bf16 storage), for compile-time math on weights.
     pub fn to_f32_vec(&self) -> Option<Vec<f32>> {
         let raw = self.raw()?;
         match self.dtype {
@@ -237,6 +257,9 @@ impl Tensor {
                     .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
                     .collect(),
             ),
+            DataType::Float16 | DataType::Bfloat16 => {
+                Some(self.to_f64_vec()?.into_iter().map(|v| v as f32).collect())
+            }
             _ => None,
         }
     }
@@ -252,6 +275,15 @@ impl Tensor {
             DataType::Double => raw
                 .chunks_exact(8)
                 .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+            // Exact: every f16 and bf16 value is an f64.
+            DataType::Float16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            DataType::Bfloat16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
                 .collect(),
             _ => self.to_i64_vec()?.into_iter().map(|v| v as f64).collect(),
         };

@@ -15,12 +15,10 @@ use indexmap::IndexMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{magnitude_from_sqnorms, out_feature_sqnorms, split_fused};
+use super::{adapter_dtype, magnitude_from_sqnorms, out_feature_sqnorms, split_fused};
 use crate::error::{Error, Result};
 use crate::ir::names::Names;
-use crate::ir::{
-    AttrValue, DataType, Dim, Model, Node, Tensor, ValueInfo, ValueType, BIDORA_DOMAIN,
-};
+use crate::ir::{AttrValue, Dim, Model, Node, Tensor, ValueInfo, ValueType, BIDORA_DOMAIN};
 use crate::targets::{Block, Layout, Selected};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -126,14 +124,16 @@ pub fn adapt(model: &Model, selected: Vec<Selected>, cfg: &AdapterConfig) -> Res
             return Err(err("selected twice".into()));
         }
         let w = &graph.initializers[&c.weight];
-        let dtype = w.dtype;
-        if !matches!(dtype, DataType::Float | DataType::Double) {
+        if !w.dtype.is_float() {
             return Err(err(format!(
-                "weight '{}' is {}; adapters support f32 and f64 weights",
+                "weight '{}' is {}; adapters support f32, f64, f16 and bf16 weights \
+                 (a quantised model: export it unquantised)",
                 c.weight,
-                dtype.short_name()
+                w.dtype.short_name()
             )));
         }
+        // Half weights get f32 adapters; the lowering casts between the two.
+        let dtype = adapter_dtype(w.dtype);
         let (din, dout, r) = (c.in_features, c.out_features, cfg.rank as i64);
         let base = match block {
             Some(b) => format!("{}.{}", c.module, b.name()),

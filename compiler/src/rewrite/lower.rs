@@ -9,6 +9,10 @@
 //! y     = (base + delta) ⊙ (m / √n²)
 //! ```
 //!
+//! For an f16 or bf16 weight, `x·W` and `Aᵀ·W` run in the weight's type and are cast up, and
+//! everything else (the adapters, the norm, the scaling) is f32; the output is cast back to
+//! the weight's type (peft's mixed-precision recipe: frozen weights half, what trains f32).
+//!
 //! The norm never materialises the `[in, out]` matrix `W + s·A·B`: every temporary is `[r, out]`
 //! or `[r, r]`, and `‖W‖²_col` is a constant computed here. At initialisation `B = 0`, so
 //! `n² = ‖W‖²_col` exactly and `m / n = 1` exactly (the rewrite took `m = √‖W‖²_col` from the same
@@ -19,10 +23,10 @@ use std::collections::{HashMap, HashSet};
 use crate::error::{Error, Result};
 use crate::ir::builder::Builder;
 use crate::ir::names::Names;
-use crate::ir::{AttrValue, Graph, Model, Node, Tensor, BIDORA_DOMAIN};
+use crate::ir::{AttrValue, DataType, Graph, Model, Node, Tensor, BIDORA_DOMAIN};
 use crate::targets::Layout;
 
-use super::out_feature_sqnorms;
+use super::{adapter_dtype, out_feature_sqnorms};
 
 /// Replaces every composite node by standard ops, except `ai.bidora.StopGradient` markers
 /// (DoRA's `detach_norm`) that autodiff needs; [`strip_markers`] turns those into Identity.
@@ -153,7 +157,7 @@ fn lower_adapter(
         Some(
             out_feature_sqnorms(wt, layout).ok_or_else(|| Error::Rewrite {
                 node: node.label(),
-                msg: "weight is not an f32 or f64 tensor".into(),
+                msg: "weight is not a float tensor".into(),
             })?,
         )
     } else {
@@ -161,23 +165,46 @@ fn lower_adapter(
     };
     let out = node.outputs[0].clone();
     let mut e = Builder::sharing(g, names, node.name.clone());
-    let dt = wdtype;
-    // s², 2s computed in the weight's precision (f32 models keep f32 arithmetic).
+    // Everything the adapters touch is computed in their type `dt` (f32 for a half weight):
+    // the frozen product x·W stays in the weight's type, in place, and is cast up; the low-rank
+    // path runs on x cast up; the sum is cast back to the model's type for the next layer.
+    let dt = adapter_dtype(wdtype);
+    let half = wdtype != dt;
+    let cast = |e: &mut Builder, tag: &str, v: &str, to: DataType| {
+        e.op("Cast", tag, &[v], vec![("to", AttrValue::Int(to as i64))])
+    };
+    // s², 2s computed in the adapters' precision (f32 models keep f32 arithmetic).
     let (s, s_sq) = match dt {
-        crate::ir::DataType::Float => (s as f64, (s * s) as f64),
+        DataType::Float => (s as f64, (s * s) as f64),
         _ => (s as f64, (s as f64) * (s as f64)),
     };
     let scale = e.constant("scale", Tensor::from_f64_as(dt, "", vec![], &[s]));
-    let base = if transposed {
+    let mut base = if transposed {
         e.op("Gemm", "base", &[x, w], vec![("transB", AttrValue::Int(1))])
     } else {
         e.op("MatMul", "base", &[x, w], vec![])
     };
-    let xa = e.op("MatMul", "xA", &[x, a], vec![]);
+    let mut xf = x.clone();
+    if half {
+        base = cast(&mut e, "base.up", &base, dt);
+        xf = cast(&mut e, "x.up", x, dt);
+    }
+    let xa = e.op("MatMul", "xA", &[&xf, a], vec![]);
     let xab = e.op("MatMul", "xAB", &[&xa, b], vec![]);
     let delta = e.op("Mul", "delta", &[&xab, &scale], vec![]);
     let Some(sqnorm) = sqnorm else {
-        e.op_into("Add", "sum", &[&base, &delta], vec![], out);
+        if half {
+            let sum = e.op("Add", "sum", &[&base, &delta], vec![]);
+            e.op_into(
+                "Cast",
+                "down",
+                &[&sum],
+                vec![("to", AttrValue::Int(wdtype as i64))],
+                out,
+            );
+        } else {
+            e.op_into("Add", "sum", &[&base, &delta], vec![], out);
+        }
         return Ok(e.finish());
     };
     let m = &ins[4];
@@ -187,16 +214,31 @@ fn lower_adapter(
     let two_s = e.constant("two_s", Tensor::from_f64_as(dt, "", vec![], &[2.0 * s]));
     let s2 = e.constant("s_sq", Tensor::from_f64_as(dt, "", vec![], &[s_sq]));
     let axis0 = e.constant("axis0", Tensor::from_i64("", vec![1], &[0]));
-    let at_w = if transposed {
+    // Aᵀ·W against the frozen weight in its own type (A cast down: [in, r], small), so no
+    // up-cast copy of W exists at run time; the [r, out] product is cast up.
+    let a_w = if half {
+        cast(&mut e, "A.down", a, wdtype)
+    } else {
+        a.clone()
+    };
+    let mut at_w = if transposed {
         e.op(
             "Gemm",
             "AtW",
-            &[a, w],
+            &[&a_w, w],
             vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
         )
     } else {
-        e.op("Gemm", "AtW", &[a, w], vec![("transA", AttrValue::Int(1))])
+        e.op(
+            "Gemm",
+            "AtW",
+            &[&a_w, w],
+            vec![("transA", AttrValue::Int(1))],
+        )
     };
+    if half {
+        at_w = cast(&mut e, "AtW.up", &at_w, dt);
+    }
     let at_a = e.op("Gemm", "AtA", &[a, a], vec![("transA", AttrValue::Int(1))]);
     let at_ab = e.op("MatMul", "AtAB", &[&at_a, b], vec![]);
     let cross_p = e.op("Mul", "cross.prod", &[&at_w, b], vec![]);
@@ -219,6 +261,17 @@ fn lower_adapter(
         );
     }
     let ratio = e.op("Div", "ratio", &[m, &n], vec![]);
-    e.op_into("Mul", "out", &[&sum, &ratio], vec![], out);
+    if half {
+        let y = e.op("Mul", "out", &[&sum, &ratio], vec![]);
+        e.op_into(
+            "Cast",
+            "down",
+            &[&y],
+            vec![("to", AttrValue::Int(wdtype as i64))],
+            out,
+        );
+    } else {
+        e.op_into("Mul", "out", &[&sum, &ratio], vec![], out);
+    }
     Ok(e.finish())
 }

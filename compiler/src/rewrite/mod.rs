@@ -21,12 +21,13 @@ pub use split_fused::split_fused;
 use crate::ir::{DataType, Tensor};
 use crate::targets::Layout;
 
-/// Squared L2 norm of every output feature of a 2-D f32 or f64 weight: the per-column norm of
+/// Squared L2 norm of every output feature of a 2-D float weight: the per-column norm of
 /// the `[in, out]` matrix `x · W` uses, whatever the storage layout. Accumulated in f64 and
-/// rounded once to the weight's type, so the rewrite's magnitude and the lowering's norm
-/// constant are the same values (for f32, `m = √sq` in f32 equals the graph's `Sqrt(sq)`).
+/// rounded once to the adapters' type ([`adapter_dtype`]), so the rewrite's magnitude and the
+/// lowering's norm constant are the same values (for f32, `m = √sq` in f32 equals the graph's
+/// `Sqrt(sq)`).
 pub fn out_feature_sqnorms(w: &Tensor, layout: Layout) -> Option<Vec<f64>> {
-    if !matches!(w.dtype, DataType::Float | DataType::Double) {
+    if !w.dtype.is_float() {
         return None;
     }
     let v = w.to_f64_vec()?;
@@ -44,10 +45,21 @@ pub fn out_feature_sqnorms(w: &Tensor, layout: Layout) -> Option<Vec<f64>> {
             })
             .collect(),
     };
-    Some(match w.dtype {
+    Some(match adapter_dtype(w.dtype) {
         DataType::Float => sums.into_iter().map(|x| x as f32 as f64).collect(),
         _ => sums,
     })
+}
+
+/// The element type of the adapters (A, B, m), the DoRA column norm and everything trained
+/// for a weight of type `weight`: the weight's own for f32 and f64; f32 for f16 and bf16
+/// (peft's mixed precision: frozen weights stay half, what trains is f32).
+pub fn adapter_dtype(weight: DataType) -> DataType {
+    if weight.is_half() {
+        DataType::Float
+    } else {
+        weight
+    }
 }
 
 /// The DoRA magnitude `√sq` computed in the weight's type.

@@ -400,3 +400,21 @@ pub(crate) fn program_label(path: &Path) -> String {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| path.display().to_string())
 }
+
+/// Says once per process that a backend runs half-precision programs in f32 (it has no half
+/// kernels): users reading memory figures should know the weights doubled in size.
+pub(crate) fn note_upcast(backend: &str, path: &Path, up: bidora_compiler::legalize::Upcast) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    if up.tensors == 0 {
+        return;
+    }
+    SAID.call_once(|| {
+        eprintln!(
+            "note: {backend} has no f16/bf16 kernels here: half-precision tensors are upcast to \
+             f32 once at load ({}: {} tensors, {:.1} MB as f32; the other programs alike)",
+            path.display(),
+            up.tensors,
+            up.bytes as f64 / 1e6
+        );
+    });
+}

@@ -134,6 +134,27 @@ impl OrtBackend {
                 }
             })?;
         }
+        // ONNX Runtime's CPU provider runs f16 (it casts around the kernels it lacks) but has
+        // no bf16 kernels for most ops: a bf16 program is upcast to f32 here, in memory.
+        if self.device == Device::Cpu && has_bf16(path).map_err(err)? {
+            let ir = bidora_compiler::load_model(path).map_err(|e| err(e.to_string()))?;
+            let (ir, up) = bidora_compiler::legalize::upcast_half(&ir);
+            super::note_upcast("ONNX Runtime's CPU provider", path, up);
+            let bytes = bidora_compiler::onnx_io::encode_model(
+                &bidora_compiler::ir::convert::model_to_proto(&ir),
+            );
+            if bytes.len() >= i32::MAX as usize {
+                return Err(err(format!(
+                    "a bf16 program upcast to f32 is {:.1} GB, past protobuf's 2 GiB for one \
+                     in-memory model: run it with --backend tract, on CUDA, or from an f16 export",
+                    bytes.len() as f64 / 1e9
+                )));
+            }
+            b = b
+                .with_config_entry("session.disable_prepacking", "1")
+                .map_err(|e| err(e.to_string()))?;
+            return b.commit_from_memory(&bytes).map_err(|e| err(e.to_string()));
+        }
         // The artifact's frozen weights: one value each, shared by every session (on CUDA
         // each session still copies them to the device).
         for (name, value) in self.shared.for_program(path).map_err(err)? {
@@ -305,6 +326,18 @@ fn host_of<T: ort::value::TensorValueTypeMarker + ?Sized>(
                 .map_err(HostError::Ort)?
                 .to_owned(),
         ),
+        // Half outputs of f16/bf16 programs (logits on CUDA or ORT's CPU provider): widened,
+        // exactly, so the host side stays f32.
+        Some(TensorElementType::Float16) => HostTensor::F32(
+            v.try_extract_array::<half::f16>()
+                .map_err(HostError::Ort)?
+                .mapv(f32::from),
+        ),
+        Some(TensorElementType::Bfloat16) => HostTensor::F32(
+            v.try_extract_array::<half::bf16>()
+                .map_err(HostError::Ort)?
+                .mapv(f32::from),
+        ),
         other => return Err(HostError::Type(format!("{other:?}"))),
     })
 }
@@ -455,4 +488,34 @@ impl Program for OrtProgram {
         };
         Ok(Resident::new(OrtResident(v)))
     }
+}
+
+/// Whether the program at `path` holds or declares any bf16 value (read from the program file
+/// alone: weights are external, their types are in it).
+fn has_bf16(path: &Path) -> Result<bool, String> {
+    use bidora_compiler::proto::onnx::{type_proto, TypeProto};
+    const BF16: i32 = bidora_compiler::proto::onnx::tensor_proto::DataType::Bfloat16 as i32;
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let model = bidora_compiler::onnx_io::decode_model_shared(bytes.into(), path)
+        .map_err(|e| e.to_string())?;
+    let Some(g) = model.graph else {
+        return Ok(false);
+    };
+    let declared = |t: &Option<TypeProto>| {
+        matches!(
+            t.as_ref().and_then(|t| t.value.as_ref()),
+            Some(type_proto::Value::TensorType(tt)) if tt.elem_type == Some(BF16)
+        )
+    };
+    Ok(g.initializer.iter().any(|t| t.data_type == Some(BF16))
+        || g.input
+            .iter()
+            .chain(&g.output)
+            .chain(&g.value_info)
+            .any(|v| declared(&v.r#type))
+        || g.node.iter().any(|n| {
+            n.attribute
+                .iter()
+                .any(|a| a.name.as_deref() == Some("to") && a.i == Some(BF16 as i64))
+        }))
 }

@@ -109,6 +109,8 @@ impl TractProgram {
         // legalise for tract's known gaps before handing tract the bytes.
         let ir = bidora_compiler::load_model(path).map_err(|e| load_err(path, e.to_string()))?;
         let ir = bidora_compiler::legalize::for_tract(&ir);
+        let (ir, up) = bidora_compiler::legalize::upcast_half(&ir);
+        super::note_upcast("tract", path, up);
         let bytes = bidora_compiler::onnx_io::encode_model(
             &bidora_compiler::ir::convert::model_to_proto(&ir),
         );
