@@ -133,6 +133,13 @@ def main():
         os.makedirs(OUT, exist_ok=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"onnx {onnx.__version__}, onnxruntime {ort.__version__}")
+    if "--half" in sys.argv:
+        os.makedirs(os.path.join(OUT, "half"), exist_ok=True)
+        for family in ["bert", "llama"]:
+            for exporter in ["dynamo18", "legacy17"]:
+                for dtype in ["f16", "bf16"]:
+                    export_half(family, exporter, dtype)
+        return
     only_ops = "--ops" in sys.argv
     if not only_ops:
         for family in ["bert", "roberta", "gpt2", "esm"]:
@@ -215,6 +222,81 @@ def export_op_fixture(name):
     ops = sorted({n.op_type for n in m.graph.node})
     print(f"ops/{os.path.basename(path)}: {os.path.getsize(path) / 1e6:.2f} MB, "
           f"{len(m.graph.node)} nodes, ort-vs-torch {diff:.2e}, ops {' '.join(ops)}")
+
+
+
+# --- Half-precision fixtures (models/half/): the same tiny BERT, and a tiny Llama (grouped-query
+# attention, rotary positions, RMSNorm), exported in f16 and bf16 by both exporters. The
+# Llama is written with its weights as external data (`NAME.onnx.data`), as large models are.
+# `python3 models/make_fixtures.py --half`.
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, attn_implementation="eager",
+                      tie_word_embeddings=False, use_cache=False)
+
+    class LogitsOnly(LlamaForCausalLM):
+        def forward(self, input_ids, attention_mask):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits
+
+    return LogitsOnly(cfg)
+
+
+def export_half(family, exporter, dtype):
+    """Reference outputs: `logits` is the model evaluated in f32 from the half-rounded weights
+    (what a runtime that upcasts at load computes, so tests can hold it to f32 tolerances);
+    `logits_half` is torch's own evaluation in the half type."""
+    torch.manual_seed(SEED)
+    model = tiny_llama() if family == "llama" else tiny(family)
+    randomise(model)
+    tdtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    model = model.to(tdtype).eval()
+    ids, mask = example()
+    with torch.no_grad():
+        ref_half = model(ids, mask).float()
+        ref = model.float()(ids, mask)
+    model = model.to(tdtype).eval()
+    name = f"{family}_{exporter}_{dtype}.onnx"
+    path = os.path.join(OUT, "half", name)
+    external = family == "llama"
+    if exporter == "dynamo18":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
+        torch.onnx.export(model, (ids, mask), path, dynamo=True, opset_version=18,
+                          external_data=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                          "attention_mask": {0: batch, 1: seq}})
+    else:
+        axes = {0: "batch", 1: "sequence"}
+        torch.onnx.export(model, (ids, mask), path, dynamo=False, opset_version=17,
+                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                        "logits": {0: "batch"}})
+    m = onnx.load(path)
+    if external:
+        for f in os.listdir(os.path.dirname(path)):
+            if f.startswith(name + ".data"):
+                os.remove(os.path.join(os.path.dirname(path), f))
+        onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=name + ".data", size_threshold=1024)
+    onnx.checker.check_model(path, full_check=True)
+    got = None
+    if dtype == "f16":  # ORT's CPU provider has no bf16 kernels for most ops
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        diff = float(np.abs(got.astype(np.float32) - ref_half.numpy()).max())
+        assert diff <= 5e-3, f"{name}: onnxruntime differs from torch by {diff}"
+    with open(path.replace(".onnx", ".ref.json"), "w") as f:
+        json.dump({"inputs": {"input_ids": ids.tolist(), "attention_mask": mask.tolist()},
+                   "logits_shape": list(ref.shape),
+                   "logits": [round(float(v), 8) for v in ref.flatten()],
+                   "logits_half": [round(float(v), 8) for v in ref_half.flatten()]}, f)
+    print(f"half/{name}: {len(m.graph.node)} nodes, f32-vs-half torch "
+          f"{float((ref - ref_half).abs().max()):.2e}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,7 @@ fn candidates_and_adapted_graph_per_fixture() {
     }
 }
 
-#[test]
-fn lowering_of_one_dora_and_one_lora_adapter() {
+fn one_linear() -> bidora_compiler::ir::Model {
     let mut g = Graph {
         name: "one_linear".into(),
         ..Default::default()
@@ -54,7 +53,12 @@ fn lowering_of_one_dora_and_one_lora_adapter() {
         )
         .with_attr("transB", AttrValue::Int(1)),
     );
-    let model = model_of(g);
+    model_of(g)
+}
+
+#[test]
+fn lowering_of_one_dora_and_one_lora_adapter() {
+    let model = one_linear();
     // The training program of the DoRA model with a classification loss: forward, loss head
     // and the backward graph of every adapter tensor.
     let mut opts = options(vec!["query".into()], Method::Dora);
@@ -75,4 +79,41 @@ fn lowering_of_one_dora_and_one_lora_adapter() {
             dump::graph(&c.forward.graph)
         );
     }
+}
+
+/// The same linear op with f16 weights and activations: the casts the lowering puts around
+/// the f32 adapters (x up, x·W up, the output down; A down for Aᵀ·W against the f16 weight)
+/// and the loss head's cast of the logits to f32.
+#[test]
+fn lowering_of_an_f16_linear_op_casts_around_f32_adapters() {
+    use bidora_compiler::ir::{DataType, ValueType};
+    let mut model = one_linear();
+    let g = &mut model.graph;
+    for t in g.initializers.values_mut() {
+        *t = Tensor::from_f64_as(
+            DataType::Float16,
+            t.name.clone(),
+            t.dims.clone(),
+            &t.to_f64_vec().unwrap(),
+        );
+    }
+    for v in g.inputs.iter_mut().chain(&mut g.outputs) {
+        if let Some(ValueType::Tensor { elem, .. }) = &mut v.ty {
+            *elem = DataType::Float16;
+        }
+    }
+    for method in [Method::Dora, Method::Lora] {
+        let c = compile(&model, &options(vec!["query".into()], method));
+        insta::assert_snapshot!(
+            format!("one_linear_f16.{method:?}.forward"),
+            dump::graph(&c.forward.graph)
+        );
+    }
+    let mut opts = options(vec!["query".into()], Method::Dora);
+    opts.task = Some(bidora_compiler::heads::Task::SeqCls);
+    let c = compile(&model, &opts);
+    insta::assert_snapshot!(
+        "one_linear_f16.Dora.eval",
+        dump::graph(&c.training.unwrap().eval.graph)
+    );
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{ExportError, ExportManifest, Result, Trained};
-use crate::ir::{DataType, Model};
+use crate::ir::Model;
 use crate::rewrite::head::{head_tensors, HeadTensor};
 use crate::rewrite::{AdapterRecord, Method};
 use crate::targets::Layout;
@@ -137,13 +137,14 @@ pub fn resolve(
         // A trained head weight that is also adapted is the base the adapter builds on.
         let stored: Vec<f64> = match heads.iter().find(|h| h.tensor.name == target) {
             Some(h) => h.values.clone(),
-            None => match t.dtype {
-                DataType::Float | DataType::Double => t.to_f64_vec(),
-                _ => None,
+            None => if t.dtype.is_float() {
+                t.to_f64_vec()
+            } else {
+                None
             }
             .ok_or_else(|| {
                 mismatch(format!(
-                    "adapter '{}': weight '{target}' is {}, not f32 or f64",
+                    "adapter '{}': weight '{target}' is {}, not a float type",
                     label(rec),
                     t.dtype.short_name()
                 ))

@@ -79,16 +79,58 @@ pub fn make_trainable(model: &Model) -> Result<(Model, IndexMap<String, Tensor>)
     let g = &mut m.graph;
     let names: Vec<String> = head_tensors(g)?.into_iter().map(|t| t.name).collect();
     let mut values = IndexMap::new();
+    let mut casts = vec![];
     for n in names {
         let t = g
             .initializers
             .shift_remove(&n)
             .expect("a candidate's constant");
+        // A half head trains in f32 like the adapters: the input is f32 and the graph casts it
+        // down where the head reads it (the export writes it back in the model's type).
+        let dtype = super::adapter_dtype(t.dtype);
         g.inputs.push(ValueInfo::new(
             n.clone(),
-            ValueType::tensor(t.dtype, t.dims.iter().map(|&d| Dim::Known(d)).collect()),
+            ValueType::tensor(dtype, t.dims.iter().map(|&d| Dim::Known(d)).collect()),
         ));
-        values.insert(n, t);
+        if dtype != t.dtype {
+            casts.push((n.clone(), t.dtype));
+        }
+        let values_f = t.to_f64_vec().expect("a float candidate");
+        values.insert(
+            n.clone(),
+            if dtype != t.dtype {
+                Tensor::from_f64_as(dtype, n, t.dims.clone(), &values_f)
+            } else {
+                t
+            },
+        );
+    }
+    if !casts.is_empty() {
+        let mut names = crate::ir::names::Names::of(g);
+        let mut front = vec![];
+        let mut renamed = std::collections::HashMap::new();
+        for (n, dtype) in casts {
+            let down = names.value(&format!("{n}.{}", dtype.short_name()));
+            front.push(
+                crate::ir::Node::new(
+                    "Cast",
+                    names.node(&format!("{n}.down")),
+                    vec![n.clone()],
+                    vec![down.clone()],
+                )
+                .with_attr("to", crate::ir::AttrValue::Int(dtype as i64)),
+            );
+            renamed.insert(n, down);
+        }
+        for node in &mut g.nodes {
+            for v in &mut node.inputs {
+                if let Some(d) = renamed.get(v) {
+                    *v = d.clone();
+                }
+            }
+        }
+        front.append(&mut g.nodes);
+        g.nodes = front;
     }
     Ok((m, values))
 }
