@@ -161,10 +161,7 @@ mod tests {
             Node::new("Cast", "i", vec!["x".into()], vec!["xi".into()])
                 .with_attr("to", AttrValue::Int(DataType::Int64 as i64)),
         );
-        let model = Model {
-            graph: g,
-            ..Model::default()
-        };
+        let model = Model::emitted(g, 17, "");
         let (up, done) = upcast_half(&model);
         assert_eq!(done.tensors, 1);
         assert_eq!(done.bytes, 16);

@@ -430,3 +430,42 @@ fn a_resident_run_resumes_to_the_same_tensors() {
     assert!(full.1 == resumed.1, "final tensors differ");
     assert_eq!(full.0, resumed.0, "loss curves differ");
 }
+
+/// BiDoRA end to end on half-precision BERTs (f16 and bf16 weights, f32 adapters): both
+/// phases run on both engines with finite losses, and the curves agree — within f32 rounding
+/// where both engines compute in f32 (tract, and ORT's CPU provider, upcast bf16), within
+/// f16's where ONNX Runtime runs the f16 program as it is.
+#[test]
+fn bidora_trains_half_precision_models_on_both_backends() {
+    for (file, tol) in [("bert_legacy17_bf16", 1e-4), ("bert_dynamo18_f16", 1e-3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = load_model(&repo_root().join(format!("models/half/{file}.onnx"))).unwrap();
+        let opts = seq_cls_options(qv_targets("bert"), AdapterMethod::Dora, Some(Hypergrad::Fd));
+        let art = write_artifact(&model, &opts, file, &dir.path().join("artifact"));
+        let mut engines: Vec<Box<dyn backend::Backend>> = vec![tract1()];
+        engines.extend(ort1());
+        let mut curves = vec![];
+        for (k, b) in engines.iter().enumerate() {
+            let run = dir.path().join(format!("run{k}"));
+            let c = config(Method::Bidora, &["steps=20", "retrain_steps=6"]);
+            let d = data(&c);
+            let mut t = Trainer::new(c, &art, &**b, d, &run, false).unwrap();
+            t.progress = false;
+            t.run_to_end(None).unwrap();
+            let losses = step_losses(&run);
+            assert_eq!(losses.len(), 26, "{file}");
+            let (first, last) = (losses[0].1, losses[19].1);
+            assert!(
+                losses.iter().all(|(_, l)| l.is_finite()),
+                "{file}: non-finite loss"
+            );
+            eprintln!("{file} on {}: search loss {first:.4} → {last:.4}", b.name());
+            curves.push(losses);
+        }
+        if curves.len() == 2 {
+            let worst = worst_rel(&curves[0], &curves[1]);
+            eprintln!("{file}: tract vs ORT worst relative loss difference {worst:.2e}");
+            assert!(worst <= tol, "{file}: {worst:e} > {tol:e}");
+        }
+    }
+}
