@@ -3,13 +3,16 @@
 //! the loss and every gradient are f32. Checked here:
 //! - every program compiles and passes shape inference; the adapters are f32;
 //! - DoRA at initialisation reproduces the original model: on tract (which upcasts at load)
-//!   against torch's f32 evaluation of the half weights, ≤ 1e-4; on ONNX Runtime, which runs
-//!   f16 programs as they are (the GPU path's graph), against the original model in ONNX
-//!   Runtime, ≤ 1e-3, and bf16 programs upcast like tract, ≤ 1e-4;
+//!   against torch's f32 evaluation of the half weights, ≤ 1e-4; on the engine's ONNX Runtime
+//!   path (CPU: upcast at load too) against the original there, ≤ 1e-5; and for f16, in stock
+//!   ONNX Runtime running the f16 program as written (the CUDA path's graph), against the f16
+//!   original, ≤ 1e-3, and torch's f16 evaluation, ≤ 1e-2;
 //! - the train_step gradients of the f32 adapters (and head) match finite differences
-//!   (tract, f32 arithmetic, ≤ 1e-3), and ONNX Runtime's agree with tract's (f16 backward
-//!   in f16: ≤ 3e-2 relative, except gradients below f16's range, which an f16 backward
-//!   without loss scaling flushes to zero; bf16 upcast: ≤ 1e-4);
+//!   (tract, f32 arithmetic, ≤ 1e-3; the Llama's tiny causal-lm gradients ≤ 1e-2) and the
+//!   same model upcast to f32 and compiled without casts (≤ 1e-4); the engine's ONNX Runtime
+//!   agrees with tract (≤ 1e-4), and stock ONNX Runtime's f16 backward does within 3e-2,
+//!   except gradients below f16's range, which an f16 backward without loss scaling flushes
+//!   to zero;
 //! - `bidora export --merged` writes the source's dtype and computes the adapted forward
 //!   within the rounding of the folded weights to the half type.
 
@@ -172,30 +175,63 @@ fn half_models_compile_with_f32_adapters_and_reproduce_at_init() {
         eprintln!("{name}: tract original-vs-torch {d0:.1e}, init-vs-original {d:.1e}");
 
         if let Some(ort) = &ort {
+            // The engine's ONNX Runtime path on the CPU: half programs upcast once at load,
+            // their weights shared by every session.
             let orig = first(&**ort, &path, &inputs);
             let got = first(&**ort, &art.join("forward.onnx"), &with_init);
             let d = max_diff(&got, &orig);
-            let tol = if dtype == DataType::Float16 {
-                1e-3
-            } else {
-                1e-5
-            };
-            assert!(d <= tol, "{name}: DoRA at init vs the original on ORT: {d}");
+            assert!(
+                d <= 1e-5,
+                "{name}: DoRA at init vs the original on ORT: {d}"
+            );
             let dt = max_diff(&got, &fwd);
-            let tol_t = if dtype == DataType::Float16 {
-                1e-2
-            } else {
-                1e-4
-            };
-            assert!(dt <= tol_t, "{name}: ORT vs tract at init: {dt}");
-            if dtype == DataType::Float16 {
-                // ORT ran the f16 graph itself: torch's own f16 evaluation is the reference.
-                let dh = max_diff(&got, &ref_values(&path, "logits_half"));
-                assert!(dh <= 1e-2, "{name}: ORT f16 vs torch f16: {dh}");
-            }
+            assert!(dt <= 1e-4, "{name}: ORT vs tract at init: {dt}");
             eprintln!("{name}: ort init-vs-original {d:.1e}, ort-vs-tract {dt:.1e}");
         }
+        // Stock ONNX Runtime running the f16 program as written, f16 arithmetic and all (the
+        // graph the CUDA provider runs; its CPU provider casts around the kernels it lacks).
+        if dtype == DataType::Float16 {
+            let fwd_path = art.join("forward.onnx");
+            if let (Some(o), Some(c)) = (
+                ort_native(&path, &inputs),
+                ort_native(&fwd_path, &with_init),
+            ) {
+                let d = max_diff(&c[0], &o[0]);
+                assert!(
+                    d <= 1e-3,
+                    "{name}: f16 DoRA at init vs the f16 original, stock ORT: {d}"
+                );
+                let dh = max_diff(&c[0], &ref_values(&path, "logits_half"));
+                assert!(dh <= 1e-2, "{name}: stock ORT f16 vs torch f16: {dh}");
+                eprintln!("{name}: stock-ORT f16 init-vs-original {d:.1e}, vs torch f16 {dh:.1e}");
+            }
+        }
     }
+}
+
+/// Every output of `model` run by stock ONNX Runtime (`tests/ort_run.py`), as f32 in output
+/// order; `None` where onnxruntime is not installed.
+fn ort_native(model: &Path, inputs: &[(String, HostTensor)]) -> Option<Vec<Vec<f32>>> {
+    let r = bidora_tests::ort::run(model, inputs)?;
+    Some(
+        r.outputs
+            .into_iter()
+            .map(|(_, _, v)| v.into_iter().map(|x| x as f32).collect())
+            .collect(),
+    )
+}
+
+fn ort_native_named(
+    model: &Path,
+    inputs: &[(String, HostTensor)],
+) -> Option<Vec<(String, Vec<f32>)>> {
+    let r = bidora_tests::ort::run(model, inputs)?;
+    Some(
+        r.outputs
+            .into_iter()
+            .map(|(n, _, v)| (n, v.into_iter().map(|x| x as f32).collect()))
+            .collect(),
+    )
 }
 
 #[test]
@@ -256,40 +292,52 @@ fn half_models_adapter_gradients_match_finite_differences_and_backends_agree() {
             assert!(e <= 1e-4, "{name}: '{g}' half program vs f32 model {e:.3e}");
         }
 
-        let Some(ort) = &ort else { continue };
-        let b = run(&**ort, &step, &inputs);
-        let tol = if dtype == DataType::Float16 {
-            3e-2
-        } else {
-            1e-4
+        if let Some(ort) = &ort {
+            let b = run(&**ort, &step, &inputs);
+            let mut worst = 0f32;
+            for (_, g) in &tp.grads {
+                let e = rel(&grad_of(&a, g), &grad_of(&b, g));
+                worst = worst.max(e);
+                assert!(e <= 1e-4, "{name}: '{g}' ORT vs tract {e:.3e}");
+            }
+            eprintln!("{name}: ORT (upcast) vs tract gradients, worst {worst:.2e}");
+        }
+        // The f16 backward as written, in stock ONNX Runtime: activation gradients in f16.
+        if dtype != DataType::Float16 {
+            continue;
+        }
+        let Some(native) = ort_native_named(&step, &inputs) else {
+            continue;
         };
         let mut worst = 0f32;
         let mut underflow = vec![];
         for (_, g) in &tp.grads {
-            let (x, y) = (grad_of(&a, g), grad_of(&b, g));
-            let rms = (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
+            let x = grad_of(&a, g);
+            let y = &native.iter().find(|(n, _)| n == g).unwrap().1;
+            let y = ArrayD::from_shape_vec(x.raw_dim(), y.clone()).unwrap();
+            let rms =
+                |v: &ArrayD<f32>| (v.iter().map(|v| v * v).sum::<f32>() / v.len() as f32).sqrt();
             // f16 gradients below its normal range (6.1e-5; subnormals to 6e-8) flush to zero
-            // in an f16 backward: without loss scaling (not built yet) ORT's f16 run of the
-            // Llama's q_proj gradients (rms ~1e-11 at these random weights) gives zeros.
-            // Such gradients must come out no larger than tract's, and are listed.
-            if dtype == DataType::Float16 && rms < 1e-7 {
-                let ry = (y.iter().map(|v| v * v).sum::<f32>() / y.len() as f32).sqrt();
+            // in an f16 backward: without loss scaling (not built yet) the tiny Llama's q_proj
+            // gradients (rms ~1e-11 at its random weights) come out 0. Such gradients must
+            // come out no larger than tract's, and are listed.
+            if rms(&x) < 1e-7 {
                 assert!(
-                    ry <= 2.0 * rms,
-                    "{name}: '{g}' underflow case grew: {ry:.3e}"
+                    rms(&y) <= 2.0 * rms(&x),
+                    "{name}: '{g}' underflow case grew"
                 );
                 underflow.push(g.clone());
                 continue;
             }
             let e = rel(&x, &y);
             worst = worst.max(e);
-            assert!(e <= tol, "{name}: '{g}' ORT vs tract {e:.3e}");
+            assert!(e <= 3e-2, "{name}: '{g}' stock ORT f16 vs tract {e:.3e}");
         }
         assert!(underflow.len() < tp.grads.len(), "{name}: nothing compared");
-        if !underflow.is_empty() {
-            eprintln!("{name}: below f16's range on ORT (not compared): {underflow:?}");
-        }
-        eprintln!("{name}: ORT vs tract gradients, worst {worst:.2e}");
+        eprintln!(
+            "{name}: stock ORT f16 backward vs tract, worst {worst:.2e}; below f16's range \
+             (not compared): {underflow:?}"
+        );
     }
 }
 

@@ -432,12 +432,11 @@ fn a_resident_run_resumes_to_the_same_tensors() {
 }
 
 /// BiDoRA end to end on half-precision BERTs (f16 and bf16 weights, f32 adapters): both
-/// phases run on both engines with finite losses, and the curves agree — within f32 rounding
-/// where both engines compute in f32 (tract, and ORT's CPU provider, upcast bf16), within
-/// f16's where ONNX Runtime runs the f16 program as it is.
+/// phases run on both engines with finite losses, and the curves agree within f32 rounding
+/// (both engines upcast half programs on the CPU).
 #[test]
 fn bidora_trains_half_precision_models_on_both_backends() {
-    for (file, tol) in [("bert_legacy17_bf16", 1e-4), ("bert_dynamo18_f16", 1e-3)] {
+    for (file, tol) in [("bert_legacy17_bf16", 1e-4), ("bert_dynamo18_f16", 1e-4)] {
         let dir = tempfile::tempdir().unwrap();
         let model = load_model(&repo_root().join(format!("models/half/{file}.onnx"))).unwrap();
         let opts = seq_cls_options(qv_targets("bert"), AdapterMethod::Dora, Some(Hypergrad::Fd));

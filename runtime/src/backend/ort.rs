@@ -15,6 +15,7 @@
 //! project's machines have none.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -29,6 +30,7 @@ use super::locate::{self, Located};
 use super::ort_shared::SharedWeights;
 use super::{match_inputs, program_label, Backend, BackendError, BackendOptions, Device};
 use super::{Arg, HostTensor, Output, Program, Resident, ResidentValue};
+use bidora_compiler::legalize::Upcast;
 
 pub struct OrtBackend {
     lib: Located,
@@ -38,6 +40,8 @@ pub struct OrtBackend {
     why: Option<String>,
     /// Frozen weights in memory once for every session of this backend.
     shared: SharedWeights,
+    /// Upcast copies of half programs (CPU), one folder per artifact folder.
+    scratch: Mutex<HashMap<PathBuf, Scratch>>,
 }
 
 /// The process's library (canonical path) and environment, once loaded.
@@ -100,6 +104,7 @@ impl OrtBackend {
             threads: opts.thread_count(),
             why,
             shared: SharedWeights::new(),
+            scratch: Mutex::new(HashMap::new()),
         })
     }
 
@@ -134,26 +139,23 @@ impl OrtBackend {
                 }
             })?;
         }
-        // ONNX Runtime's CPU provider runs f16 (it casts around the kernels it lacks) but has
-        // no bf16 kernels for most ops: a bf16 program is upcast to f32 here, in memory.
-        if self.device == Device::Cpu && has_bf16(path).map_err(err)? {
-            let ir = bidora_compiler::load_model(path).map_err(|e| err(e.to_string()))?;
-            let (ir, up) = bidora_compiler::legalize::upcast_half(&ir);
+        // ONNX Runtime's CPU provider has no bf16 kernels for most ops, and runs f16 by casting
+        // around each kernel it lacks, which folds an f32 copy of every weight into every
+        // session (0.84 B f16 Llama, `bidora check`: 9.5 GB). So a half program on the CPU is
+        // upcast once (`legalize::upcast_half`), its weights converted once and shared by
+        // every session like f32 weights.
+        if self.device == Device::Cpu && has_half(path).map_err(err)? {
+            let (legal, up) = self.upcast_program(path).map_err(err)?;
             super::note_upcast("ONNX Runtime's CPU provider", path, up);
-            let bytes = bidora_compiler::onnx_io::encode_model(
-                &bidora_compiler::ir::convert::model_to_proto(&ir),
-            );
-            if bytes.len() >= i32::MAX as usize {
-                return Err(err(format!(
-                    "a bf16 program upcast to f32 is {:.1} GB, past protobuf's 2 GiB for one \
-                     in-memory model: run it with --backend tract, on CUDA, or from an f16 export",
-                    bytes.len() as f64 / 1e9
-                )));
+            for (name, value) in self.shared.for_program_as(path, true).map_err(err)? {
+                b = b
+                    .with_initializer(&name, value)
+                    .map_err(|e| err(format!("sharing weight '{name}': {e}")))?;
             }
             b = b
                 .with_config_entry("session.disable_prepacking", "1")
                 .map_err(|e| err(e.to_string()))?;
-            return b.commit_from_memory(&bytes).map_err(|e| err(e.to_string()));
+            return b.commit_from_file(&legal).map_err(|e| err(e.to_string()));
         }
         // The artifact's frozen weights: one value each, shared by every session (on CUDA
         // each session still copies them to the device).
@@ -170,6 +172,161 @@ impl OrtBackend {
             .with_config_entry("session.disable_prepacking", "1")
             .map_err(|e| err(e.to_string()))?;
         b.commit_from_file(path).map_err(|e| err(e.to_string()))
+    }
+}
+
+/// The folder where half programs of one artifact are upcast for the CPU provider, with
+/// one f32 data file. ONNX Runtime reads external data only from the program's own folder
+/// and constant-folds from the file before the shared values replace the initializers, so
+/// the file holds real values: every external tensor the programs name, once, half ones
+/// upcast (on disk: the model's f32 size). The sessions' unfolded weights are the shared
+/// values (one copy in memory).
+struct Scratch {
+    dir: tempfile::TempDir,
+    file: std::fs::File,
+    end: u64,
+    /// (location, offset, length) in the artifact → (offset, length) in `DATA`.
+    placed: HashMap<(String, u64, u64), (u64, u64)>,
+}
+
+impl Scratch {
+    const DATA: &'static str = "weights.f32.bin";
+
+    fn new() -> Result<Scratch, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("bidora-ort-upcast-")
+            .tempdir()
+            .map_err(|e| format!("a scratch folder for upcast programs: {e}"))?;
+        let path = dir.path().join(Self::DATA);
+        let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(Scratch {
+            dir,
+            file,
+            end: 0,
+            placed: HashMap::new(),
+        })
+    }
+
+    /// Points the external tensor `t` at its values in `DATA`, writing them there (upcast
+    /// from `half`, the tensor's type in the artifact) the first time a program names them.
+    fn place(
+        &mut self,
+        artifact: &Path,
+        t: &mut bidora_compiler::proto::onnx::TensorProto,
+        half: Option<bidora_compiler::proto::onnx::tensor_proto::DataType>,
+    ) -> Result<(), String> {
+        use bidora_compiler::proto::onnx::tensor_proto::DataType as D;
+        use std::io::Write;
+        use std::os::unix::fs::FileExt;
+        let name = t.name.clone().unwrap_or_default();
+        let get = |k: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key.as_deref() == Some(k))
+                .and_then(|e| e.value.clone())
+        };
+        let loc =
+            get("location").ok_or_else(|| format!("'{name}': external data without a location"))?;
+        if loc.contains(['/', '\\']) || loc == ".." {
+            return Err(format!(
+                "'{name}': external data location '{loc}' is not a plain file name"
+            ));
+        }
+        let offset: u64 = get("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let length: u64 = get("length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("'{name}': external data without a length"))?;
+        let k = (loc, offset, length);
+        if !self.placed.contains_key(&k) {
+            let src = artifact.join(&k.0);
+            let f = std::fs::File::open(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+            let mut raw = vec![0u8; length as usize];
+            f.read_exact_at(&mut raw, offset)
+                .map_err(|e| format!("{} ('{name}'): {e}", src.display()))?;
+            let widen = |f: fn([u8; 2]) -> f32| -> Vec<u8> {
+                raw.chunks_exact(2)
+                    .flat_map(|c| f([c[0], c[1]]).to_le_bytes())
+                    .collect()
+            };
+            let raw = match half {
+                Some(D::Float16) => widen(|b| half::f16::from_le_bytes(b).to_f32()),
+                Some(D::Bfloat16) => widen(|b| half::bf16::from_le_bytes(b).to_f32()),
+                _ => raw,
+            };
+            self.file
+                .write_all(&raw)
+                .map_err(|e| format!("{}: {e}", self.dir.path().join(Self::DATA).display()))?;
+            self.placed.insert(k.clone(), (self.end, raw.len() as u64));
+            self.end += raw.len() as u64;
+        }
+        let (o, l) = self.placed[&k];
+        t.external_data.retain(|e| {
+            !matches!(
+                e.key.as_deref(),
+                Some("location") | Some("offset") | Some("length")
+            )
+        });
+        for (key, value) in [
+            ("location", Self::DATA.to_string()),
+            ("offset", o.to_string()),
+            ("length", l.to_string()),
+        ] {
+            t.external_data
+                .push(bidora_compiler::proto::onnx::StringStringEntryProto {
+                    key: Some(key.into()),
+                    value: Some(value),
+                });
+        }
+        Ok(())
+    }
+}
+
+impl OrtBackend {
+    /// Writes `path` upcast to f32 into this backend's scratch folder for its artifact and
+    /// returns the copy's path. External initializers stay external, retyped f32 and pointed
+    /// at the scratch data file; sessions get them as shared values
+    /// ([`SharedWeights::for_program_as`] with `upcast`).
+    fn upcast_program(&self, path: &Path) -> Result<(PathBuf, Upcast), String> {
+        use bidora_compiler::proto::onnx::tensor_proto::{DataLocation, DataType as D};
+        let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut proto = bidora_compiler::onnx_io::decode_model_shared(bytes.into(), path)
+            .map_err(|e| e.to_string())?;
+        let graph = proto.graph.as_mut().ok_or("the program has no graph")?;
+        let (external, inline): (Vec<_>, Vec<_>) = std::mem::take(&mut graph.initializer)
+            .into_iter()
+            .partition(|t| t.data_location == Some(DataLocation::External as i32));
+        graph.initializer = inline;
+        let ir =
+            bidora_compiler::ir::convert::model_from_proto(proto).map_err(|e| e.to_string())?;
+        let (ir, mut up) = bidora_compiler::legalize::upcast_half(&ir);
+        let mut out = bidora_compiler::ir::convert::model_to_proto(&ir);
+        let g = out.graph.as_mut().ok_or("the program has no graph")?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let key = std::fs::canonicalize(folder).unwrap_or_else(|_| folder.to_path_buf());
+        if !scratch.contains_key(&key) {
+            scratch.insert(key.clone(), Scratch::new()?);
+        }
+        let sc = scratch.get_mut(&key).expect("inserted above");
+        let dir = sc.dir.path().to_path_buf();
+        for mut t in external {
+            let was = t.data_type.and_then(|d| D::try_from(d).ok());
+            let half = matches!(was, Some(D::Float16) | Some(D::Bfloat16));
+            if half {
+                t.data_type = Some(D::Float as i32);
+                up.tensors += 1;
+                up.bytes += 4 * t.dims.iter().product::<i64>().max(0) as usize;
+            }
+            sc.place(&key, &mut t, was.filter(|_| half))?;
+            g.initializer.push(t);
+        }
+        let name = path
+            .file_name()
+            .ok_or("the program path has no file name")?;
+        let legal = dir.join(name);
+        std::fs::write(&legal, bidora_compiler::onnx_io::encode_model(&out))
+            .map_err(|e| format!("{}: {e}", legal.display()))?;
+        Ok((legal, up))
     }
 }
 
@@ -490,11 +647,12 @@ impl Program for OrtProgram {
     }
 }
 
-/// Whether the program at `path` holds or declares any bf16 value (read from the program file
-/// alone: weights are external, their types are in it).
-fn has_bf16(path: &Path) -> Result<bool, String> {
+/// Whether the program at `path` holds or declares any f16 or bf16 value (read from the
+/// program file alone: weights are external, their types are in it).
+fn has_half(path: &Path) -> Result<bool, String> {
+    use bidora_compiler::proto::onnx::tensor_proto::DataType as D;
     use bidora_compiler::proto::onnx::{type_proto, TypeProto};
-    const BF16: i32 = bidora_compiler::proto::onnx::tensor_proto::DataType::Bfloat16 as i32;
+    let half = |t: i32| t == D::Float16 as i32 || t == D::Bfloat16 as i32;
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let model = bidora_compiler::onnx_io::decode_model_shared(bytes.into(), path)
         .map_err(|e| e.to_string())?;
@@ -504,10 +662,10 @@ fn has_bf16(path: &Path) -> Result<bool, String> {
     let declared = |t: &Option<TypeProto>| {
         matches!(
             t.as_ref().and_then(|t| t.value.as_ref()),
-            Some(type_proto::Value::TensorType(tt)) if tt.elem_type == Some(BF16)
+            Some(type_proto::Value::TensorType(tt)) if tt.elem_type.is_some_and(half)
         )
     };
-    Ok(g.initializer.iter().any(|t| t.data_type == Some(BF16))
+    Ok(g.initializer.iter().any(|t| t.data_type.is_some_and(half))
         || g.input
             .iter()
             .chain(&g.output)
@@ -516,6 +674,6 @@ fn has_bf16(path: &Path) -> Result<bool, String> {
         || g.node.iter().any(|n| {
             n.attribute
                 .iter()
-                .any(|a| a.name.as_deref() == Some("to") && a.i == Some(BF16 as i64))
+                .any(|a| a.name.as_deref() == Some("to") && a.i.is_some_and(|i| half(i as i32)))
         }))
 }

@@ -12,7 +12,8 @@
 //! copies of MatMul weights (MLAS prepacking) remain per session.
 //!
 //! Element types without a host type here (f16, bf16 and the small integer types) are left
-//! to ONNX Runtime to load from the file, per session.
+//! to ONNX Runtime to load from the file, per session, except when a half program is upcast
+//! for the CPU provider: then its f16/bf16 tensors are converted to f32 here, once.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -24,8 +25,8 @@ use bidora_compiler::proto::onnx::tensor_proto::{DataLocation, DataType};
 use bidora_compiler::proto::onnx::TensorProto;
 use ort::value::{DynValue, Tensor};
 
-/// One external tensor: which file, where in it, and its name.
-type Key = (PathBuf, String, u64, u64);
+/// One external tensor: which file, where in it, its name, and whether it is upcast.
+type Key = (PathBuf, String, u64, u64, bool);
 
 pub struct SharedWeights {
     values: Mutex<HashMap<Key, Arc<DynValue>>>,
@@ -42,6 +43,17 @@ impl SharedWeights {
     /// initializer name. Reads only the model file's own bytes (small: weights are external)
     /// and, on first use, each tensor's bytes from its data file.
     pub fn for_program(&self, path: &Path) -> Result<Vec<(String, Arc<DynValue>)>, String> {
+        self.for_program_as(path, false)
+    }
+
+    /// Like [`SharedWeights::for_program`]; with `upcast`, f16 and bf16 tensors become f32
+    /// values (converted once, shared like the others): what a program legalised by
+    /// `legalize::upcast_half` expects in their place.
+    pub fn for_program_as(
+        &self,
+        path: &Path,
+        upcast: bool,
+    ) -> Result<Vec<(String, Arc<DynValue>)>, String> {
         let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
         let model = bidora_compiler::onnx_io::decode_model_shared(bytes.into(), path)
             .map_err(|e| e.to_string())?;
@@ -62,12 +74,12 @@ impl SharedWeights {
             }
             let data_path = folder.join(&file);
             let name = t.name.clone().unwrap_or_default();
-            let key = (data_path.clone(), name.clone(), offset, length);
+            let key = (data_path.clone(), name.clone(), offset, length, upcast);
             if let Some(v) = values.get(&key) {
                 out.push((name, v.clone()));
                 continue;
             }
-            let Some(v) = value(t, &data_path, offset, length)? else {
+            let Some(v) = value(t, &data_path, offset, length, upcast)? else {
                 continue;
             };
             let v = Arc::new(v);
@@ -102,6 +114,7 @@ fn value(
     file: &Path,
     offset: u64,
     length: u64,
+    upcast: bool,
 ) -> Result<Option<DynValue>, String> {
     let dims: Vec<i64> = t.dims.clone();
     let numel = dims
@@ -113,6 +126,7 @@ fn value(
     let width = match DataType::try_from(t.data_type.unwrap_or(0)) {
         Ok(DataType::Float) | Ok(DataType::Int32) => 4,
         Ok(DataType::Double) | Ok(DataType::Int64) => 8,
+        Ok(DataType::Float16) | Ok(DataType::Bfloat16) if upcast => 2,
         _ => return Ok(None),
     };
     if numel.checked_mul(width) != Some(length) {
@@ -152,6 +166,14 @@ fn value(
         Ok(DataType::Int64) => Tensor::from_array((shape, le::<i64, 8>(&raw, i64::from_le_bytes)))
             .map_err(err)?
             .into_dyn(),
+        Ok(DataType::Float16) => {
+            let v = le::<f32, 2>(&raw, |b| half::f16::from_le_bytes(b).to_f32());
+            Tensor::from_array((shape, v)).map_err(err)?.into_dyn()
+        }
+        Ok(DataType::Bfloat16) => {
+            let v = le::<f32, 2>(&raw, |b| half::bf16::from_le_bytes(b).to_f32());
+            Tensor::from_array((shape, v)).map_err(err)?.into_dyn()
+        }
         _ => return Ok(None),
     };
     Ok(Some(v))
