@@ -665,17 +665,17 @@ pub fn options(f: &Fixture) -> crate::Result<CompileOptions> {
     })
 }
 
-/// Writes `bytes` as `dir/model.onnx` (beside a small `weights.bin` for external data to hit)
-/// and runs it through the importer and, when it loads, the compile.
+/// Runs `bytes` through the importer as if read from `dir/model.onnx` (beside a small
+/// `weights.bin` for external data to hit) and, when it loads, the compile. The bytes are not
+/// written out: reading a file back is [`crate::load_model`]'s only difference from
+/// [`crate::load_model_bytes`], and it cost each mutant a write and a read of ~600 kB.
 pub fn run_file(bytes: &[u8], fixture: &Fixture, dir: &Path) -> Outcome {
     install_hook();
     let path = dir.join("model.onnx");
-    if let Err(e) = std::fs::write(&path, bytes) {
-        return Outcome::Refused(format!("cannot write the mutant: {e}"));
-    }
+    let bytes = bytes.to_vec();
     CAPTURING.with(|c| c.set(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let model = match crate::load_model(&path) {
+        let model = match crate::load_model_bytes(bytes, &path) {
             Ok(m) => m,
             Err(e) => return Outcome::Refused(e.to_string()),
         };
@@ -749,6 +749,8 @@ pub struct Summary {
     pub hangs: Vec<Failure>,
     pub peak_rss_bytes: Option<u64>,
     pub seconds: f64,
+    /// The mutant that took longest and its wall time in seconds.
+    pub slowest: Option<(u64, f64)>,
 }
 
 impl Summary {
@@ -759,7 +761,7 @@ impl Summary {
 
     pub fn line(&self) -> String {
         format!(
-            "mutants {}, loaded {}, compiled {}, errors {}, panics {}, hangs {}, peak RSS {}, {:.1} s ({:.0} mutants/s)",
+            "mutants {}, loaded {}, compiled {}, errors {}, panics {}, hangs {}, peak RSS {}, {:.1} s ({:.0} mutants/s), slowest {}",
             self.mutants,
             self.loaded(),
             self.compiled,
@@ -771,6 +773,9 @@ impl Summary {
                 .unwrap_or_else(|| "unknown".into()),
             self.seconds,
             self.mutants as f64 / self.seconds.max(1e-9),
+            self.slowest
+                .map(|(i, t)| format!("mutant {i} ({t:.2} s)"))
+                .unwrap_or_else(|| "none".into()),
         )
     }
 }
@@ -790,6 +795,9 @@ pub static IN_FLIGHT: [AtomicU64; 64] = [const { AtomicU64::new(u64::MAX) }; 64]
 
 pub struct RunOptions {
     pub seed: u64,
+    /// The first mutant index: chunks `start..start + mutants` of one seed add up to one
+    /// sequence, so a long campaign can be carried across sittings.
+    pub start: u64,
     pub mutants: u64,
     pub threads: usize,
     /// A mutant running longer than this is a hang.
@@ -798,7 +806,7 @@ pub struct RunOptions {
     pub time_limit: Option<Duration>,
 }
 
-/// Runs mutants `0..mutants` of `seed` on `threads` workers; `progress` is called with the
+/// Runs mutants `start..start + mutants` of `seed` on `threads` workers; `progress` is called with the
 /// number done so far about ten times a second. Stops at the first hang: the stuck worker
 /// cannot be stopped from outside, so it is left detached and the caller should exit.
 pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Summary {
@@ -811,6 +819,7 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
         compiled: AtomicU64,
         stop: AtomicBool,
         panics: Mutex<Vec<Failure>>,
+        slowest: Mutex<Option<(u64, f64)>>,
     }
     let start = Instant::now();
     let shared = Arc::new(Shared::default());
@@ -820,7 +829,8 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
     let mut handles = vec![];
     for (worker, slot) in current.iter().enumerate() {
         let (fx, shared, slot) = (fx.clone(), shared.clone(), slot.clone());
-        let (seed, total) = (o.seed, o.mutants);
+        let (seed, first) = (o.seed, o.start);
+        let end = o.start.saturating_add(o.mutants);
         handles.push(std::thread::spawn(move || {
             let dir = match work_dir() {
                 Ok(d) => d,
@@ -830,11 +840,12 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
                 }
             };
             while !shared.stop.load(Ordering::SeqCst) {
-                let index = shared.next.fetch_add(1, Ordering::SeqCst);
-                if index >= total {
+                let index = first.saturating_add(shared.next.fetch_add(1, Ordering::SeqCst));
+                if index >= end {
                     break;
                 }
-                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, Instant::now()));
+                let began = Instant::now();
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, began));
                 if let Some(f) = IN_FLIGHT.get(worker) {
                     f.store(index, Ordering::SeqCst);
                 }
@@ -862,6 +873,12 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
                     }
                 };
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                let took = began.elapsed().as_secs_f64();
+                let mut slowest = shared.slowest.lock().unwrap_or_else(|e| e.into_inner());
+                if slowest.is_none_or(|(_, t)| took > t) {
+                    *slowest = Some((index, took));
+                }
+                drop(slowest);
                 if let Some(f) = IN_FLIGHT.get(worker) {
                     f.store(u64::MAX, Ordering::SeqCst);
                 }
@@ -912,6 +929,7 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
         }
     }
     let mut panics = std::mem::take(&mut *shared.panics.lock().unwrap_or_else(|e| e.into_inner()));
+    let slowest = *shared.slowest.lock().unwrap_or_else(|e| e.into_inner());
     panics.extend(setup.into_iter().map(|message| Failure {
         seed: o.seed,
         index: u64::MAX,
@@ -928,6 +946,7 @@ pub fn run(fx: Arc<Vec<Fixture>>, o: &RunOptions, progress: &dyn Fn(u64)) -> Sum
         hangs,
         peak_rss_bytes: peak_rss_bytes(),
         seconds: start.elapsed().as_secs_f64(),
+        slowest,
     }
 }
 

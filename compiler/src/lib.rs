@@ -55,6 +55,19 @@ pub const MAX_OPSET: i64 = 23;
 /// that the ONNX opset is one the compiler supports.
 pub fn load_model(path: &std::path::Path) -> Result<ir::Model> {
     let proto = onnx_io::read_model(path)?;
+    import(proto, path)
+}
+
+/// [`load_model`] of a model already in memory, as if read from `path` (external data is
+/// resolved against its folder; errors name it). The fuzzer's mutants take this way, so each
+/// is not written out and read back.
+pub fn load_model_bytes(bytes: Vec<u8>, path: &std::path::Path) -> Result<ir::Model> {
+    let mut proto = onnx_io::decode_model_shared(bytes.into(), path)?;
+    onnx_io::load_external_data(&mut proto, path)?;
+    import(proto, path)
+}
+
+fn import(proto: proto::onnx::ModelProto, path: &std::path::Path) -> Result<ir::Model> {
     let mut model = ir::convert::model_from_proto(proto).map_err(|e| match e {
         Error::Invalid(msg) => Error::Invalid(format!("{}: {msg}", path.display())),
         other => other,

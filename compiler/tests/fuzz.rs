@@ -21,6 +21,7 @@ fn env_u64(key: &str, default: u64) -> u64 {
 fn mutants_never_panic_or_hang() {
     let fx = Arc::new(fuzz::fixtures(&fuzz::models_dir()).unwrap());
     let opts = RunOptions {
+        start: 0,
         seed: env_u64("BIDORA_FUZZ_SEED", 1),
         mutants: env_u64("BIDORA_FUZZ_MUTANTS", 2000),
         threads: 2,
