@@ -4,10 +4,10 @@
 //! check that an output path does not overlap an input.
 //!
 //! The fingerprint is FNV-1a 64 over every initializer's name, element type, dims and bytes,
-//! in name order, with the initializer count and the total byte count beside it. The compiler
-//! and `bidora export` hold every weight in memory anyway, so hashing them is one pass over
-//! memory they already read (about 1 GB/s), and node order (which export keeps and the
-//! compiler sorts) does not enter it.
+//! in name order, with the initializer count and the total byte count beside it. It is one
+//! pass over the weights (about 1 GB/s; mapped weights are released behind it, so the pass
+//! holds one tensor at a time), and node order (which export keeps and the compiler sorts)
+//! does not enter it.
 
 use std::hash::Hasher;
 use std::path::{Component, Path, PathBuf};
@@ -56,6 +56,7 @@ pub fn non_finite_weight(model: &Model) -> Option<(String, usize, String)> {
                 .map(|i| (i, "inf or NaN".to_string())),
             _ => None,
         };
+        crate::onnx_io::mapped::release(b);
         if let Some((i, v)) = found {
             return Some((name.clone(), i, v));
         }
@@ -105,6 +106,7 @@ pub fn fingerprint(model: &Model) -> Fingerprint {
         match &t.data {
             TensorData::Raw(b) => {
                 h.write(b);
+                crate::onnx_io::mapped::release(b);
                 bytes += b.len() as u64;
             }
             TensorData::Strings(s) => {

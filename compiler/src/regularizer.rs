@@ -68,22 +68,13 @@ pub fn attach(
         // a node, not a stored [out, out] constant, so the artifact holds no dense per-adapter
         // tensors; tract and ONNX Runtime fold it once when they load the program (O(in·out²)
         // then, and out² floats per adapter in memory for the run).
-        let w64 = w
-            .to_f64_vec()
-            .ok_or_else(|| Error::Other("weight is not float".into()))?;
         let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
         let out = match ad.layout {
             Layout::InOut => cols,
             Layout::OutIn => rows,
         };
-        let mut sq0 = vec![0.0f64; out];
-        for (k, v) in w64.iter().enumerate() {
-            let j = match ad.layout {
-                Layout::InOut => k % cols,
-                Layout::OutIn => k / cols,
-            };
-            sq0[j] += v * v;
-        }
+        let sq0 = crate::rewrite::exact_out_feature_sqnorms(&w, ad.layout)
+            .ok_or_else(|| Error::Other("weight is not float".into()))?;
         // For a half weight the Gram matrix is taken of W0 cast up (constants only: folded at
         // load, the up-cast copy dropped after), so DᵀD keeps f32 accuracy.
         let w0 = if half {

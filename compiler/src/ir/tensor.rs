@@ -149,10 +149,25 @@ impl DataType {
 /// Tensor payload: packed little-endian bytes, or a list of byte strings for `DataType::String`.
 /// `Bytes` (reference-counted, sliceable) so that copying a graph does not copy weights and
 /// import can point into the file's buffer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub enum TensorData {
     Raw(Bytes),
     Strings(Vec<Vec<u8>>),
+}
+
+/// Two views of the same bytes are equal without reading them: a weight that several
+/// programs or instances share is one slice of a (possibly memory-mapped) file, and comparing
+/// it byte by byte would fault in every page of the model.
+impl PartialEq for TensorData {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (TensorData::Raw(a), TensorData::Raw(b)) => {
+                a.len() == b.len() && (a.as_ptr() == b.as_ptr() || a == b)
+            }
+            (TensorData::Strings(a), TensorData::Strings(b)) => a == b,
+            _ => false,
+        }
+    }
 }
 
 /// A constant tensor (initializer, or the value of a tensor attribute).
@@ -266,28 +281,33 @@ impl Tensor {
 
     /// Values as f64 (from any float or integer storage of up to 64 bits).
     pub fn to_f64_vec(&self) -> Option<Vec<f64>> {
+        let mut v = Vec::with_capacity(self.numel().unwrap_or(0));
+        self.for_each_f64(|x| v.push(x))?;
+        Some(v)
+    }
+
+    /// Calls `f` on every value, in storage order, as f64 (exact for every float type), with
+    /// no copy of the tensor: for passes that reduce a weight (norms, sums) instead of
+    /// keeping it. `None` (and no call) when the tensor holds no numbers.
+    pub fn for_each_f64(&self, mut f: impl FnMut(f64)) -> Option<()> {
         let raw = self.raw()?;
-        let v = match self.dtype {
+        match self.dtype {
             DataType::Float => raw
                 .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                .collect(),
+                .for_each(|c| f(f32::from_le_bytes(c.try_into().unwrap()) as f64)),
             DataType::Double => raw
                 .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                .collect(),
+                .for_each(|c| f(f64::from_le_bytes(c.try_into().unwrap()))),
             // Exact: every f16 and bf16 value is an f64.
             DataType::Float16 => raw
                 .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
+                .for_each(|c| f(half::f16::from_le_bytes([c[0], c[1]]).to_f64())),
             DataType::Bfloat16 => raw
                 .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
-                .collect(),
-            _ => self.to_i64_vec()?.into_iter().map(|v| v as f64).collect(),
-        };
-        Some(v)
+                .for_each(|c| f(half::bf16::from_le_bytes([c[0], c[1]]).to_f64())),
+            _ => self.to_i64_vec()?.into_iter().for_each(|v| f(v as f64)),
+        }
+        Some(())
     }
 
     /// Values as i64 from any integer or bool storage.

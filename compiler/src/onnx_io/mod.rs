@@ -8,6 +8,7 @@
 //!   training graphs) into `raw_data`. Locations are checked before any file is opened:
 //!   absolute paths, `..` components and symlinks that leave the model's folder are refused,
 //!   and every read is bounds-checked against the file size before memory is allocated.
+//!   Large files are memory-mapped ([`mapped`]): tensors are slices of the mapping.
 //! - [`write_model`] / [`write_model_auto`]: atomic writes (temporary file in the same folder,
 //!   fsync, rename), optionally moving large tensors into one external data file.
 
@@ -179,6 +180,7 @@ pub fn encode_model(model: &ModelProto) -> Vec<u8> {
     model.encode_to_vec()
 }
 
+pub mod mapped;
 mod read;
 mod visit;
 mod write;

@@ -4,12 +4,24 @@ use super::*;
 // Reading.
 
 /// Reads a model file and loads all of its external data into `raw_data`.
+///
+/// Files of at least [`mapped::MAP_THRESHOLD`] bytes (the model file and its external data)
+/// are memory-mapped, not read: tensors are slices of the mapping (see [`mapped`]).
 pub fn read_model(path: &Path) -> Result<ModelProto> {
-    let bytes = fs::read(path).map_err(|source| OnnxIoError::Read {
+    let read_err = |source| OnnxIoError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    let mut model = decode_model_shared(bytes.into(), path)?;
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let bytes = if meta.is_file() && meta.len() >= mapped::MAP_THRESHOLD {
+        mapped::map(&file).map_err(read_err)?
+    } else {
+        let mut buf = Vec::new();
+        (&file).read_to_end(&mut buf).map_err(read_err)?;
+        buf.into()
+    };
+    let mut model = decode_model_shared(bytes, path)?;
     load_external_data(&mut model, path)?;
     Ok(model)
 }
@@ -32,6 +44,8 @@ pub(super) struct ExternalRef {
 pub(super) struct OpenFile {
     file: File,
     size: u64,
+    /// The whole file, mapped, when it is large enough (see [`mapped`]).
+    map: Option<bytes::Bytes>,
 }
 
 /// Resolves and reads external data, opening each file once.
@@ -105,7 +119,12 @@ impl<'a> ExternalLoader<'a> {
                 };
                 let file = File::open(&path).map_err(io_err)?;
                 let size = file.metadata().map_err(io_err)?.len();
-                e.insert(OpenFile { file, size })
+                let map = if size >= mapped::MAP_THRESHOLD {
+                    Some(mapped::map(&file).map_err(io_err)?)
+                } else {
+                    None
+                };
+                e.insert(OpenFile { file, size, map })
             }
         };
 
@@ -129,6 +148,14 @@ impl<'a> ExternalLoader<'a> {
                 "{length} bytes do not fit in memory on this machine"
             ))
         })?;
+        if let Some(map) = &open.map {
+            // In bounds (checked above), and the map covers the whole file.
+            let start = ext.offset as usize;
+            t.raw_data = Some(map.slice(start..start + len));
+            t.external_data.clear();
+            t.data_location = None;
+            return Ok(());
+        }
         let mut buf = Vec::new();
         buf.try_reserve_exact(len)
             .map_err(|_| bad(format!("cannot allocate {len} bytes")))?;

@@ -234,7 +234,13 @@ impl DataSink<'_> {
         let known = self
             .stored
             .get(&key)
-            .and_then(|v| v.iter().find(|(b, _)| b == raw).map(|(_, off)| *off));
+            // The same slice (one weight shared by several programs) is the common case; only
+            // a different slice of the same name and length needs its bytes compared.
+            .and_then(|v| {
+                v.iter()
+                    .find(|(b, _)| b.as_ptr() == raw.as_ptr() || b == raw)
+                    .map(|(_, off)| *off)
+            });
         let offset = match known {
             Some(off) => off,
             None => {
@@ -265,6 +271,8 @@ impl DataSink<'_> {
             .map_err(write_err)?;
         let offset = self.position + padding;
         out.write_all(raw).map_err(write_err)?;
+        // A mapped source weight is written once; its pages need not stay in this process.
+        super::mapped::release(raw);
         self.position = offset + raw.len() as u64;
         Ok(offset)
     }

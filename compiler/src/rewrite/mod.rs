@@ -21,30 +21,43 @@ pub use split_fused::split_fused;
 use crate::ir::{DataType, Tensor};
 use crate::targets::Layout;
 
+/// Hands a (memory-mapped) weight's pages back once a pass has read it: see
+/// [`crate::onnx_io::mapped`].
+pub fn release_weight(w: &Tensor) {
+    if let Some(raw) = w.raw() {
+        crate::onnx_io::mapped::release(raw);
+    }
+}
+
+/// The squared norm of each output feature's column of `w`, summed in f64 (in row order, as
+/// [`out_feature_sqnorms`] and the regulariser need), without a copy of `w`.
+pub fn exact_out_feature_sqnorms(w: &Tensor, layout: Layout) -> Option<Vec<f64>> {
+    if !w.dtype.is_float() {
+        return None;
+    }
+    let (r, c) = (w.dims[0] as usize, w.dims[1] as usize);
+    let mut sums = vec![0.0f64; if layout == Layout::InOut { c } else { r }];
+    let mut k = 0usize;
+    // Streamed, not copied to f64: a 4096 x 4096 weight would be 128 MB more per adapter.
+    w.for_each_f64(|x| {
+        let j = match layout {
+            Layout::InOut => k % c,
+            Layout::OutIn => k / c,
+        };
+        sums[j] += x * x;
+        k += 1;
+    })?;
+    release_weight(w);
+    Some(sums)
+}
+
 /// Squared L2 norm of every output feature of a 2-D float weight: the per-column norm of
 /// the `[in, out]` matrix `x · W` uses, whatever the storage layout. Accumulated in f64 and
 /// rounded once to the adapters' type ([`adapter_dtype`]), so the rewrite's magnitude and the
 /// lowering's norm constant are the same values (for f32, `m = √sq` in f32 equals the graph's
 /// `Sqrt(sq)`).
 pub fn out_feature_sqnorms(w: &Tensor, layout: Layout) -> Option<Vec<f64>> {
-    if !w.dtype.is_float() {
-        return None;
-    }
-    let v = w.to_f64_vec()?;
-    let (r, c) = (w.dims[0] as usize, w.dims[1] as usize);
-    let sums: Vec<f64> = match layout {
-        Layout::InOut => (0..c)
-            .map(|j| (0..r).map(|i| v[i * c + j].powi(2)).sum::<f64>())
-            .collect(),
-        Layout::OutIn => (0..r)
-            .map(|j| {
-                v[j * c..(j + 1) * c]
-                    .iter()
-                    .map(|&x| x.powi(2))
-                    .sum::<f64>()
-            })
-            .collect(),
-    };
+    let sums = exact_out_feature_sqnorms(w, layout)?;
     Some(match adapter_dtype(w.dtype) {
         DataType::Float => sums.into_iter().map(|x| x as f32 as f64).collect(),
         _ => sums,
