@@ -194,52 +194,34 @@ pub(crate) mod grads {
         if ra < 2 || rb < 2 {
             return Err(cx.err("gradient of MatMul with a 1-D operand is not supported"));
         }
-        let da = if cx.needs(0) {
+        // With a rank-2 b (a weight, in every model we see), the batch dims of a are folded into
+        // rows, so both products are plain Gemms: da = g2·bᵀ with transB (no Transpose of the
+        // weight, which runtimes would fold into a second, transposed copy of every frozen
+        // weight), db = a2ᵀ·g2 with transA (one product, no per-batch products to sum).
+        let g2 = (rb == 2).then(|| fold_rows(cx, &g, ra, "g"));
+        let da = if !cx.needs(0) {
+            None
+        } else if let Some(g2) = &g2 {
+            let t = cx.op_attrs("Gemm", "da", &[g2, &b], vec![("transB", AttrValue::Int(1))]);
+            Some(if ra == 2 {
+                t
+            } else {
+                let a_shape = cx.op("Shape", "a_shape", &[&a]);
+                cx.op("Reshape", "da_full", &[&t, &a_shape])
+            })
+        } else {
             let bt = cx.swap_last_two(&b, rb);
             let t = cx.op("MatMul", "da", &[&g, &bt]);
             Some(cx.unbroadcast(&t, 0)?)
-        } else {
-            None
         };
         let db = if !cx.needs(1) {
             None
-        } else if rb == 2 {
-            // Weight of rank 2 under a batched input: flatten the batch dims into rows, then
-            // one [in, rows]·[rows, out] product (no per-batch products to sum afterwards).
-            let a_shape = cx.op("Shape", "a_shape", &[&a]);
-            let last = cx.b.ints("last", &[-1]);
-            let in_dim = cx.op_attrs(
-                "Gather",
-                "in_dim",
-                &[&a_shape, &last],
-                vec![("axis", AttrValue::Int(0))],
-            );
-            let minus1 = cx.b.ints("minus1", &[-1]);
-            let a2_shape = cx.op_attrs(
-                "Concat",
-                "a2_shape",
-                &[&minus1, &in_dim],
-                vec![("axis", AttrValue::Int(0))],
-            );
-            let a2 = cx.op("Reshape", "a2", &[&a, &a2_shape]);
-            let g_shape = cx.op("Shape", "g_shape", &[&g]);
-            let out_dim = cx.op_attrs(
-                "Gather",
-                "out_dim",
-                &[&g_shape, &last],
-                vec![("axis", AttrValue::Int(0))],
-            );
-            let g2_shape = cx.op_attrs(
-                "Concat",
-                "g2_shape",
-                &[&minus1, &out_dim],
-                vec![("axis", AttrValue::Int(0))],
-            );
-            let g2 = cx.op("Reshape", "g2", &[&g, &g2_shape]);
+        } else if let Some(g2) = &g2 {
+            let a2 = fold_rows(cx, &a, ra, "a");
             Some(cx.op_attrs(
                 "Gemm",
                 "db",
-                &[&a2, &g2],
+                &[&a2, g2],
                 vec![("transA", AttrValue::Int(1))],
             ))
         } else {
@@ -248,6 +230,29 @@ pub(crate) mod grads {
             Some(cx.unbroadcast(&t, 1)?)
         };
         Ok(vec![da, db])
+    }
+
+    /// `v` of rank `rank` as the matrix [rows, last dim] (itself when already 2-D).
+    fn fold_rows(cx: &mut GradCx, v: &str, rank: usize, tag: &str) -> String {
+        if rank == 2 {
+            return v.to_string();
+        }
+        let last = cx.b.ints("last", &[-1]);
+        let minus1 = cx.b.ints("minus1", &[-1]);
+        let shape = cx.op("Shape", &format!("{tag}_shape"), &[v]);
+        let inner = cx.op_attrs(
+            "Gather",
+            &format!("{tag}_inner"),
+            &[&shape, &last],
+            vec![("axis", AttrValue::Int(0))],
+        );
+        let shape2 = cx.op_attrs(
+            "Concat",
+            &format!("{tag}2_shape"),
+            &[&minus1, &inner],
+            vec![("axis", AttrValue::Int(0))],
+        );
+        cx.op("Reshape", &format!("{tag}2"), &[v, &shape2])
     }
 
     /// y = α·op(a)·op(b) + β·c.
