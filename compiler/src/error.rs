@@ -23,6 +23,11 @@ pub enum Error {
     )]
     UnsupportedOpset { found: i64, min: i64, max: i64 },
 
+    /// The model breaks a rule of the ONNX checker that bidora enforces at import
+    /// ([`crate::import_check`]); the message names the node and the rule.
+    #[error(transparent)]
+    Rule(#[from] crate::import_check::Violation),
+
     /// Shape or type inference failed at a node.
     #[error("shape inference failed at {node}: {msg}")]
     Shape { node: String, msg: String },
