@@ -151,9 +151,10 @@ pub enum Violation {
 
     #[error(
         "{node} takes '{a}' as {a_type} and '{b}' as {b_type}, but {op} needs {which} to share \
-         one element type (the ONNX spec's type constraint); what you can do: cast the odd one out \
-         (a weight saved as {b_type}: convert it to {a_type}), or re-export the model in one \
-         dtype (model.to(torch.float32) before torch.onnx.export)"
+         one element type (the ONNX spec's type constraint); what you can do: re-export the model \
+         in one dtype (model.to(torch.float32) before torch.onnx.export), or cast the weight \
+         of the other type to the activations' type (rewrite its initializer with onnx's \
+         numpy_helper)"
     )]
     MixedTypes {
         node: String,
@@ -186,7 +187,7 @@ pub fn model(m: &Model) -> Result<()> {
     Ok(())
 }
 
-fn names(m: &Model) -> std::result::Result<(), Violation> {
+fn names(m: &Model) -> Result<()> {
     let g = &m.graph;
     // Value name → what defines it, for the message of a second definition.
     let mut defined: HashMap<&str, String> = HashMap::new();
@@ -195,7 +196,8 @@ fn names(m: &Model) -> std::result::Result<(), Violation> {
         if !inputs.insert(i.name.as_str()) {
             return Err(Violation::DuplicateInput {
                 name: i.name.clone(),
-            });
+            }
+            .into());
         }
         defined.insert(&i.name, format!("graph input '{}'", i.name));
     }
@@ -212,7 +214,8 @@ fn names(m: &Model) -> std::result::Result<(), Violation> {
                     node: n.label(),
                     value: o.clone(),
                     first: first.clone(),
-                });
+                }
+                .into());
             }
             defined.insert(o, n.label());
         }
@@ -222,7 +225,8 @@ fn names(m: &Model) -> std::result::Result<(), Violation> {
                 return Err(Violation::DuplicateAttribute {
                     node: n.label(),
                     attr: a.name.clone(),
-                });
+                }
+                .into());
             }
         }
     }
@@ -234,13 +238,14 @@ fn names(m: &Model) -> std::result::Result<(), Violation> {
         if !outputs.insert(o.name.as_str()) {
             return Err(Violation::DuplicateOutput {
                 name: o.name.clone(),
-            });
+            }
+            .into());
         }
     }
     Ok(())
 }
 
-fn attribute_sizes(n: &Node) -> std::result::Result<(), Violation> {
+fn attribute_sizes(n: &Node) -> Result<()> {
     for a in &n.attributes {
         let too_large = |size: usize, unit: &'static str, limit: usize| {
             (size > limit).then(|| Violation::AttributeTooLarge {
@@ -272,7 +277,7 @@ fn attribute_sizes(n: &Node) -> std::result::Result<(), Violation> {
             _ => None,
         };
         if let Some(v) = found {
-            return Err(v);
+            return Err(v.into());
         }
     }
     Ok(())
@@ -285,7 +290,7 @@ fn tensor_bytes(t: &crate::ir::Tensor) -> usize {
     }
 }
 
-fn known_attributes(n: &Node, opset: i64) -> std::result::Result<(), Violation> {
+fn known_attributes(n: &Node, opset: i64) -> Result<()> {
     let Some(def) = ops::lookup(&n.domain, &n.op_type) else {
         return Ok(());
     };
@@ -309,7 +314,8 @@ fn known_attributes(n: &Node, opset: i64) -> std::result::Result<(), Violation> 
                 } else {
                     known.join(", ")
                 },
-            });
+            }
+            .into());
         };
         if onnx && !spec.in_opset(opset) {
             return Err(Violation::AttributeNotInOpset {
@@ -322,7 +328,8 @@ fn known_attributes(n: &Node, opset: i64) -> std::result::Result<(), Violation> 
                     (1, u) => format!("up to opset {u}"),
                     (s, u) => format!("at opsets {s} to {u}"),
                 },
-            });
+            }
+            .into());
         }
         let found = AttrKind::of(&a.value);
         if found != Some(spec.kind) {
@@ -335,7 +342,8 @@ fn known_attributes(n: &Node, opset: i64) -> std::result::Result<(), Violation> 
                     None => "of a type no supported op takes (a graph, type or reference)",
                 },
                 expected: spec.kind.name(),
-            });
+            }
+            .into());
         }
     }
     Ok(())
@@ -343,11 +351,7 @@ fn known_attributes(n: &Node, opset: i64) -> std::result::Result<(), Violation> 
 
 /// Rule 6 at one node: the inputs `def.same_type` names hold one element type. `inputs` are
 /// the node's input facts as the inference driver has them (None: omitted).
-pub fn same_types(
-    node: &Node,
-    def: &OpDef,
-    inputs: &[Option<&Fact>],
-) -> std::result::Result<(), Violation> {
+pub fn same_types(node: &Node, def: &OpDef, inputs: &[Option<&Fact>]) -> Result<()> {
     let mut first: Option<(usize, DataType)> = None;
     for (i, fact) in inputs.iter().enumerate() {
         let Some(fact) = fact.filter(|_| def.same_type.applies(i)) else {
@@ -367,7 +371,8 @@ pub fn same_types(
                     a_type: t.short_name(),
                     b: node.inputs[i].clone(),
                     b_type: fact.dtype.short_name(),
-                })
+                }
+                .into())
             }
             Some(_) => {}
         }
@@ -694,7 +699,7 @@ mod tests {
             ),
             "{e}"
         );
-        assert!(e.contains("cast the odd one out"), "{e}");
+        assert!(e.contains("cast the weight"), "{e}");
         assert!(e.contains("re-export the model in one dtype"), "{e}");
     }
 
