@@ -5,7 +5,10 @@
 //!    opset import, unique graph-input names, every value defined exactly once (an input, an
 //!    initializer or one node output), nodes in topological order, every graph output
 //!    defined, and only standard ops (the compiler's `ai.bidora` nodes must be lowered).
-//! 2. **Types**: shape inference succeeds, which checks dtypes, ranks and broadcasts.
+//! 2. **Types**: shape inference succeeds, which checks dtypes, ranks and broadcasts, and
+//!    that the inputs an op's spec types with one variable hold one element type (no f32
+//!    activation times an f16 weight: [`crate::import_check::same_types`], run by the
+//!    inference driver at every node, here as on the input model).
 //! 3. **Independent inputs**: a program's inputs fall into groups that are fed independently
 //!    (BiDoRA's upper program takes a training batch and a validation batch, padded each to
 //!    its own longest example). A symbolic dimension name means "one size" to ONNX Runtime's
@@ -263,6 +266,18 @@ mod tests {
         m.graph.nodes[0].domain = "ai.bidora".into();
         let e = program("p.onnx", &m, &[]).unwrap_err().to_string();
         assert!(e.contains("standard ops only"), "{e}");
+
+        let mut m = add("n", "n");
+        m.graph.inputs[1] = ValueInfo::new(
+            "b",
+            ValueType::tensor(DataType::Double, vec![Dim::Sym("n".into())]),
+        );
+        let e = program("p.onnx", &m, &[]).unwrap_err().to_string();
+        assert!(e.contains("emitted program p.onnx fails its check"), "{e}");
+        assert!(
+            e.contains("Add node 'add' takes 'a' as f32 and 'b' as f64"),
+            "{e}"
+        );
 
         let mut m = add("n", "n");
         m.opset_imports.clear();

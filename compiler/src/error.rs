@@ -23,6 +23,12 @@ pub enum Error {
     )]
     UnsupportedOpset { found: i64, min: i64, max: i64 },
 
+    /// The model breaks a rule of the ONNX checker that bidora enforces at import
+    /// ([`crate::import_check`]); the message names the node and the rule. Boxed: the
+    /// variants carry several names, and every `Result` of the crate pays for the largest.
+    #[error(transparent)]
+    Rule(Box<crate::import_check::Violation>),
+
     /// Shape or type inference failed at a node.
     #[error("shape inference failed at {node}: {msg}")]
     Shape { node: String, msg: String },
@@ -56,6 +62,12 @@ pub enum Error {
 
     #[error("{0}")]
     Other(String),
+}
+
+impl From<crate::import_check::Violation> for Error {
+    fn from(v: crate::import_check::Violation) -> Error {
+        Error::Rule(Box::new(v))
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

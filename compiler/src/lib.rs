@@ -4,6 +4,9 @@
 //! - [`proto`]: prost types generated from `proto/onnx.proto` (nothing else is generated).
 //! - [`onnx_io`]: reading and writing model files, external data, path safety.
 //! - [`ir`]: the graph IR and its lossless conversion from and to protobuf.
+//! - [`import_check`]: the ONNX checker's rules every loaded model must pass (IR version, opset,
+//!   unique names, known attributes per op and opset, attribute sizes, one dtype per type
+//!   variable).
 //! - [`shape`]: dtype and symbolic shape inference; [`ops`]: per-op-family rules.
 //! - [`check`]: the rules every emitted program must pass (structure, types, independent
 //!   inputs' dimension names).
@@ -29,6 +32,7 @@ pub mod export;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod heads;
+pub mod import_check;
 pub mod ir;
 pub mod legalize;
 pub mod lock;
@@ -51,8 +55,8 @@ pub use error::{Error, Result};
 pub const MIN_OPSET: i64 = 13;
 pub const MAX_OPSET: i64 = 23;
 
-/// Reads a model file (resolving external data safely), imports it into the IR and checks
-/// that the ONNX opset is one the compiler supports.
+/// Reads a model file (resolving external data safely), imports it into the IR and checks it
+/// against the rules of [`import_check`] (the ONNX opset among them).
 pub fn load_model(path: &std::path::Path) -> Result<ir::Model> {
     let proto = onnx_io::read_model(path)?;
     import(proto, path)
@@ -72,7 +76,8 @@ fn import(proto: proto::onnx::ModelProto, path: &std::path::Path) -> Result<ir::
         Error::Invalid(msg) => Error::Invalid(format!("{}: {msg}", path.display())),
         other => other,
     })?;
-    check_opset(&model)?;
+    // Before any pass reads it: toposort would take a value assigned twice as either one.
+    import_check::model(&model)?;
     ir::topo::toposort(&mut model.graph)?;
     Ok(model)
 }

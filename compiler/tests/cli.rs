@@ -570,3 +570,55 @@ fn an_output_that_is_the_current_folder_is_refused_without_leftovers() {
         assert!(left.is_empty(), "{left:?}");
     }
 }
+
+#[test]
+fn a_model_breaking_an_onnx_checker_rule_is_refused_naming_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let query = "MatMul node '/encoder/layer.0/attention/query/MatMul'";
+
+    // An f64 weight beside f32 activations: ONNX Runtime refuses the MatMul.
+    let mut m = linear_model(vec![4, 6], 17);
+    let w: Vec<f64> = (0..24).map(|i| i as f64).collect();
+    m.graph.initializers.insert(
+        "onnx::MatMul_1".into(),
+        Tensor::from_f64("onnx::MatMul_1", vec![4, 6], &w),
+    );
+    let p = write(dir.path(), "f64.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains(&format!(
+            "{query} takes 'x' as f32 and 'onnx::MatMul_1' as f64"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("re-export the model in one dtype"), "{err}");
+
+    // An attribute MatMul does not have.
+    let mut m = linear_model(vec![4, 6], 17);
+    m.graph.nodes[0] = m.graph.nodes[0]
+        .clone()
+        .with_attr("transB", AttrValue::Int(1));
+    let p = write(dir.path(), "attr.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains(&format!("{query} has attribute 'transB'")),
+        "{err}"
+    );
+
+    // A value assigned twice, and an IR version no ONNX release has.
+    let mut m = linear_model(vec![4, 6], 17);
+    let mut again = m.graph.nodes[0].clone();
+    again.name = "again".into();
+    m.graph.nodes.push(again);
+    let p = write(dir.path(), "twice.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(
+        err.contains(&format!("MatMul node 'again' assigns 'y', which {query}")),
+        "{err}"
+    );
+    let mut m = linear_model(vec![4, 6], 17);
+    m.ir_version = 99;
+    let p = write(dir.path(), "ir99.onnx", &proto_of(&m).encode_to_vec());
+    let err = fails(dir.path(), &p, &[]);
+    assert!(err.contains("ir_version 99"), "{err}");
+}

@@ -56,7 +56,7 @@ pub fn load_source(path: &Path) -> Result<Model> {
     };
     let proto = crate::onnx_io::read_model(path).map_err(|e| wrap(e.into()))?;
     let model = crate::ir::convert::model_from_proto(proto).map_err(wrap)?;
-    crate::check_opset(&model).map_err(wrap)?;
+    crate::import_check::model(&model).map_err(wrap)?;
     Ok(model)
 }
 

@@ -2,7 +2,8 @@
 //! semantics): `DoRA(x, W, A, B, m)` and `LoRA(x, W, A, B)`. The output is `x`'s shape with
 //! its last dim replaced by the out features (`B`'s columns).
 
-use super::{dims_str, InferCx, OpDef};
+use super::attr::{float, int, string};
+use super::{dims_str, InferCx, OpDef, SameType};
 use crate::error::Result;
 use crate::shape::Fact;
 
@@ -12,16 +13,27 @@ pub const OPS: &[OpDef] = &[
         op: crate::autodiff::STOP_GRADIENT,
         infer: same,
         grad: None,
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "DoRA",
         infer: adapter,
         grad: None,
+        attrs: &[
+            float("scale"),
+            int("w_transposed"),
+            string("module"),
+            int("detach_norm"),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "LoRA",
         infer: adapter,
         grad: None,
+        attrs: &[float("scale"), int("w_transposed"), string("module")],
+        same_type: SameType::None,
     },
 ];
 

@@ -5,182 +5,244 @@
 //! `Cast`, since exporters build Reshape/Expand targets with them. Not covered: the
 //! quantized and bitwise ops, `Mod` with fmod=1 semantics on contents.
 
-use super::{dtype_attr, InferCx, OpDef};
+use super::attr::{float, int, string};
+use super::{dtype_attr, AttrDef, InferCx, OpDef, SameType};
 use crate::error::Result;
 use crate::ir::DataType;
 use crate::shape::{DimExpr, Fact};
 
 pub const OPS: &[OpDef] = &[
     // Same type and shape as input 0.
-    unary_g("Neg", grads::neg),
-    unary_g("Sqrt", grads::sqrt),
-    unary_g("Reciprocal", grads::reciprocal),
-    unary_g("Exp", grads::exp),
-    unary_g("Log", grads::log),
-    unary_g("Erf", grads::erf),
-    unary_g("Tanh", grads::tanh),
-    unary_g("Sigmoid", grads::sigmoid),
-    unary_g("Relu", grads::relu),
-    unary_g("Sin", grads::sin),
-    unary_g("Cos", grads::cos),
-    unary("Abs"),
-    unary("Floor"),
-    unary("Ceil"),
-    unary("Round"),
-    unary("Sign"),
-    unary("Softplus"),
-    unary("LeakyRelu"),
-    unary("Elu"),
-    unary("Gelu"),
-    unary("HardSigmoid"),
-    unary_g("Softmax", grads::softmax),
-    unary_g("LogSoftmax", grads::log_softmax),
-    unary_g("Identity", grads::identity),
-    unary("Clip"),
-    unary("CumSum"),
-    unary("Trilu"),
+    unary_g("Neg", grads::neg, &[]),
+    unary_g("Sqrt", grads::sqrt, &[]),
+    unary_g("Reciprocal", grads::reciprocal, &[]),
+    unary_g("Exp", grads::exp, &[]),
+    unary_g("Log", grads::log, &[]),
+    unary_g("Erf", grads::erf, &[]),
+    unary_g("Tanh", grads::tanh, &[]),
+    unary_g("Sigmoid", grads::sigmoid, &[]),
+    unary_g("Relu", grads::relu, &[]),
+    unary_g("Sin", grads::sin, &[]),
+    unary_g("Cos", grads::cos, &[]),
+    unary("Abs", &[]),
+    unary("Floor", &[]),
+    unary("Ceil", &[]),
+    unary("Round", &[]),
+    unary("Sign", &[]),
+    unary("Softplus", &[]),
+    unary("LeakyRelu", &[float("alpha")]),
+    unary("Elu", &[float("alpha")]),
+    unary("Gelu", &[string("approximate")]),
+    unary("HardSigmoid", &[float("alpha"), float("beta")]),
+    unary_g("Softmax", grads::softmax, &[int("axis")]),
+    unary_g("LogSoftmax", grads::log_softmax, &[int("axis")]),
+    unary_g("Identity", grads::identity, &[]),
+    // Clip's min and max (inputs since opset 11) have the input's type.
+    OpDef {
+        op: "Clip",
+        infer: same_as_first,
+        grad: None,
+        attrs: &[],
+        same_type: SameType::All,
+    },
+    unary("CumSum", &[int("exclusive"), int("reverse")]),
+    unary("Trilu", &[int("upper")]),
     OpDef {
         op: "Not",
         infer: not,
         grad: None,
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "IsNaN",
         infer: to_bool,
         grad: None,
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "IsInf",
         infer: to_bool,
         grad: None,
+        attrs: &[int("detect_negative"), int("detect_positive")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Dropout",
         infer: dropout,
         grad: None,
+        attrs: &[int("seed")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Cast",
         infer: cast,
         grad: Some(grads::cast),
+        attrs: &[int("to"), int("saturate").since(19)],
+        same_type: SameType::None,
     },
     OpDef {
         op: "CastLike",
         infer: cast_like,
         grad: None,
+        attrs: &[int("saturate").since(19)],
+        same_type: SameType::None,
     },
     // Broadcasting, type of input 0.
     OpDef {
         op: "Add",
         infer: arith,
         grad: Some(grads::add),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Sub",
         infer: arith,
         grad: Some(grads::sub),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Mul",
         infer: arith,
         grad: Some(grads::mul),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Div",
         infer: arith,
         grad: Some(grads::div),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Pow",
         infer: arith,
         grad: Some(grads::pow),
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Mod",
         infer: arith,
         grad: None,
+        attrs: &[int("fmod")],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Max",
         infer: arith,
         grad: Some(grads::max_min),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Min",
         infer: arith,
         grad: Some(grads::max_min),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Sum",
         infer: arith,
         grad: Some(grads::sum),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Mean",
         infer: arith,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     // Broadcasting, boolean result.
     OpDef {
         op: "Equal",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Less",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Greater",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "LessOrEqual",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "GreaterOrEqual",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "And",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Or",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Xor",
         infer: compare,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Where",
         infer: where_,
         grad: Some(grads::where_),
+        attrs: &[],
+        same_type: SameType::Inputs(&[1, 2]),
     },
 ];
 
-const fn unary_g(op: &'static str, grad: super::GradFn) -> OpDef {
+const fn unary_g(op: &'static str, grad: super::GradFn, attrs: &'static [AttrDef]) -> OpDef {
     OpDef {
         op,
         infer: same_as_first,
         grad: Some(grad),
+        attrs,
+        same_type: SameType::None,
     }
 }
 
-const fn unary(op: &'static str) -> OpDef {
+const fn unary(op: &'static str, attrs: &'static [AttrDef]) -> OpDef {
     OpDef {
         op,
         infer: same_as_first,
         grad: None,
+        attrs,
+        same_type: SameType::None,
     }
 }
 

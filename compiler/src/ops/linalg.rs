@@ -1,7 +1,8 @@
 //! Matrix products: `MatMul` (numpy semantics: 1-D operands promoted and dropped, batch dims
 //! broadcast) and `Gemm` (2-D, `transA`/`transB`, optional broadcast C).
 
-use super::{dims_str, InferCx, OpDef};
+use super::attr::{float, int};
+use super::{dims_str, InferCx, OpDef, SameType};
 use crate::error::Result;
 use crate::shape::Fact;
 
@@ -10,11 +11,15 @@ pub const OPS: &[OpDef] = &[
         op: "MatMul",
         infer: matmul,
         grad: Some(grads::matmul),
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Gemm",
         infer: gemm,
         grad: Some(grads::gemm),
+        attrs: &[float("alpha"), float("beta"), int("transA"), int("transB")],
+        same_type: SameType::All,
     },
 ];
 

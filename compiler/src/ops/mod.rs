@@ -1,6 +1,8 @@
 //! Op knowledge, one file per op family. Each family lists its ops in a table of [`OpDef`]s;
-//! an `OpDef` holds everything the compiler knows about one op: today its shape rule, with
-//! autodiff its gradient rule. [`lookup`] is the single entry point.
+//! an `OpDef` holds everything the compiler knows about one op: its shape rule, its gradient
+//! rule, the attributes it accepts and which of its inputs share one element type (the last
+//! two from the ONNX operator spec, checked by [`crate::import_check`] and the inference
+//! driver). [`lookup`] is the single entry point.
 //!
 //! | family | file |
 //! |---|---|
@@ -24,7 +26,7 @@ use std::sync::OnceLock;
 
 use crate::autodiff::GradCx;
 use crate::error::{Error, Result};
-use crate::ir::{DataType, Node, BIDORA_DOMAIN};
+use crate::ir::{AttrValue, DataType, Node, BIDORA_DOMAIN};
 use crate::shape::{DimExpr, Fact};
 
 /// What a shape rule sees: the node, its input facts (None for omitted optional inputs), the
@@ -61,6 +63,152 @@ pub struct OpDef {
     pub infer: InferFn,
     /// None: not differentiable (the driver reports it if it lies on a gradient path).
     pub grad: Option<GradFn>,
+    /// Every attribute the op accepts in the opsets bidora supports, from the ONNX operator
+    /// spec (docs/Operators.md of onnx/onnx). The shape rules read attributes by name and fall
+    /// back to the default when one is absent or of another type, so a misspelled or mistyped
+    /// attribute would be silently ignored here and refused by ONNX Runtime; the import check
+    /// refuses it instead.
+    pub attrs: &'static [AttrDef],
+    /// Inputs the spec types with one type variable (MatMul's `A: T, B: T`): they must hold
+    /// one element type. Runtimes refuse a node that mixes them (an f64 weight into an f32
+    /// MatMul); the inference driver does too.
+    pub same_type: SameType,
+}
+
+/// The value type of an attribute (the `AttributeProto` types the supported ops use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttrKind {
+    Float,
+    Int,
+    String,
+    Tensor,
+    SparseTensor,
+    Floats,
+    Ints,
+    Strings,
+}
+
+impl AttrKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttrKind::Float => "a float",
+            AttrKind::Int => "an int",
+            AttrKind::String => "a string",
+            AttrKind::Tensor => "a tensor",
+            AttrKind::SparseTensor => "a sparse tensor",
+            AttrKind::Floats => "a list of floats",
+            AttrKind::Ints => "a list of ints",
+            AttrKind::Strings => "a list of strings",
+        }
+    }
+
+    /// The kind of an attribute value; None for kinds no supported op takes (graphs, types,
+    /// lists of tensors, undefined).
+    pub fn of(v: &AttrValue) -> Option<AttrKind> {
+        Some(match v {
+            AttrValue::Float(_) => AttrKind::Float,
+            AttrValue::Int(_) => AttrKind::Int,
+            AttrValue::String(_) => AttrKind::String,
+            AttrValue::Tensor(_) => AttrKind::Tensor,
+            AttrValue::SparseTensor(_) => AttrKind::SparseTensor,
+            AttrValue::Floats(_) => AttrKind::Floats,
+            AttrValue::Ints(_) => AttrKind::Ints,
+            AttrValue::Strings(_) => AttrKind::Strings,
+            _ => return None,
+        })
+    }
+}
+
+/// One attribute an op accepts, with the ai.onnx opsets in which the op has it (`axes` left
+/// the Reduce ops for an input at opset 18; `saturate` joined Cast at 19).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttrDef {
+    pub name: &'static str,
+    pub kind: AttrKind,
+    pub since: i64,
+    /// The last opset with the attribute.
+    pub until: i64,
+}
+
+impl AttrDef {
+    pub const fn new(name: &'static str, kind: AttrKind) -> AttrDef {
+        AttrDef {
+            name,
+            kind,
+            since: 1,
+            until: i64::MAX,
+        }
+    }
+
+    pub const fn since(self, opset: i64) -> AttrDef {
+        AttrDef {
+            since: opset,
+            ..self
+        }
+    }
+
+    pub const fn until(self, opset: i64) -> AttrDef {
+        AttrDef {
+            until: opset,
+            ..self
+        }
+    }
+
+    pub fn in_opset(&self, opset: i64) -> bool {
+        (self.since..=self.until).contains(&opset)
+    }
+}
+
+/// Short constructors for the attribute tables (`int("axis")`).
+pub mod attr {
+    use super::{AttrDef, AttrKind};
+
+    pub const fn int(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::Int)
+    }
+    pub const fn float(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::Float)
+    }
+    pub const fn string(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::String)
+    }
+    pub const fn tensor(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::Tensor)
+    }
+    pub const fn sparse_tensor(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::SparseTensor)
+    }
+    pub const fn ints(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::Ints)
+    }
+    pub const fn floats(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::Floats)
+    }
+    pub const fn strings(name: &'static str) -> AttrDef {
+        AttrDef::new(name, AttrKind::Strings)
+    }
+}
+
+/// Which inputs of an op must share one element type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameType {
+    /// No constraint between inputs (one input, or inputs of independent types: Gather's
+    /// data and indices, Pow's base and exponent).
+    None,
+    /// Every input (Concat, Sum, Max: variadic `T`).
+    All,
+    /// These input positions (Where's X and Y, not its condition).
+    Inputs(&'static [usize]),
+}
+
+impl SameType {
+    pub fn applies(self, input: usize) -> bool {
+        match self {
+            SameType::None => false,
+            SameType::All => true,
+            SameType::Inputs(v) => v.contains(&input),
+        }
+    }
 }
 
 /// A new opaque symbol, for sizes that are not monomials of the known symbols.

@@ -3,7 +3,8 @@
 //! rule, for the patch embeddings vision encoders (ViT, DeiT, Swin) put before every adapter;
 //! it has no gradient rule, so an adapter before a Conv is reported by autodiff.
 
-use super::{InferCx, OpDef};
+use super::attr::{float, int, ints, string};
+use super::{InferCx, OpDef, SameType};
 use crate::error::Result;
 use crate::shape::{DimExpr, Fact};
 
@@ -12,11 +13,22 @@ pub const OPS: &[OpDef] = &[
         op: "LayerNormalization",
         infer: layer_norm,
         grad: Some(grads::layer_norm),
+        attrs: &[int("axis"), float("epsilon"), int("stash_type")],
+        same_type: SameType::Inputs(&[0, 1, 2]),
     },
     OpDef {
         op: "Conv",
         infer: conv,
         grad: None,
+        attrs: &[
+            string("auto_pad"),
+            ints("dilations"),
+            int("group"),
+            ints("kernel_shape"),
+            ints("pads"),
+            ints("strides"),
+        ],
+        same_type: SameType::All,
     },
 ];
 

@@ -2,7 +2,8 @@
 //! Axes come from the attribute before the opset where they became an input (ReduceSum at 13,
 //! the others at 18), and from the constant input after it; `noop_with_empty_axes` is honoured.
 
-use super::{InferCx, OpDef};
+use super::attr::{int, ints};
+use super::{InferCx, OpDef, SameType};
 use crate::error::Result;
 use crate::ir::DataType;
 use crate::shape::{DimExpr, Fact};
@@ -12,56 +13,114 @@ pub const OPS: &[OpDef] = &[
         op: "ReduceSum",
         infer: reduce,
         grad: Some(grads::sum),
+        attrs: &[
+            ints("axes").until(12),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(13),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceMean",
         infer: reduce,
         grad: Some(grads::mean),
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceMax",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceMin",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceProd",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceL1",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceL2",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceLogSumExp",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ReduceSumSquare",
         infer: reduce,
         grad: None,
+        attrs: &[
+            ints("axes").until(17),
+            int("keepdims"),
+            int("noop_with_empty_axes").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ArgMax",
         infer: arg,
         grad: None,
+        attrs: &[int("axis"), int("keepdims"), int("select_last_index")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ArgMin",
         infer: arg,
         grad: None,
+        attrs: &[int("axis"), int("keepdims"), int("select_last_index")],
+        same_type: SameType::None,
     },
 ];
 

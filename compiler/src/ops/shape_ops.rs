@@ -9,7 +9,8 @@
 //! computations built from `Shape` stay symbolic. Not covered: GatherND with batch_dims > 0
 //! on symbolic shapes (falls back to fresh dims), Pad with negative pads on symbolic dims.
 
-use super::{dims_str, InferCx, OpDef};
+use super::attr::{float, floats, int, ints, sparse_tensor, string, strings, tensor};
+use super::{dims_str, InferCx, OpDef, SameType};
 use crate::error::Result;
 use crate::ir::{AttrValue, DataType};
 use crate::shape::{tensor_fact, DimExpr, Fact, MAX_TRACKED_VALUES};
@@ -19,101 +20,154 @@ pub const OPS: &[OpDef] = &[
         op: "Shape",
         infer: shape,
         grad: None,
+        attrs: &[int("start").since(15), int("end").since(15)],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Size",
         infer: size,
         grad: None,
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Reshape",
         infer: reshape,
         grad: Some(grads::reshape_back),
+        attrs: &[int("allowzero").since(14)],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Flatten",
         infer: flatten,
         grad: Some(grads::reshape_back),
+        attrs: &[int("axis")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Squeeze",
         infer: squeeze,
         grad: Some(grads::reshape_back),
+        attrs: &[ints("axes").until(12)],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Unsqueeze",
         infer: unsqueeze,
         grad: Some(grads::reshape_back),
+        attrs: &[ints("axes").until(12)],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Transpose",
         infer: transpose,
         grad: Some(grads::transpose),
+        attrs: &[ints("perm")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Concat",
         infer: concat,
         grad: Some(grads::concat),
+        attrs: &[int("axis")],
+        same_type: SameType::All,
     },
     OpDef {
         op: "Split",
         infer: split,
         grad: Some(grads::split),
+        attrs: &[
+            int("axis"),
+            ints("split").until(12),
+            int("num_outputs").since(18),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Slice",
         infer: slice,
         grad: Some(grads::slice),
+        attrs: &[],
+        same_type: SameType::Inputs(&[1, 2, 3, 4]),
     },
     OpDef {
         op: "Gather",
         infer: gather,
         grad: Some(grads::gather),
+        attrs: &[int("axis")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "GatherElements",
         infer: gather_elements,
         grad: Some(grads::gather_elements),
+        attrs: &[int("axis")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "GatherND",
         infer: gather_nd,
         grad: Some(grads::gather_nd),
+        attrs: &[int("batch_dims")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "ScatterND",
         infer: scatter_nd,
         grad: Some(grads::scatter_nd),
+        attrs: &[string("reduction").since(16)],
+        same_type: SameType::Inputs(&[0, 2]),
     },
     OpDef {
         op: "Expand",
         infer: expand,
         grad: Some(grads::expand),
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Tile",
         infer: tile,
         grad: None,
+        attrs: &[],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Range",
         infer: range,
         grad: None,
+        attrs: &[],
+        same_type: SameType::All,
     },
     OpDef {
         op: "ConstantOfShape",
         infer: constant_of_shape,
         grad: None,
+        attrs: &[tensor("value")],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Constant",
         infer: constant,
         grad: None,
+        attrs: &[
+            sparse_tensor("sparse_value"),
+            tensor("value"),
+            float("value_float"),
+            floats("value_floats"),
+            int("value_int"),
+            ints("value_ints"),
+            string("value_string"),
+            strings("value_strings"),
+        ],
+        same_type: SameType::None,
     },
     OpDef {
         op: "Pad",
         infer: pad,
         grad: Some(grads::pad),
+        attrs: &[string("mode")],
+        same_type: SameType::Inputs(&[0, 2]),
     },
 ];
 

@@ -164,6 +164,8 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
                 node: node.name.clone(),
                 msg: format!("no shape rule; {}", crate::error::HINT_NO_SHAPE_RULE),
             })?;
+        // Before the rule, which types its output after one input and would hide the mix.
+        crate::import_check::same_types(node, rule, &inputs)?;
         let mut cx = InferCx {
             node,
             inputs,
