@@ -148,11 +148,18 @@ def main():
     p.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32")
     p.add_argument("--exporter", choices=["legacy", "dynamo"], default="legacy")
     p.add_argument("--positions", type=int, default=256)
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default: the preset's); e.g. half of them for the "
+                        "compile-cost ratio")
     p.add_argument("--export-layers", type=int, default=None,
                    help="export this many layers, then repeat the last (default: all; 2 for 7b)")
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     shape = dict(PRESETS[a.preset])
+    if a.layers is not None:
+        if a.layers < 1:
+            p.error("--layers must be at least 1")
+        shape["num_hidden_layers"] = a.layers
     total = shape["num_hidden_layers"]
     exported = a.export_layers or (2 if a.preset == "7b" else total)
     if not 1 <= exported <= total:

@@ -42,6 +42,21 @@ enum Cmd {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// What each program of an artifact holds in memory at a batch size, computed from the
+    /// programs (no run): the frozen weights once, the trainable tensors and AdamW state, and
+    /// per program its inputs and the peak of its live intermediate values. What a GPU run
+    /// needs on the device is the weights plus the largest program's figure.
+    /// Example: `bidora memory run/artifact --batch 8 --seq 512`.
+    Memory {
+        /// The artifact folder written by bidora-compile.
+        artifact: PathBuf,
+        /// Batch size (every dim named `*batch`). Example: `--batch 8`.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Sequence length (every dim named `*sequence`). Example: `--seq 512`.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+    },
     /// Train an artifact on a dataset: BiDoRA (search + retrain), DoRA or LoRA, as the config
     /// says. Writes config.toml, metrics.jsonl, curves.svg, checkpoints/, best/final/search
     /// tensors (.safetensors) and summary.json into the run folder.
@@ -457,6 +472,86 @@ fn train_cmd(
     Ok(())
 }
 
+fn memory_cmd(dir: &std::path::Path, batch: usize, seq: usize) -> Result<()> {
+    use bidora_compiler::memory::{human, plan};
+    let art = Artifact::open(dir)?;
+    // Sizes inference could not name (a sum such as `sequence - 1` of the causal LM's shifted
+    // labels) are counted at the sequence length: an upper bound for those slices.
+    let opaque = std::cell::Cell::new(0usize);
+    let bind = |s: &str| -> Option<i64> {
+        if s.ends_with("batch") {
+            Some(batch as i64)
+        } else if s.ends_with("sequence") {
+            Some(seq as i64)
+        } else if s.starts_with('?') {
+            opaque.set(opaque.get() + 1);
+            Some(seq as i64)
+        } else {
+            None
+        }
+    };
+    let trainable: u64 = art.init.iter().map(|(_, a)| 4 * a.len() as u64).sum();
+    let mut weights: std::collections::HashMap<String, u64> = Default::default();
+    let mut rows = vec![];
+    for (key, prog) in &art.manifest.programs {
+        let path = art.dir.join(&prog.file);
+        let model = bidora_compiler::load_model(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for (name, t) in &model.graph.initializers {
+            weights.insert(name.clone(), t.raw().map_or(0, |r| r.len() as u64));
+        }
+        let m = plan(&model, &bind).with_context(|| format!("planning {}", path.display()))?;
+        rows.push((key.clone(), m));
+    }
+    let w: u64 = weights.values().sum();
+    let mut out = std::io::stdout();
+    writeln!(out, "{}: batch {batch} x sequence {seq}", dir.display())?;
+    writeln!(
+        out,
+        "  constants, each once (frozen weights): {}",
+        human(w as f64)
+    )?;
+    writeln!(
+        out,
+        "  trainable tensors {} (+ gradients, AdamW m and v: 4 x = {})",
+        human(trainable as f64),
+        human(4.0 * trainable as f64)
+    )?;
+    let mut worst = 0u64;
+    for (key, m) in &rows {
+        worst = worst.max(m.inputs + m.peak_values);
+        writeln!(
+            out,
+            "  {key:<11} inputs {:>10}  peak of live values {:>10}  largest value {:>10}{}",
+            human(m.inputs as f64),
+            human(m.peak_values as f64),
+            human(m.largest_value as f64),
+            if m.unknown_values > 0 {
+                format!(
+                    "  ({} values of unknown size counted as 0, e.g. {})",
+                    m.unknown_values,
+                    m.unknown_examples.join("; ")
+                )
+            } else {
+                String::new()
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "  device memory for a run (weights + 4 x trainable + the largest program): {}",
+        human((w + 4 * trainable + worst) as f64)
+    )?;
+    if opaque.get() > 0 {
+        writeln!(
+            out,
+            "  ({} sizes without a name, e.g. sequence - 1, were counted as the sequence length)",
+            opaque.get()
+        )?;
+    }
+    Ok(())
+}
+
 fn check(
     dir: &std::path::Path,
     batch: usize,
@@ -646,6 +741,11 @@ fn main() -> ExitCode {
         } => engine
             .options()
             .and_then(|(kind, opts)| check(&artifact, batch, seq, kind, &opts)),
+        Cmd::Memory {
+            artifact,
+            batch,
+            seq,
+        } => memory_cmd(&artifact, batch, seq),
         Cmd::Analyze {
             sweep,
             artifact,

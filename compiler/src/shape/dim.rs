@@ -35,6 +35,18 @@ impl DimExpr {
         self.syms.is_empty().then_some(self.coef)
     }
 
+    /// The value with every symbol bound by `bind`; `None` when a symbol is unbound.
+    pub fn eval(&self, bind: &dyn Fn(&str) -> Option<i64>) -> Option<i64> {
+        let mut v = self.coef;
+        for (s, &p) in &self.syms {
+            let x = bind(s)?;
+            for _ in 0..p {
+                v = v.checked_mul(x)?;
+            }
+        }
+        Some(v)
+    }
+
     pub fn is_symbolic(&self) -> bool {
         !self.syms.is_empty()
     }
