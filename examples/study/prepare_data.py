@@ -8,7 +8,9 @@ the test files are the tasks' whole dev/test sets. Sources and licences: data/SO
     python3 examples/study/prepare_data.py --shared ../shared/data
 """
 import argparse
+import glob
 import os
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "data")
@@ -43,7 +45,12 @@ Written by `prepare_data.py` from the public files; each is a verbatim prefix or
 | `stsb/dev.tsv` | GLUE STS-B `dev.tsv`, whole (1,500 pairs) | as above |
 | `conll/train-first2000.txt` | the first 2,000 sentences of CoNLL-2003 English `eng.train` | CoNLL-2003 shared task; Reuters RCV1 text, research use |
 | `conll/testb.txt` | CoNLL-2003 English `eng.testb`, whole (3,453 sentences) | as above |
+| `reuters/modapte-train-first2000.sgm` | the first 2,000 ModApte training documents (`LEWISSPLIT="TRAIN" TOPICS="YES"`, in file order) of Reuters-21578 Distribution 1.0, each `<REUTERS>` element byte for byte | Reuters Ltd. and Carnegie Group: free distribution for research purposes only; cite "Reuters-21578, Distribution 1.0" |
+| `reuters/modapte-test.sgm` | every ModApte test document (`LEWISSPLIT="TEST" TOPICS="YES"`, 3,299), byte for byte | as above |
 """
+
+
+REUTERS = re.compile(rb"<REUTERS [^>]*>.*?</REUTERS>\r?\n?", re.S)
 
 
 def lines(path):
@@ -85,6 +92,21 @@ def main():
         rows.append(l)
     write("conll/train-first2000.txt", rows)
     write("conll/testb.txt", lines(os.path.join(args.shared, "conll2003/eng.testb")))
+    # Reuters: whole <REUTERS> elements, bytes unchanged (the files are Latin-1 SGML).
+    docs = []
+    for f in sorted(glob.glob(os.path.join(args.shared, "reuters21578", "reut2-*.sgm"))):
+        with open(f, "rb") as fh:
+            docs += [m.group(0) for m in REUTERS.finditer(fh.read())]
+    head = lambda d: d[: d.index(b">")]
+    train = [d for d in docs if b'LEWISSPLIT="TRAIN"' in head(d) and b'TOPICS="YES"' in head(d)]
+    test = [d for d in docs if b'LEWISSPLIT="TEST"' in head(d) and b'TOPICS="YES"' in head(d)]
+    for rel, part in [("reuters/modapte-train-first2000.sgm", train[:2000]),
+                      ("reuters/modapte-test.sgm", test)]:
+        path = os.path.join(OUT, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as fh:
+            fh.write(b'<!DOCTYPE lewis SYSTEM "lewis.dtd">\n' + b"".join(part))
+        print(f"{rel}: {len(part)} documents")
     with open(os.path.join(OUT, "SOURCES.md"), "w") as f:
         f.write(SOURCES)
 
