@@ -103,7 +103,7 @@ impl Hypergrad {
 }
 
 /// The parameter groups: what each level trains.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Groups {
     /// Lower level: every A, B and head parameter.
     pub lower: Vec<String>,

@@ -46,7 +46,7 @@ impl Task {
 pub const IGNORE_INDEX: i64 = -100;
 
 /// What the head added: the loss value and the label inputs it reads.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Head {
     pub task: Task,
     pub logits: String,

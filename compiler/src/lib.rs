@@ -12,7 +12,9 @@
 //!   inputs' dimension names).
 //! - [`targets`]: finding the linear ops that can carry adapters, peft-style matching.
 //! - [`rewrite`]: the LoRA/DoRA rewrite and the lowering of composite nodes to plain ONNX.
-//! - [`artifact`]: the output folder (programs, `init.safetensors`, `manifest.json`).
+//! - [`artifact`]: the output folder (programs, `init.safetensors`, `manifest.json`);
+//!   [`artifact::schema`]: the manifest's one typed definition, for every reader.
+//! - [`tensor_file`]: the one safetensors reader and writer for trained and initial tensors.
 //! - [`dump`]: the readable text form of a graph.
 //! - [`export`]: trained adapters out: the merged model and a peft adapter folder.
 //! - [`optim`]: AdamW as an ONNX program (the runtime's device-resident optimiser).
@@ -47,6 +49,7 @@ pub mod regularizer;
 pub mod rewrite;
 pub mod shape;
 pub mod targets;
+pub mod tensor_file;
 
 pub use error::{Error, Result};
 

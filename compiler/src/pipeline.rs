@@ -86,7 +86,7 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
     // runtime on another machine.
     let trainable: Vec<String> = adapted.init.keys().cloned().collect();
     check::program(
-        artifact::FORWARD,
+        artifact::ProgramKey::Forward.file(),
         &forward,
         &[batch_group(&forward, &trainable)],
     )?;
@@ -107,7 +107,7 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                 let upper =
                     bilevel::upper_program(&with_loss, &head, &groups, &lower.grads, bo.hypergrad)?;
                 check::program(
-                    artifact::LOWER,
+                    artifact::ProgramKey::Lower.file(),
                     &lower.model,
                     &[batch_group(&lower.model, &trainable)],
                 )?;
@@ -115,7 +115,7 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                     upper.batch_inputs.iter().map(pick).cloned()
                 };
                 check::program(
-                    artifact::UPPER,
+                    artifact::ProgramKey::Upper.file(),
                     &upper.model,
                     &[
                         InputGroup::new("training batch", groups_of(|b| &b.1)),
@@ -140,7 +140,10 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                 .flatten()
                 .collect();
             let eval = rewrite::strip_markers(&with_loss);
-            for (file, m) in [(artifact::TRAIN_STEP, &train_step), (artifact::EVAL, &eval)] {
+            for (file, m) in [
+                (artifact::ProgramKey::TrainStep.file(), &train_step),
+                (artifact::ProgramKey::Eval.file(), &eval),
+            ] {
                 check::program(file, m, &[batch_group(m, &trainable)])?;
             }
             Some(TrainPrograms {
@@ -180,42 +183,28 @@ fn batch_group(model: &Model, trainable: &[String]) -> InputGroup {
 
 /// Packs a compilation into the artifact folder's contents.
 pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Artifact {
+    use artifact::ProgramKey;
     let roles = roles(c);
-    let mut programs = IndexMap::new();
-    let mut files = vec![(artifact::FORWARD.to_string(), c.forward.clone())];
-    programs.insert(
-        "forward".to_string(),
-        artifact::program_sig(artifact::FORWARD, &c.forward.graph, &roles),
-    );
+    let mut emitted: Vec<(ProgramKey, &Model)> = vec![(ProgramKey::Forward, &c.forward)];
     if let Some(t) = &c.training {
-        for (key, file, model) in [
-            ("train_step", artifact::TRAIN_STEP, &t.train_step),
-            ("eval", artifact::EVAL, &t.eval),
-        ] {
-            programs.insert(
-                key.to_string(),
-                artifact::program_sig(file, &model.graph, &roles),
-            );
-            files.push((file.to_string(), model.clone()));
-        }
+        emitted.push((ProgramKey::TrainStep, &t.train_step));
+        emitted.push((ProgramKey::Eval, &t.eval));
     }
     if let Some(b) = &c.bilevel {
-        for (key, file, model) in [
-            ("lower", artifact::LOWER, &b.lower.model),
-            ("upper", artifact::UPPER, &b.upper.model),
-        ] {
-            programs.insert(
-                key.to_string(),
-                artifact::program_sig(file, &model.graph, &roles),
-            );
-            files.push((file.to_string(), model.clone()));
-        }
+        emitted.push((ProgramKey::Lower, &b.lower.model));
+        emitted.push((ProgramKey::Upper, &b.upper.model));
+    }
+    let mut programs = IndexMap::new();
+    let mut files = vec![];
+    for (key, model) in emitted {
+        programs.insert(key, artifact::program_sig(key.file(), &model.graph, &roles));
+        files.push((key.file().to_string(), model.clone()));
     }
     Artifact {
         manifest: Manifest {
-            format: "bidora-artifact",
-            format_version: 1,
-            compiler_version: env!("CARGO_PKG_VERSION"),
+            format: artifact::FORMAT.to_string(),
+            format_version: artifact::FORMAT_VERSION,
+            compiler_version: env!("CARGO_PKG_VERSION").to_string(),
             source_model: source_model.to_string(),
             source_model_path: None,
             opset: c.forward.onnx_opset().unwrap_or(0),
@@ -231,10 +220,11 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
                 defaults: artifact::BilevelDefaults {
                     gamma: bilevel::DEFAULT_GAMMA,
                     alpha_fd: bilevel::DEFAULT_ALPHA_FD,
-                    xi: "lower learning rate",
+                    xi: "lower learning rate".to_string(),
                 },
             }),
             programs,
+            source_fingerprint: None,
         },
         programs: files,
         init: c.init.clone(),

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use bidora_compiler::export::{self, ExportManifest, Trained};
+use bidora_compiler::export::{self, ManifestFile, Trained};
 use serde::Serialize;
 
 /// One layer of one tensors file.
@@ -33,15 +33,15 @@ pub struct Point {
 /// An artifact's manifest and source model, read once for all its tensors files.
 pub struct Source {
     artifact: PathBuf,
-    manifest: ExportManifest,
+    manifest: ManifestFile,
     model_path: PathBuf,
     model: bidora_compiler::ir::Model,
 }
 
 impl Source {
     pub fn open(artifact: &Path, model: Option<&Path>) -> Result<Source> {
-        let manifest = ExportManifest::read(artifact)?;
-        let model_path = manifest.model_path(model)?;
+        let manifest = export::manifest::read(artifact)?;
+        let model_path = export::manifest::model_path(&manifest, model)?;
         let model = export::load_source(&model_path)?;
         Ok(Source {
             artifact: artifact.to_path_buf(),

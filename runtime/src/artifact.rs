@@ -1,101 +1,18 @@
-//! Reading an artifact folder written by `bidora-compile`: the manifest's program signatures
-//! and the initial values of the trainable tensors.
+//! Reading an artifact folder written by `bidora-compile`: the manifest (the compiler's typed
+//! schema, `bidora_compiler::artifact::schema`) and the initial values of the trainable
+//! tensors.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use bidora_compiler::artifact as schema;
 use ndarray::{ArrayD, IxDyn};
-use serde::Deserialize;
 
 use crate::tract_exec::HostTensor;
 
-#[derive(Debug, Deserialize)]
-pub struct TensorSig {
-    pub name: String,
-    pub dtype: String,
-    pub shape: Option<Vec<serde_json::Value>>,
-    pub role: String,
-    /// For gradients and hypergradients: the tensor they belong to; for the upper program's
-    /// batch inputs: the model input they feed.
-    #[serde(default)]
-    pub of: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct ProgramSig {
-    pub file: String,
-    pub inputs: Vec<TensorSig>,
-    pub outputs: Vec<TensorSig>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Manifest {
-    pub format: String,
-    pub format_version: u32,
-    pub source_model: String,
-    /// The token embedding's row count (absent in artifacts from older compilers).
-    #[serde(default)]
-    pub vocab_size: Option<i64>,
-    pub programs: indexmap::IndexMap<String, ProgramSig>,
-    #[serde(default)]
-    pub task: Option<HeadInfo>,
-    #[serde(default)]
-    pub head_params: Vec<String>,
-    #[serde(default)]
-    pub adapters: Vec<AdapterInfo>,
-    #[serde(default)]
-    pub bilevel: Option<BilevelInfo>,
-    pub config: AdapterConfigInfo,
-}
-
-/// The loss head (compiler `heads::Head`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct HeadInfo {
-    pub task: String,
-    pub logits: String,
-    pub loss: String,
-    pub labels: Vec<String>,
-}
-
-/// What the runtime needs of an adapter record (compiler `rewrite::AdapterRecord`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct AdapterInfo {
-    pub module: String,
-    pub lora_a: String,
-    pub lora_b: String,
-    pub magnitude: Option<String>,
-    pub in_features: i64,
-    pub out_features: i64,
-    pub rank: usize,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct AdapterConfigInfo {
-    pub method: String,
-    pub rank: usize,
-    pub alpha: f32,
-    pub seed: u64,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct BilevelInfo {
-    pub hypergrad: String,
-    pub regularizer: String,
-    pub groups: Groups,
-    pub defaults: BilevelDefaults,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct Groups {
-    pub lower: Vec<String>,
-    pub upper: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct BilevelDefaults {
-    pub gamma: f64,
-    pub alpha_fd: f64,
-}
+pub use bidora_compiler::artifact::{
+    Hyperparameter, Manifest, ProgramKey, ProgramSig, Role, SigDim, TensorSig,
+};
 
 pub struct Artifact {
     pub dir: PathBuf,
@@ -109,50 +26,37 @@ pub struct Artifact {
 
 impl Artifact {
     pub fn open(dir: &Path) -> Result<Artifact> {
-        let mpath = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&mpath)
-            .with_context(|| format!("cannot read {}", mpath.display()))?;
-        let manifest: Manifest = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a bidora manifest", mpath.display()))?;
-        if manifest.format != "bidora-artifact" || manifest.format_version != 1 {
-            bail!(
-                "{}: unsupported artifact format {} v{}",
-                mpath.display(),
-                manifest.format,
-                manifest.format_version
-            );
-        }
-        let ipath = dir.join("init.safetensors");
-        let bytes =
-            std::fs::read(&ipath).with_context(|| format!("cannot read {}", ipath.display()))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .with_context(|| format!("{} is not a safetensors file", ipath.display()))?;
+        let file = Manifest::read(dir)?;
+        let ipath = dir.join(schema::INIT);
         let mut init = vec![];
-        for (name, view) in st.iter() {
-            if view.dtype() != safetensors::Dtype::F32 {
+        for e in bidora_compiler::tensor_file::read(&ipath)?.tensors {
+            if e.dtype != bidora_compiler::tensor_file::Dtype::F32 {
                 bail!(
-                    "{}: tensor '{name}' is {:?}, expected F32",
+                    "{}: tensor '{}' is {:?}, expected F32 (compile the model again)",
                     ipath.display(),
-                    view.dtype()
+                    e.name,
+                    e.dtype
                 );
             }
-            let data: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-            init.push((
-                name.to_string(),
-                ArrayD::from_shape_vec(IxDyn(view.shape()), data)?,
-            ));
+            let values = e.f32_values();
+            init.push((e.name, ArrayD::from_shape_vec(IxDyn(&e.shape), values)?));
         }
-        let identity =
-            bidora_compiler::provenance::identity(&serde_json::from_str(&text).unwrap_or_default());
         Ok(Artifact {
             dir: dir.to_path_buf(),
-            manifest,
-            identity,
+            identity: file.identity,
+            manifest: file.manifest,
             init,
+        })
+    }
+
+    /// The signature of `key`, or an error saying the artifact lacks it and how to get it.
+    pub fn program(&self, key: ProgramKey) -> Result<&ProgramSig> {
+        self.manifest.program(key).with_context(|| {
+            format!(
+                "{}: the artifact has no '{key}' program (compile with --task for training \
+                 programs, and --bilevel for lower/upper)",
+                self.dir.display()
+            )
         })
     }
 
@@ -183,24 +87,26 @@ impl Artifact {
                 .enumerate()
                 .map(|(i, d)| {
                     let base = if i == 0 { batch } else { seq };
-                    match (d.as_u64(), d.as_str()) {
-                        (Some(v), _) => v as usize,
-                        (None, Some(name)) => *sizes.entry(name.to_string()).or_insert_with(|| {
+                    match d {
+                        SigDim::Known(v) => (*v).max(0) as usize,
+                        SigDim::Sym(name) => *sizes.entry(name.to_string()).or_insert_with(|| {
                             let k = seen_at.entry(i).or_default();
                             *k += 1;
                             base.saturating_sub(*k - 1).max(1)
                         }),
-                        (None, None) => base,
+                        SigDim::Unknown => base,
                     }
                 })
                 .collect();
             let n: usize = dims.iter().product();
-            if sig.role == "hyperparameter" {
-                let d = self.manifest.bilevel.as_ref().map(|b| &b.defaults);
-                let v = match sig.name.as_str() {
-                    "gamma" => d.map_or(0.0, |d| d.gamma),
-                    "alpha_fd" => d.map_or(0.01, |d| d.alpha_fd),
-                    _ => 1e-4,
+            if sig.role == Role::Hyperparameter {
+                let v = match Hyperparameter::from_input_name(&sig.name) {
+                    Some(h @ Hyperparameter::Gamma) => self.manifest.default_of(h).unwrap_or(0.0),
+                    Some(h @ Hyperparameter::AlphaFd) => {
+                        self.manifest.default_of(h).unwrap_or(0.01)
+                    }
+                    // ξ: a typical lower learning rate.
+                    Some(Hyperparameter::Xi) | None => 1e-4,
                 };
                 out.push((
                     sig.name.clone(),
@@ -210,7 +116,7 @@ impl Artifact {
             }
             let t = match (sig.dtype.as_str(), sig.name.as_str()) {
                 ("i64", name) if name.contains("mask") => vec![1i64; n],
-                ("i64", _) if sig.role == "label" => vec![0i64; n],
+                ("i64", _) if sig.role == Role::Label => vec![0i64; n],
                 ("i64", _) => (0..n).map(|k| 3 + (k as i64 * 7) % 20).collect(),
                 ("f32", _) => {
                     out.push((

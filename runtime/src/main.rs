@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use bidora_runtime::artifact::Artifact;
+use bidora_runtime::artifact::{Artifact, ProgramKey, Role};
 use bidora_runtime::backend::{self, BackendKind, BackendOptions, Device, HostTensor};
 use clap::{Parser, Subcommand};
 
@@ -501,7 +501,7 @@ fn memory_cmd(dir: &std::path::Path, batch: usize, seq: usize) -> Result<()> {
             weights.insert(name.clone(), t.raw().map_or(0, |r| r.len() as u64));
         }
         let m = plan(&model, &bind).with_context(|| format!("planning {}", path.display()))?;
-        rows.push((key.clone(), m));
+        rows.push((*key, m));
     }
     let w: u64 = weights.values().sum();
     let mut out = std::io::stdout();
@@ -583,7 +583,7 @@ fn check(
         )?;
         // What was fed: each independent batch gets its own sizes (see example_inputs).
         for (sig, (_, t)) in prog.inputs.iter().zip(&inputs) {
-            if sig.role == "data" || sig.role == "label" {
+            if matches!(sig.role, Role::Data | Role::Label) {
                 writeln!(out, "    {:<9} {} {:?}", "input", sig.name, t.shape())?;
             }
         }
@@ -593,12 +593,18 @@ fn check(
                 HostTensor::F64(a) => (a.shape().to_vec(), a.iter().next().copied()),
                 HostTensor::I64(a) => (a.shape().to_vec(), a.iter().next().map(|v| *v as f64)),
             };
-            let value = if sig.role == "loss" {
+            let value = if sig.role == Role::Loss {
                 format!(" = {:.6}", first.unwrap_or(f64::NAN))
             } else {
                 String::new()
             };
-            writeln!(out, "    {:<9} {} {:?}{value}", sig.role, sig.name, shape)?;
+            writeln!(
+                out,
+                "    {:<9} {} {:?}{value}",
+                sig.role.name(),
+                sig.name,
+                shape
+            )?;
         }
     }
     Ok(())
@@ -666,8 +672,7 @@ fn generate_cmd(artifact: &std::path::Path, a: GenerateArgs, engine: EngineArgs)
     let art = Artifact::open(artifact)?;
     let sig = art
         .manifest
-        .programs
-        .get("forward")
+        .program(ProgramKey::Forward)
         .with_context(|| format!("{} has no forward.onnx", artifact.display()))?;
     if a.prompts.is_empty() {
         anyhow::bail!("no prompt: give --prompt TEXT or --prompts FILE");

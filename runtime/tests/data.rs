@@ -209,6 +209,51 @@ fn conll_labels_the_first_subword_of_each_word() {
 }
 
 #[test]
+fn untyped_bio_files_without_docstart_read_as_one_entity_type() {
+    // BioBERT's NER releases (NCBI-disease, BC2GM…): `token<TAB>tag`, tags B / I / O, no
+    // -DOCSTART-. IOB1 `I` after `O` opens an entity, so the IOB2 labels start with `B`.
+    let text = "Famil\tO\nadenomatous\tB\npolyposis\tI\nis\tO\nrare\tO\n\n\
+                Colon\tI\ncancer\tI\nand\tO\nbreast\tB\ncancer\tI\n";
+    let (d, f) = tmp("ncbi.tsv", text);
+    let t = format!("data.train={f}");
+    let sets = ["data.format=conll", "data.tokenizer=hash:100", t.as_str()];
+    let l = read_in(d.path(), &sets, "token-cls", Some(100)).unwrap();
+    assert_eq!(l.data.labels, ["B", "I", "O"]);
+    assert_eq!(l.data.rows.len(), 2);
+    use bidora_runtime::data::conll::{read as read_conll, Scheme};
+    let s = read_conll(&d.path().join(&f), Scheme::Iob2, 0).unwrap();
+    assert_eq!(s[0].tags, ["O", "B", "I", "O", "O"]);
+    assert_eq!(
+        s[1].tags,
+        ["B", "I", "O", "B", "I"],
+        "a leading I opens the entity"
+    );
+    assert_eq!(s[1].lines, [7, 8, 9, 10, 11]);
+    // Entity F1 over spans, hand-counted: gold spans (1,2) | (0,1), (3,4); the prediction
+    // finds (1,2) and (3,4) and invents (0,0) in sentence 0: P = 2/3, R = 2/3.
+    use bidora_runtime::metrics::entity_scores;
+    let gold = vec![s[0].tags.clone(), s[1].tags.clone()];
+    let pred = vec![vec!["B", "B", "I", "O", "O"], vec!["O", "O", "O", "B", "I"]];
+    let pred: Vec<Vec<String>> = pred
+        .into_iter()
+        .map(|v| v.into_iter().map(String::from).collect())
+        .collect();
+    let sc = entity_scores(&gold, &pred).unwrap();
+    assert_eq!((sc.gold, sc.predicted, sc.correct), (3, 3, 2));
+    assert!((sc.f1 - 2.0 / 3.0).abs() < 1e-12, "{}", sc.f1);
+    // A tag that is neither still names the line.
+    let (d, f) = tmp("bad.tsv", "a\tB\nb\tX-Y\n");
+    let t = format!("data.train={f}");
+    let e = err(
+        d.path(),
+        &["data.format=conll", "data.tokenizer=hash:100", &t],
+        "token-cls",
+        None,
+    );
+    assert!(e.contains("bad.tsv:2:") && e.contains("'X-Y'"), "{e}");
+}
+
+#[test]
 fn iob1_to_iob2_starts_entities_with_b() {
     use bidora_runtime::data::conll::iob1_to_iob2;
     let t = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();

@@ -118,7 +118,8 @@ fn real_data(art: &Artifact, mut sets: Vec<String>) -> (TrainConfig, RunData) {
         &sets,
     )
     .unwrap();
-    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
+    let eval_inputs: Vec<String> = art.manifest.programs
+        [&bidora_compiler::artifact::ProgramKey::Eval]
         .inputs
         .iter()
         .map(|i| i.name.clone())

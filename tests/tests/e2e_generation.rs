@@ -134,7 +134,7 @@ fn training_on_e2e_is_scored_by_generation_and_the_texts_are_the_models() {
         .into_iter()
         .map(|(n, a)| (n, HostTensor::F32(a)))
         .collect();
-    let sig = &art.manifest.programs["forward"];
+    let sig = &art.manifest.programs[&bidora_compiler::artifact::ProgramKey::Forward];
     let mut program = backend::Backend::load(&*tract1(), &art.dir.join(&sig.file)).unwrap();
     let mut lm = ProgramLm::new(&mut *program, fixed, "logits", codec.pad).unwrap();
     let opts = GenerateOptions {

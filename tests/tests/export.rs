@@ -178,7 +178,7 @@ fn merged_model_matches_the_adapted_forward_and_keeps_the_graph() {
         );
         let keys = |m: &Model| m.graph.initializers.keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&src), keys(&out), "{c:?}: initializer names");
-        let man = export::ExportManifest::read(&s.art).unwrap();
+        let man = export::manifest::read(&s.art).unwrap();
         let mut changed: Vec<String> = man
             .adapters
             .iter()
@@ -201,7 +201,7 @@ fn merged_model_matches_the_adapted_forward_and_keeps_the_graph() {
         for (e, (name, engine)) in engines.iter().enumerate() {
             let want = logits(
                 engine.as_ref(),
-                &s.art.join(artifact::FORWARD),
+                &s.art.join(artifact::ProgramKey::Forward.file()),
                 &adapted_inputs,
             );
             let got = logits(engine.as_ref(), &merged, &data);
@@ -293,7 +293,7 @@ fn peft_folder_has_peft_names_shapes_and_config() {
     let got: Vec<(String, Vec<usize>)> = t.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
     assert_eq!(got, want);
     // Values: lora_A = Aᵀ, lora_B = Bᵀ, the magnitude and the head as trained.
-    let man = export::ExportManifest::read(&s.art).unwrap();
+    let man = export::manifest::read(&s.art).unwrap();
     let a0 = &man.adapters[0];
     let key = format!("base_model.model.{}", a0.module);
     let (a, b) = (trained_of(&s, &a0.lora_a), trained_of(&s, &a0.lora_b));
@@ -348,7 +348,7 @@ fn peft_folder_has_peft_names_shapes_and_config() {
     assert_eq!(t[&format!("{p}.lora_A.weight")].0, vec![8, 64]);
     assert_eq!(t[&format!("{p}.lora_B.weight")].0, vec![192, 8]);
     assert_eq!(t[&format!("{p}.lora_magnitude_vector")].0, vec![192]);
-    let man = export::ExportManifest::read(&s.art).unwrap();
+    let man = export::manifest::read(&s.art).unwrap();
     let (q, v) = (&man.adapters[0], &man.adapters[1]);
     assert_eq!(q.block.unwrap().name(), "q");
     assert_eq!(v.block.unwrap().name(), "v");
@@ -422,7 +422,11 @@ fn peft_loads_the_adapter_and_reproduces_the_adapted_forward() {
         let data = example_inputs(&s.model);
         let mut all = data.clone();
         all.extend(s.trained.iter().cloned());
-        let want = logits(tract.as_ref(), &s.art.join(artifact::FORWARD), &all);
+        let want = logits(
+            tract.as_ref(),
+            &s.art.join(artifact::ProgramKey::Forward.file()),
+            &all,
+        );
         let base = logits(tract.as_ref(), &s.model_path, &data);
         let input = |name: &str| {
             let (_, t) = data.iter().find(|(n, _)| n == name).unwrap();
@@ -465,7 +469,7 @@ fn bad_inputs_are_clear_errors_and_write_nothing() {
     let s = setup(case("roberta_legacy17", Method::Dora, true), dir.path(), 9);
     let merged = dir.path().join("m.onnx");
     let peft_dir = dir.path().join("p");
-    let man = export::ExportManifest::read(&s.art).unwrap();
+    let man = export::manifest::read(&s.art).unwrap();
     let a0 = man.adapters[0].clone();
     let try_with = |tensors: &[(String, HostTensor)]| {
         let path = dir.path().join("bad.safetensors");

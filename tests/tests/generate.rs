@@ -20,7 +20,7 @@ fn forward() -> (Box<dyn Program>, Vec<(String, HostTensor)>, String) {
     let dir = tempfile::tempdir().unwrap();
     bidora_compiler::artifact::write(&art, &dir.path().join("a"), false).unwrap();
     let art = Artifact::open(&dir.path().join("a")).unwrap();
-    let sig = &art.manifest.programs["forward"];
+    let sig = &art.manifest.programs[&bidora_compiler::artifact::ProgramKey::Forward];
     let backend = select(
         BackendKind::Tract,
         &BackendOptions {

@@ -117,7 +117,8 @@ fn short_bidora_run_on_the_sst2_subset_beats_chance() {
         &sets,
     )
     .unwrap();
-    let eval_inputs: Vec<String> = art.manifest.programs["eval"]
+    let eval_inputs: Vec<String> = art.manifest.programs
+        [&bidora_compiler::artifact::ProgramKey::Eval]
         .inputs
         .iter()
         .map(|i| i.name.clone())

@@ -1,5 +1,6 @@
 //! The artifact folder the compiler writes: ONNX programs, the adapters' initial values in
-//! `init.safetensors`, and `manifest.json` describing both.
+//! `init.safetensors`, and `manifest.json` describing both ([`schema`]: its one typed
+//! definition, which every reader uses).
 //!
 //! The folder appears whole or not at all: everything is written into a temporary sibling
 //! folder that is renamed into place at the end, so a failure never leaves a partial artifact.
@@ -7,117 +8,18 @@
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
-use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::ir::{convert, DataType, Dim, Graph, Model, Tensor, ValueType};
 use crate::onnx_io;
-use crate::rewrite::{AdapterConfig, AdapterRecord};
 
-pub const MANIFEST: &str = "manifest.json";
-/// The external data file every program's tensors of 1 KiB or more live in, each stored once
-/// however many programs use it (ONNX external data: location, offset, length).
-pub const WEIGHTS: &str = "weights.bin";
-pub const INIT: &str = "init.safetensors";
-pub const FORWARD: &str = "forward.onnx";
-pub const TRAIN_STEP: &str = "train_step.onnx";
-pub const EVAL: &str = "eval.onnx";
-pub const LOWER: &str = "lower.onnx";
-pub const UPPER: &str = "upper.onnx";
+pub mod schema;
 
-/// What a program input or output is for, so runtimes can bind it without guessing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    /// A model input supplied per batch (token ids, masks).
-    Data,
-    /// A low-rank factor (A or B): the lower level's variables.
-    Adapter,
-    /// A DoRA magnitude vector: the upper level's variables.
-    Magnitude,
-    /// A classifier-head weight or bias trained with the adapters (`--train-head`).
-    Head,
-    /// A model output (logits).
-    Output,
-    /// Labels read by the loss head.
-    Label,
-    /// The scalar loss.
-    Loss,
-    /// The gradient of the loss w.r.t. the trainable tensor named in `of`.
-    Gradient,
-    /// The hypergradient of the magnitude named in `of` (upper program).
-    Hypergradient,
-    /// The regulariser's value R(V) (lower program).
-    Regularizer,
-    /// A scalar knob fed per run: `gamma`, `xi`, `alpha_fd` (defaults in the manifest).
-    Hyperparameter,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct TensorSig {
-    pub name: String,
-    pub dtype: String,
-    /// Each dim a number or a symbol name (`null` when unknown).
-    pub shape: Option<Vec<serde_json::Value>>,
-    pub role: Role,
-    /// For a gradient or hypergradient: the trainable tensor it belongs to; for a batch input
-    /// of the upper program: the model input it feeds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub of: Option<String>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct ProgramSig {
-    pub file: String,
-    pub inputs: Vec<TensorSig>,
-    pub outputs: Vec<TensorSig>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct Manifest {
-    pub format: &'static str,
-    pub format_version: u32,
-    pub compiler_version: &'static str,
-    /// The input model's file name (no directories: artifacts move between machines).
-    pub source_model: String,
-    /// Where the input model was when the artifact was compiled (absolute), for `bidora
-    /// export` on the same machine; elsewhere it passes `--model`.
-    pub source_model_path: Option<String>,
-    pub opset: i64,
-    /// Rows of the token embedding that `input_ids` index (see [`vocab_size`]), so the runtime
-    /// can refuse token ids from a tokenizer that does not belong to the model.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub vocab_size: Option<i64>,
-    pub config: AdapterConfig,
-    /// Classifier-head tensors made trainable (`--train-head`), with the adapters in
-    /// `init.safetensors`.
-    pub head_params: Vec<String>,
-    /// The loss head, when the artifact has training programs.
-    pub task: Option<crate::heads::Head>,
-    pub adapters: Vec<AdapterRecord>,
-    /// BiDoRA's levels, when the lower and upper programs were emitted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bilevel: Option<BilevelManifest>,
-    pub programs: IndexMap<String, ProgramSig>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct BilevelManifest {
-    pub hypergrad: crate::bilevel::Hypergrad,
-    pub regularizer: crate::regularizer::RegVariant,
-    /// Which tensors each level trains.
-    pub groups: crate::bilevel::Groups,
-    pub defaults: BilevelDefaults,
-}
-
-/// Defaults for the hyperparameter inputs (docs/design.md; the paper's appendix B).
-#[derive(Clone, Debug, Serialize)]
-pub struct BilevelDefaults {
-    pub gamma: f64,
-    pub alpha_fd: f64,
-    /// ξ is the lower level's learning rate unless set.
-    pub xi: &'static str,
-}
+pub use schema::{
+    BilevelDefaults, BilevelManifest, Hyperparameter, Manifest, ManifestError, ManifestFile,
+    ProgramKey, ProgramSig, Role, SigDim, TensorSig, FORMAT, FORMAT_VERSION, INIT, MANIFEST,
+    WEIGHTS,
+};
 
 /// The vocabulary size of a model: the row count of the 2-D initializer that a `Gather` on
 /// axis 0 indexes with `input_ids`, directly or through ops that only reshape or retype it
@@ -153,16 +55,16 @@ pub fn vocab_size(graph: &Graph) -> Option<i64> {
     None
 }
 
-fn dims_json(t: &Option<ValueType>) -> (String, Option<Vec<serde_json::Value>>) {
+fn sig_dims(t: &Option<ValueType>) -> (String, Option<Vec<SigDim>>) {
     match t {
         Some(ValueType::Tensor { elem, shape, .. }) => (
             elem.short_name().to_string(),
             shape.as_ref().map(|dims| {
                 dims.iter()
                     .map(|d| match d {
-                        Dim::Known(v) => serde_json::Value::from(*v),
-                        Dim::Sym(s) => serde_json::Value::from(s.clone()),
-                        Dim::Unknown => serde_json::Value::Null,
+                        Dim::Known(v) => SigDim::Known(*v),
+                        Dim::Sym(s) => SigDim::Sym(s.clone()),
+                        Dim::Unknown => SigDim::Unknown,
                     })
                     .collect()
             }),
@@ -178,7 +80,7 @@ pub type Roles = std::collections::HashMap<String, (Role, Option<String>)>;
 /// outputs (outputs).
 pub fn program_sig(file: &str, graph: &Graph, roles: &Roles) -> ProgramSig {
     let sig = |v: &crate::ir::ValueInfo, default: Role| {
-        let (dtype, shape) = dims_json(&v.ty);
+        let (dtype, shape) = sig_dims(&v.ty);
         let (role, of) = roles.get(&v.name).cloned().unwrap_or((default, None));
         TensorSig {
             name: v.name.clone(),
@@ -195,13 +97,13 @@ pub fn program_sig(file: &str, graph: &Graph, roles: &Roles) -> ProgramSig {
     }
 }
 
-/// Serialises f32 tensors to safetensors bytes, in the given order.
+/// Serialises f32 (or f64) tensors to safetensors bytes, in the given order.
 pub fn safetensors_bytes(tensors: &IndexMap<String, Tensor>) -> Result<Vec<u8>> {
-    let mut views = vec![];
+    let mut entries = vec![];
     for (name, t) in tensors {
         let dtype = match t.dtype {
-            DataType::Float => safetensors::Dtype::F32,
-            DataType::Double => safetensors::Dtype::F64,
+            DataType::Float => crate::tensor_file::Dtype::F32,
+            DataType::Double => crate::tensor_file::Dtype::F64,
             other => {
                 return Err(Error::Other(format!(
                     "tensor '{name}' is {}, not f32 or f64",
@@ -210,15 +112,14 @@ pub fn safetensors_bytes(tensors: &IndexMap<String, Tensor>) -> Result<Vec<u8>> 
             }
         };
         let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-        let view = safetensors::tensor::TensorView::new(
+        entries.push(crate::tensor_file::RawEntry {
+            name,
             dtype,
             shape,
-            t.raw().expect("float tensors are raw"),
-        )
-        .map_err(|e| Error::Other(format!("tensor '{name}': {e}")))?;
-        views.push((name.clone(), view));
+            bytes: t.raw().expect("float tensors are raw"),
+        });
     }
-    safetensors::serialize(views, None).map_err(|e| Error::Other(format!("safetensors: {e}")))
+    crate::tensor_file::to_bytes(&entries, None).map_err(|e| Error::Other(e.to_string()))
 }
 
 /// Everything the compiler writes into one artifact folder.
@@ -295,19 +196,11 @@ pub fn write_with_fingerprint(
         std::fs::write(&p, bytes).map_err(|e| Error::Write { path: p, source: e })
     };
     write_file(INIT, &init)?;
-    // Flattened rather than through a JSON value, which would sort the keys (and programs).
-    #[derive(Serialize)]
-    struct Fingerprinted<'a> {
-        #[serde(flatten)]
-        manifest: &'a Manifest,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        source_fingerprint: Option<&'a crate::provenance::Fingerprint>,
+    let mut manifest = artifact.manifest.clone();
+    if let Some(f) = fingerprint {
+        manifest.source_fingerprint = Some(f.clone());
     }
-    let json = serde_json::to_vec_pretty(&Fingerprinted {
-        manifest: &artifact.manifest,
-        source_fingerprint: fingerprint,
-    })
-    .map_err(|e| Error::Other(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?;
     write_file(MANIFEST, &json)?;
     swap_into_place(tmp, dir, &parent).map_err(|e| Error::Write {
         path: dir.to_path_buf(),

@@ -20,7 +20,7 @@ pub mod trained;
 
 use std::path::{Path, PathBuf};
 
-pub use manifest::ExportManifest;
+pub use crate::artifact::ManifestFile;
 pub use peft::PeftOptions;
 pub use resolve::{load_source, resolve, Resolved};
 pub use trained::Trained;
@@ -58,8 +58,8 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
             });
         }
     }
-    let manifest = ExportManifest::read(job.artifact)?;
-    let model_path = manifest.model_path(job.model)?;
+    let manifest = manifest::read(job.artifact)?;
+    let model_path = manifest::model_path(&manifest, job.model)?;
     refuse_overlaps(job, &model_path)?;
     let model = load_source(&model_path)?;
     let mut warnings = vec![];
@@ -85,8 +85,7 @@ pub fn run(job: &ExportJob) -> Result<ExportReport> {
     }
     let trained = Trained::read(job.tensors, &manifest.trainable_names())?;
     if let Some(theirs) = &trained.identity {
-        let diff =
-            crate::provenance::differences(theirs, &crate::provenance::identity(&manifest.json));
+        let diff = crate::provenance::differences(theirs, &manifest.identity);
         if !diff.is_empty() {
             return Err(ExportError::Tensors {
                 path: job.tensors.to_path_buf(),

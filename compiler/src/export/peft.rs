@@ -22,7 +22,7 @@ use indexmap::IndexMap;
 use serde_json::{json, Value};
 
 use super::resolve::ResolvedAdapter;
-use super::{ExportError, ExportManifest, Resolved, Result};
+use super::{ExportError, ManifestFile, Resolved, Result};
 use crate::heads::Task;
 use crate::ir::Model;
 use crate::rewrite::head::{head_tensors, HeadTensor};
@@ -69,7 +69,7 @@ fn pattern_key(module: &str) -> String {
 
 /// Builds the adapter folder's contents.
 pub fn peft_adapter(
-    manifest: &ExportManifest,
+    manifest: &ManifestFile,
     model: &Model,
     r: &Resolved,
     opts: &PeftOptions,

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{ExportError, ExportManifest, Result, Trained};
+use super::{ExportError, ManifestFile, Result, Trained};
 use crate::ir::Model;
 use crate::rewrite::head::{head_tensors, HeadTensor};
 use crate::rewrite::{AdapterRecord, Method};
@@ -61,7 +61,7 @@ pub fn load_source(path: &Path) -> Result<Model> {
 }
 
 pub fn resolve(
-    manifest: &ExportManifest,
+    manifest: &ManifestFile,
     model: &Model,
     model_path: &Path,
     trained: &Trained,

@@ -22,19 +22,24 @@ impl Trained {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
-        let identity = safetensors::SafeTensors::read_metadata(&bytes)
-            .ok()
-            .and_then(|(_, m)| {
-                m.metadata()
-                    .as_ref()?
-                    .get(crate::provenance::IDENTITY_KEY)
-                    .cloned()
-            })
+        let file = crate::tensor_file::read(path)
+            .and_then(|f| f.check_finite(path).map(|()| f))
+            .map_err(|e| match e {
+                crate::tensor_file::TensorFileError::NonFinite {
+                    name, index, value, ..
+                } => ExportError::NonFinite {
+                    path: path.to_path_buf(),
+                    name,
+                    index,
+                    value,
+                },
+                other => err(other.detail()),
+            })?;
+        let identity = file
+            .metadata
+            .get(crate::provenance::IDENTITY_KEY)
             .map(|text| {
-                serde_json::from_str(&text).map_err(|e| {
+                serde_json::from_str(text).map_err(|e| {
                     err(format!(
                         "its metadata '{}' is not a JSON object: {e}",
                         crate::provenance::IDENTITY_KEY
@@ -43,40 +48,15 @@ impl Trained {
             })
             .transpose()?;
         let mut tensors = HashMap::new();
-        for (name, view) in st.iter() {
-            if !known.iter().any(|k| k == name) {
+        for e in file.tensors {
+            if !known.contains(&e.name) {
                 return Err(ExportError::UnknownTensor {
                     path: path.to_path_buf(),
-                    name: name.to_string(),
+                    name: e.name,
                     known: known.join(", "),
                 });
             }
-            let values: Vec<f64> = match view.dtype() {
-                safetensors::Dtype::F32 => view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-                    .collect(),
-                safetensors::Dtype::F64 => view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-                other => {
-                    return Err(err(format!(
-                        "tensor '{name}' is {other:?}; expected F32 or F64"
-                    )))
-                }
-            };
-            if let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-                return Err(ExportError::NonFinite {
-                    path: path.to_path_buf(),
-                    name: name.to_string(),
-                    index,
-                    value,
-                });
-            }
-            tensors.insert(name.to_string(), (view.shape().to_vec(), values));
+            tensors.insert(e.name, (e.shape, e.values));
         }
         Ok(Trained {
             path: path.to_path_buf(),

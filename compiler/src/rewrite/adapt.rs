@@ -28,7 +28,7 @@ pub enum Method {
     Dora,
 }
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdapterConfig {
     pub method: Method,
     pub rank: usize,
@@ -52,7 +52,7 @@ impl AdapterConfig {
 }
 
 /// What the manifest records for one adapter.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdapterRecord {
     pub module: String,
     pub block: Option<Block>,

@@ -3,6 +3,11 @@
 //! `-DOCSTART- -X- O O` opening each document (shared/data/README.md, "CoNLL-2003"; Tjong Kim
 //! Sang & De Meulder 2003). The English files' tags are IOB1: `B-` appears only where an
 //! entity directly follows one of the same type.
+//!
+//! The same reader takes `token<TAB>tag` files without `-DOCSTART-` lines, and untyped tags
+//! `B` / `I` / `O` as BioBERT's NER releases write them (JNLPBA's single-type variants,
+//! BC2GM, NCBI-disease, BC5CDR): an untyped entity is one entity type, scored over spans
+//! like the typed ones (`metrics::ner` reads a bare `B`/`I` as a chunk of type `_`).
 
 use std::path::Path;
 
@@ -37,21 +42,33 @@ impl Scheme {
     }
 }
 
-/// IOB1 → IOB2: an `I-X` that does not continue an entity of type X (sentence start, after
-/// `O`, after another type) starts one, so becomes `B-X`. IOB2 input comes out unchanged.
+/// The entity type of a `B`/`I` tag: `Some("PER")` for `I-PER`, `Some("")` for an untyped
+/// `I`, `None` for `O`.
+fn kind_of(tag: &str) -> Option<&str> {
+    match tag {
+        "B" | "I" => Some(""),
+        _ => tag.strip_prefix("B-").or_else(|| tag.strip_prefix("I-")),
+    }
+}
+
+/// IOB1 → IOB2: an `I-X` (or untyped `I`) that does not continue an entity of its type
+/// (sentence start, after `O`, after another type) starts one, so becomes `B-X` (`B`). IOB2
+/// input comes out unchanged.
 pub fn iob1_to_iob2(tags: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(tags.len());
     for (i, t) in tags.iter().enumerate() {
-        let converted = match t.strip_prefix("I-") {
-            Some(kind) => {
-                let continues = i > 0 && tags[i - 1].get(2..) == Some(kind);
-                if continues {
-                    t.clone()
+        let inside = t == "I" || t.starts_with("I-");
+        let kind = kind_of(t);
+        let continues = i > 0 && kind.is_some() && kind_of(&tags[i - 1]) == kind;
+        let converted = match kind {
+            Some(k) if inside && !continues => {
+                if k.is_empty() {
+                    "B".to_string()
                 } else {
-                    format!("B-{kind}")
+                    format!("B-{k}")
                 }
             }
-            None => t.clone(),
+            _ => t.clone(),
         };
         out.push(converted);
     }
@@ -59,14 +76,14 @@ pub fn iob1_to_iob2(tags: &[String]) -> Vec<String> {
 }
 
 fn check_tag(path: &Path, line: usize, tag: &str) -> Result<(), DataError> {
-    let ok = tag == "O" || ((tag.starts_with("B-") || tag.starts_with("I-")) && tag.len() > 2);
-    if ok {
+    let typed = (tag.starts_with("B-") || tag.starts_with("I-")) && tag.len() > 2;
+    if tag == "O" || tag == "B" || tag == "I" || typed {
         Ok(())
     } else {
         Err(at(
             path,
             line,
-            format!("tag '{tag}' is not O, B-TYPE or I-TYPE"),
+            format!("tag '{tag}' is not O, B, I, B-TYPE or I-TYPE"),
         ))
     }
 }

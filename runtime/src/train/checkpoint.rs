@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, IxDyn};
-use safetensors::tensor::TensorView;
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::TrainError;
@@ -37,29 +36,31 @@ fn io(path: &Path, e: impl std::fmt::Display) -> TrainError {
     }
 }
 
-/// Writes `tensors` as f32 safetensors to `path` atomically (temp file + rename).
+/// Writes `tensors` as f32 safetensors to `path` atomically (temp file + rename;
+/// `bidora_compiler::tensor_file`, the one writer).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, &ArrayD<f32>)],
     meta: Option<HashMap<String, String>>,
 ) -> Result<(), TrainError> {
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    type Named<'t> = (&'t str, Vec<usize>, std::borrow::Cow<'t, [f32]>);
+    let owned: Vec<Named> = tensors
         .iter()
         .map(|(n, a)| {
-            let b: Vec<u8> = a.iter().flat_map(|x| x.to_le_bytes()).collect();
-            (n.clone(), b, a.shape().to_vec())
+            let values = match a.as_slice() {
+                Some(s) => std::borrow::Cow::Borrowed(s),
+                None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+            };
+            (n.as_str(), a.shape().to_vec(), values)
         })
         .collect();
-    let views: Vec<(String, TensorView)> = bytes
+    let views: Vec<(&str, &[usize], &[f32])> = owned
         .iter()
-        .map(|(n, b, s)| {
-            TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| io(path, e))
-        })
-        .collect::<Result<_, _>>()?;
-    let data = safetensors::serialize(views, meta).map_err(|e| io(path, e))?;
-    write_atomic(path, &data)
+        .map(|(n, s, v)| (*n, s.as_slice(), v.as_ref()))
+        .collect();
+    bidora_compiler::tensor_file::write_f32(path, &views, meta).map_err(|e| io(path, e.detail()))
 }
 
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TrainError> {
@@ -73,29 +74,21 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), TrainError> {
     std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
-/// Reads every f32 tensor of a safetensors file.
+/// Reads every tensor of an f32 safetensors file, sorted by name.
 pub fn read_safetensors(path: &Path) -> Result<Vec<(String, ArrayD<f32>)>, TrainError> {
-    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(path, e))?;
-    let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
-    names.sort();
-    names
+    let file = bidora_compiler::tensor_file::read(path).map_err(|e| io(path, e.detail()))?;
+    file.tensors
         .into_iter()
-        .map(|n| {
-            let v = st.tensor(&n).map_err(|e| io(path, e))?;
-            if v.dtype() != safetensors::Dtype::F32 {
+        .map(|e| {
+            if e.dtype != bidora_compiler::tensor_file::Dtype::F32 {
                 return Err(io(
                     path,
-                    format!("tensor '{n}' is {:?}, expected F32", v.dtype()),
+                    format!("tensor '{}' is {:?}, expected F32", e.name, e.dtype),
                 ));
             }
-            let data: Vec<f32> = v
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            let a = ArrayD::from_shape_vec(IxDyn(v.shape()), data).map_err(|e| io(path, e))?;
-            Ok((n, a))
+            let values = e.f32_values();
+            let a = ArrayD::from_shape_vec(IxDyn(&e.shape), values).map_err(|err| io(path, err))?;
+            Ok((e.name, a))
         })
         .collect()
 }

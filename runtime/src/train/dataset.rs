@@ -33,11 +33,10 @@ impl ModelSpec {
         Ok(ModelSpec {
             inputs: art
                 .manifest
-                .programs
-                .get("eval")
+                .program(crate::artifact::ProgramKey::Eval)
                 .map(|p| p.inputs.iter().map(|i| i.name.clone()).collect())
                 .unwrap_or_default(),
-            task: task.task.clone(),
+            task: task.task.name().to_string(),
             vocab_size: art
                 .manifest
                 .vocab_size
@@ -50,12 +49,13 @@ impl ModelSpec {
 /// The class count of a classifying head: the last dim of the eval program's logits.
 fn classes_of(art: &crate::artifact::Artifact) -> Option<usize> {
     let task = art.manifest.task.as_ref()?;
-    if !matches!(task.task.as_str(), "seq-cls" | "token-cls" | "multi-label") {
+    use bidora_compiler::heads::Task;
+    if !matches!(task.task, Task::SeqCls | Task::TokenCls | Task::MultiLabel) {
         return None;
     }
-    let eval = art.manifest.programs.get("eval")?;
+    let eval = art.manifest.program(crate::artifact::ProgramKey::Eval)?;
     let logits = eval.outputs.iter().find(|o| o.name == task.logits)?;
-    let last = logits.shape.as_ref()?.last()?.as_u64()?;
+    let last = logits.shape.as_ref()?.last()?.known()?;
     usize::try_from(last).ok()
 }
 

@@ -37,7 +37,7 @@ use ndarray::{ArrayD, IxDyn};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::artifact::Artifact;
+use crate::artifact::{Artifact, Hyperparameter, ProgramKey, Role};
 use crate::backend::{Arg, Backend, HostTensor, Output, Program, Resident};
 use crate::optim::AdamW;
 pub use config::{Method, RetrainFrom, TrainConfig};
@@ -239,6 +239,11 @@ fn outputs(p: &dyn Program) -> HashMap<String, usize> {
         .collect()
 }
 
+/// A hyperparameter input and its value.
+fn hyper(h: Hyperparameter, v: f64) -> (String, HostTensor) {
+    (h.input_name().to_string(), scalar(v))
+}
+
 fn scalar(v: f64) -> HostTensor {
     HostTensor::F32(ArrayD::from_elem(IxDyn(&[]), v as f32))
 }
@@ -306,11 +311,11 @@ impl<'a> Trainer<'a> {
                 "it has no training programs: compile it with --task".into(),
             ));
         };
-        eval::check_metric(&task.task, cfg.metric.as_deref())?;
-        let has = |k: &str| m.programs.contains_key(k);
+        eval::check_metric(task.task.name(), cfg.metric.as_deref())?;
+        let has = |k: ProgramKey| m.programs.contains_key(&k);
         let (lower_group, upper_group) = match cfg.method {
             Method::Bidora => {
-                let b = m.bilevel.as_ref().filter(|_| has("lower") && has("upper")).ok_or_else(|| {
+                let b = m.bilevel.as_ref().filter(|_| has(ProgramKey::Lower) && has(ProgramKey::Upper)).ok_or_else(|| {
                     TrainError::Artifact(
                         "method = \"bidora\" needs lower.onnx and upper.onnx: compile a DoRA artifact with --task (without --no-bilevel)".into(),
                     )
@@ -318,21 +323,23 @@ impl<'a> Trainer<'a> {
                 (b.groups.lower.clone(), b.groups.upper.clone())
             }
             Method::Dora | Method::Lora => {
-                if !has("train_step") {
+                if !has(ProgramKey::TrainStep) {
                     return Err(TrainError::Artifact("it has no train_step.onnx".into()));
                 }
                 let dora = m.adapters.iter().any(|a| a.magnitude.is_some());
                 if (cfg.method == Method::Dora) != dora {
                     return Err(TrainError::Artifact(format!(
-                        "method = \"{:?}\" but the artifact's adapters are {}",
+                        "method = \"{:?}\" but the artifact's adapters are {:?}",
                         cfg.method, m.config.method
                     )));
                 }
                 (art.init.iter().map(|(n, _)| n.clone()).collect(), vec![])
             }
         };
-        let load = |key: &str| -> Result<Box<dyn Program>, TrainError> {
-            let sig = &m.programs[key];
+        let load = |key: ProgramKey| -> Result<Box<dyn Program>, TrainError> {
+            let sig = art
+                .program(key)
+                .map_err(|e| TrainError::Artifact(e.to_string()))?;
             backend
                 .load(&art.dir.join(&sig.file))
                 .map_err(|e| TrainError::Run {
@@ -344,25 +351,25 @@ impl<'a> Trainer<'a> {
             step: if cfg.method == Method::Bidora {
                 None
             } else {
-                Some(load("train_step")?)
+                Some(load(ProgramKey::TrainStep)?)
             },
             lower: if cfg.method == Method::Bidora {
-                Some(load("lower")?)
+                Some(load(ProgramKey::Lower)?)
             } else {
                 None
             },
             upper: if cfg.method == Method::Bidora {
-                Some(load("upper")?)
+                Some(load(ProgramKey::Upper)?)
             } else {
                 None
             },
-            eval: load("eval")?,
-            forward: if task.task == "causal-lm"
+            eval: load(ProgramKey::Eval)?,
+            forward: if task.task == bidora_compiler::heads::Task::CausalLm
                 && cfg.generation.max_new_tokens > 0
                 && generation::unavailable(&*data.data).is_none()
-                && has("forward")
+                && has(ProgramKey::Forward)
             {
-                Some(load("forward")?)
+                Some(load(ProgramKey::Forward)?)
             } else {
                 None
             },
@@ -376,7 +383,7 @@ impl<'a> Trainer<'a> {
                 Some("generation.max_new_tokens is 0")
             } else if let Some(why) = generation::unavailable(&*data.data) {
                 Some(why)
-            } else if !has("forward") {
+            } else if !has(ProgramKey::Forward) {
                 Some("the artifact has no forward.onnx")
             } else {
                 None
@@ -725,11 +732,10 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    fn loss_output(&self, prog_key: &str) -> Result<String, TrainError> {
-        let sig = &self.art.manifest.programs[prog_key];
-        sig.outputs
-            .iter()
-            .find(|o| o.role == "loss")
+    fn loss_output(&self, key: ProgramKey) -> Result<String, TrainError> {
+        let sig = &self.art.manifest.programs[&key];
+        sig.outputs_with(Role::Loss)
+            .next()
             .map(|o| o.name.clone())
             .ok_or_else(|| TrainError::Artifact(format!("{} has no loss output", sig.file)))
     }
@@ -770,23 +776,26 @@ impl<'a> Trainer<'a> {
             (Method::Bidora, Phase::Search) => {
                 let b_tr = self.batch(0)?;
                 let gamma = self.gamma();
-                let keep = self.role_outputs("lower", "gradient");
+                let keep = self.role_outputs(ProgramKey::Lower, Role::Gradient);
                 let res = self.exec(
-                    "lower",
+                    ProgramKey::Lower,
                     &[("", &b_tr)],
-                    vec![("gamma".into(), scalar(gamma))],
+                    vec![hyper(Hyperparameter::Gamma, gamma)],
                     &[],
                     &|n| keep.contains(n),
                 )?;
-                let g = self.grads("lower", &res, "gradient", &lower_group)?;
-                let loss = self.host_sum("lower", &res, &self.loss_output("lower")?)?;
+                let g = self.grads(ProgramKey::Lower, &res, Role::Gradient, &lower_group)?;
+                let loss = self.host_sum(
+                    ProgramKey::Lower,
+                    &res,
+                    &self.loss_output(ProgramKey::Lower)?,
+                )?;
                 rec["loss"] = json!(loss);
-                if let Some(r) = self.art.manifest.programs["lower"]
-                    .outputs
-                    .iter()
-                    .find(|o| o.role == "regularizer")
+                if let Some(r) = self.art.manifest.programs[&ProgramKey::Lower]
+                    .outputs_with(Role::Regularizer)
+                    .next()
                 {
-                    rec["reg"] = json!(self.host_sum("lower", &res, &r.name)?);
+                    rec["reg"] = json!(self.host_sum(ProgramKey::Lower, &res, &r.name)?);
                 }
                 if !loss.is_finite() {
                     return Err(self.non_finite("the training loss"));
@@ -804,25 +813,31 @@ impl<'a> Trainer<'a> {
                     let alpha = self.cfg.alpha_fd.unwrap_or_else(|| {
                         self.art
                             .manifest
-                            .bilevel
-                            .as_ref()
-                            .map_or(0.01, |b| b.defaults.alpha_fd)
+                            .default_of(Hyperparameter::AlphaFd)
+                            .unwrap_or(0.01)
                     });
                     // The upper program reads the lower step's outputs by name: g (and, in
                     // fd-forward, ∇_M L_tr).
-                    let keep = self.role_outputs("upper", "hypergradient");
+                    let keep = self.role_outputs(ProgramKey::Upper, Role::Hypergradient);
                     let ures = self.exec(
-                        "upper",
+                        ProgramKey::Upper,
                         &[("train.", &b_tr), ("val.", &b_val)],
                         vec![
-                            ("xi".into(), scalar(xi)),
-                            ("alpha_fd".into(), scalar(alpha)),
+                            hyper(Hyperparameter::Xi, xi),
+                            hyper(Hyperparameter::AlphaFd, alpha),
                         ],
                         &res,
                         &|n| keep.contains(n),
                     )?;
-                    let h = self.grads("upper", &ures, "hypergradient", &self.upper_group)?;
-                    rec["upper_val_loss"] = json!(self.host_sum("upper", &ures, "val.loss")?);
+                    let h = self.grads(
+                        ProgramKey::Upper,
+                        &ures,
+                        Role::Hypergradient,
+                        &self.upper_group,
+                    )?;
+                    let val_loss = bidora_compiler::bilevel::VAL_LOSS;
+                    rec["upper_val_loss"] =
+                        json!(self.host_sum(ProgramKey::Upper, &ures, val_loss)?);
                     rec["lr_upper"] = json!(lr_u);
                     self.optimize(resident::Level::Upper, h, lr_u as f32)?;
                     self.st.upper_step += 1;
@@ -833,17 +848,17 @@ impl<'a> Trainer<'a> {
                 // BiDoRA's retrain (the lower program on train ∪ val, M frozen) or a
                 // single-level method's train_step.
                 let (key, stream) = match (method, phase) {
-                    (Method::Bidora, _) => ("lower", 2),
-                    _ => ("train_step", 0),
+                    (Method::Bidora, _) => (ProgramKey::Lower, 2),
+                    _ => (ProgramKey::TrainStep, 0),
                 };
                 let b = self.batch(stream)?;
                 let extra = match key {
-                    "lower" => vec![("gamma".into(), scalar(self.gamma()))],
+                    ProgramKey::Lower => vec![hyper(Hyperparameter::Gamma, self.gamma())],
                     _ => vec![],
                 };
-                let keep = self.role_outputs(key, "gradient");
+                let keep = self.role_outputs(key, Role::Gradient);
                 let res = self.exec(key, &[("", &b)], extra, &[], &|n| keep.contains(n))?;
-                let g = self.grads(key, &res, "gradient", &lower_group)?;
+                let g = self.grads(key, &res, Role::Gradient, &lower_group)?;
                 let loss = self.host_sum(key, &res, &self.loss_output(key)?)?;
                 if !loss.is_finite() {
                     return Err(self.non_finite("the training loss"));
@@ -857,11 +872,9 @@ impl<'a> Trainer<'a> {
     }
 
     /// Names of `key`'s outputs with this role: what resident mode keeps on the device.
-    fn role_outputs(&self, key: &str, role: &str) -> std::collections::HashSet<String> {
-        self.art.manifest.programs[key]
-            .outputs
-            .iter()
-            .filter(|o| o.role == role)
+    fn role_outputs(&self, key: ProgramKey, role: Role) -> std::collections::HashSet<String> {
+        self.art.manifest.programs[&key]
+            .outputs_with(role)
             .map(|o| o.name.clone())
             .collect()
     }
@@ -872,7 +885,7 @@ impl<'a> Trainer<'a> {
     /// and the outputs `keep` names stay resident; otherwise everything is on the host.
     fn exec(
         &mut self,
-        key: &'static str,
+        key: ProgramKey,
         batches: &[(&str, &[(String, HostTensor)])],
         extra: Vec<(String, HostTensor)>,
         prev: &[(String, Output)],
@@ -929,8 +942,8 @@ impl<'a> Trainer<'a> {
         };
         self.time(
             match key {
-                "lower" => "lower",
-                "upper" => "upper",
+                ProgramKey::Lower => "lower",
+                ProgramKey::Upper => "upper",
                 _ => "train_step",
             },
             t,
@@ -938,7 +951,7 @@ impl<'a> Trainer<'a> {
         let names = p.output_names().to_vec();
         *self.slot(key) = Some(p);
         let outs = r.map_err(|e| TrainError::Run {
-            program: self.art.manifest.programs[key].file.clone(),
+            program: self.art.manifest.programs[&key].file.clone(),
             message: e.to_string(),
         })?;
         Ok(names.into_iter().zip(outs).collect())
@@ -947,11 +960,11 @@ impl<'a> Trainer<'a> {
     /// The sum of a host output (a loss).
     fn host_sum(
         &self,
-        key: &str,
+        key: ProgramKey,
         outs: &[(String, Output)],
         name: &str,
     ) -> Result<f64, TrainError> {
-        let file = &self.art.manifest.programs[key].file;
+        let file = &self.art.manifest.programs[&key].file;
         let t = outs
             .iter()
             .find(|(n, _)| n == name)
@@ -967,15 +980,15 @@ impl<'a> Trainer<'a> {
     /// manifest's `of`): host arrays, checked finite, or resident values.
     fn grads<'o>(
         &self,
-        key: &str,
+        key: ProgramKey,
         outs: &'o [(String, Output)],
-        role: &str,
+        role: Role,
         group: &[String],
     ) -> Result<Grads<'o>, TrainError> {
-        let sig = &self.art.manifest.programs[key];
+        let sig = &self.art.manifest.programs[&key];
         let mut host = HashMap::new();
         let mut res = HashMap::new();
-        for o in sig.outputs.iter().filter(|o| o.role == role) {
+        for o in sig.outputs_with(role) {
             let Some(of) = &o.of else { continue };
             if !group.contains(of) {
                 continue;
@@ -984,7 +997,7 @@ impl<'a> Trainer<'a> {
                 Some(Output::Host(t)) => {
                     let a = f32_of(t, &sig.file)?;
                     if a.iter().any(|x| !x.is_finite()) {
-                        return Err(self.non_finite(&format!("the {role} of {of}")));
+                        return Err(self.non_finite(&format!("the {} of {of}", role.name())));
                     }
                     host.insert(of.clone(), a);
                 }
@@ -1058,11 +1071,15 @@ impl<'a> Trainer<'a> {
         Ok(self)
     }
 
-    fn slot(&mut self, key: &str) -> &mut Option<Box<dyn Program>> {
+    /// The loaded program of a training key (eval and forward run outside [`Self::exec`]).
+    fn slot(&mut self, key: ProgramKey) -> &mut Option<Box<dyn Program>> {
         match key {
-            "lower" => &mut self.progs.lower,
-            "upper" => &mut self.progs.upper,
-            _ => &mut self.progs.step,
+            ProgramKey::Lower => &mut self.progs.lower,
+            ProgramKey::Upper => &mut self.progs.upper,
+            ProgramKey::TrainStep => &mut self.progs.step,
+            ProgramKey::Eval | ProgramKey::Forward => {
+                unreachable!("exec runs only training programs, not {key}")
+            }
         }
     }
 
@@ -1087,7 +1104,7 @@ impl<'a> Trainer<'a> {
             return Ok(None);
         }
         let task = self.art.manifest.task.clone().expect("checked in new");
-        let eval_sig = &self.art.manifest.programs["eval"];
+        let eval_sig = &self.art.manifest.programs[&ProgramKey::Eval];
         let logits_name = task.logits.clone();
         let loss_name = task.loss.clone();
         let labels = self
@@ -1096,7 +1113,7 @@ impl<'a> Trainer<'a> {
             .labels
             .as_deref()
             .or_else(|| self.data.data.label_names());
-        let mut acc = eval::Accumulator::new(&task.task, labels, self.cfg.metric.as_deref())?;
+        let mut acc = eval::Accumulator::new(task.task.name(), labels, self.cfg.metric.as_deref())?;
         for chunk in idx.chunks(self.cfg.eval_batch_size) {
             let b = match split {
                 "test" => self.data.test.as_ref().unwrap().batch(chunk)?,
@@ -1139,7 +1156,9 @@ impl<'a> Trainer<'a> {
                     .or(fwd.output_names().first())
                     .cloned()
                     .unwrap_or_default();
-                let file = self.art.manifest.programs["forward"].file.clone();
+                let file = self.art.manifest.programs[&ProgramKey::Forward]
+                    .file
+                    .clone();
                 let model = generation::Model {
                     program: &mut **fwd,
                     file: &file,
@@ -1223,7 +1242,7 @@ impl<'a> Trainer<'a> {
             self.log.path(),
             &self.run_dir.join("curves.svg"),
             &eval::main_metric_name(
-                &self.art.manifest.task.as_ref().unwrap().task,
+                self.art.manifest.task.as_ref().unwrap().task.name(),
                 self.cfg.metric.as_deref(),
             ),
         );
@@ -1366,7 +1385,7 @@ impl<'a> Trainer<'a> {
         let summary = Summary {
             method: self.cfg.method,
             metric_name: eval::main_metric_name(
-                &self.art.manifest.task.as_ref().unwrap().task,
+                self.art.manifest.task.as_ref().unwrap().task.name(),
                 self.cfg.metric.as_deref(),
             ),
             final_val: val,

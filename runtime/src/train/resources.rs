@@ -32,12 +32,11 @@ pub fn estimate(cfg: &TrainConfig, art: &Artifact) -> Estimate {
         .sum();
     let logits_per_token = art
         .manifest
-        .programs
-        .get("eval")
+        .program(crate::artifact::ProgramKey::Eval)
         .and_then(|p| {
             let name = &art.manifest.task.as_ref()?.logits;
             let sig = p.outputs.iter().find(|o| &o.name == name)?;
-            sig.shape.as_ref()?.last()?.as_u64()
+            sig.shape.as_ref()?.last()?.known()
         })
         .unwrap_or(1) as f64;
     let rows = cfg.batch_size.max(cfg.eval_batch_size) as f64;
