@@ -53,8 +53,8 @@ impl Artifact {
     pub fn program(&self, key: ProgramKey) -> Result<&ProgramSig> {
         self.manifest.program(key).with_context(|| {
             format!(
-                "{}: the artifact has no '{key}' program (compile with --task for training \
-                 programs, and --bilevel for lower/upper)",
+                "{}: the artifact has no '{key}' program (training programs need --task; \
+                 lower and upper need a DoRA artifact compiled without --no-bilevel)",
                 self.dir.display()
             )
         })

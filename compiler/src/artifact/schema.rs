@@ -129,11 +129,6 @@ impl Role {
             Role::Hyperparameter => "hyperparameter",
         }
     }
-
-    /// A tensor the trainer owns and feeds every run (not a batch input).
-    pub fn is_trainable(self) -> bool {
-        matches!(self, Role::Adapter | Role::Magnitude | Role::Head)
-    }
 }
 
 /// The scalar inputs with [`Role::Hyperparameter`], by their program input names.
@@ -157,9 +152,9 @@ impl Hyperparameter {
     /// The program input's name.
     pub fn input_name(self) -> &'static str {
         match self {
-            Hyperparameter::Gamma => "gamma",
-            Hyperparameter::Xi => "xi",
-            Hyperparameter::AlphaFd => "alpha_fd",
+            Hyperparameter::Gamma => crate::bilevel::GAMMA,
+            Hyperparameter::Xi => crate::bilevel::XI,
+            Hyperparameter::AlphaFd => crate::bilevel::ALPHA_FD,
         }
     }
 
@@ -219,13 +214,9 @@ pub struct ProgramSig {
 }
 
 impl ProgramSig {
-    /// The names of the outputs with `role`, in order.
+    /// The outputs with `role`, in order.
     pub fn outputs_with(&self, role: Role) -> impl Iterator<Item = &TensorSig> {
         self.outputs.iter().filter(move |o| o.role == role)
-    }
-
-    pub fn inputs_with(&self, role: Role) -> impl Iterator<Item = &TensorSig> {
-        self.inputs.iter().filter(move |o| o.role == role)
     }
 }
 
@@ -411,7 +402,7 @@ impl Manifest {
         Ok(())
     }
 
-    /// The program's signature, or a message naming what the artifact lacks.
+    /// The program's signature, when the artifact has it.
     pub fn program(&self, key: ProgramKey) -> Option<&ProgramSig> {
         self.programs.get(&key)
     }
