@@ -8,6 +8,7 @@
 //! [`sweep`] runs LoRA vs DoRA vs BiDoRA over seeds and tabulates them.
 //! [`tract_exec`] keeps the original tract-only names for existing callers.
 
+pub mod allocator;
 pub mod analyze;
 pub mod artifact;
 pub mod backend;

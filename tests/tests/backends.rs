@@ -13,6 +13,7 @@ use bidora_compiler::ir::Model;
 use bidora_compiler::load_model;
 use bidora_compiler::rewrite::Method;
 use bidora_runtime::backend::tract::{TractProgram, PLAN_CACHE};
+use bidora_runtime::backend::tract_consts::ConstPool;
 use bidora_runtime::backend::{
     select, BackendError, BackendKind, BackendOptions, Device, HostTensor, Program,
 };
@@ -252,6 +253,51 @@ fn tract_keeps_one_plan_per_input_shape_and_a_bounded_cache() {
         Program::run(&mut p, &with(1, s)).unwrap();
     }
     assert_eq!(p.plans(), PLAN_CACHE, "the cache is bounded");
+}
+
+/// Plans of several lengths and two programs opened with one pool hold one copy of each
+/// packed weight, and pooling changes no output (compared with programs opened alone).
+#[test]
+fn tract_programs_of_one_pool_share_their_weights_and_outputs_are_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load_model(&repo_root().join("models/bert_legacy17.onnx")).unwrap();
+    let mut o = options(qv_targets("bert"), Method::Dora);
+    o.task = Some(Task::SeqCls);
+    let c = compile(&model, &o);
+    let forward = save(&c.forward, dir.path(), "forward.onnx");
+    let eval = save(&c.training.as_ref().unwrap().eval, dir.path(), "eval.onnx");
+    let init = perturbed_init(&c, 5);
+    let with = |b: usize, s: usize| {
+        let mut v = batch(&model, b, s);
+        v.extend(init.iter().cloned());
+        v.push((
+            "labels".into(),
+            HostTensor::I64(ArrayD::from_elem(IxDyn(&[b]), 1)),
+        ));
+        v
+    };
+    let pool = ConstPool::default();
+    let fwd = TractProgram::open_pooled(&forward, pool.clone()).unwrap();
+    let first = fwd.run(&with(2, 8)).unwrap();
+    let after_one = pool.stats();
+    let other_length = fwd.run(&with(2, 5)).unwrap();
+    let after_two = pool.stats();
+    assert!(
+        after_two.deduplicated_bytes > after_one.deduplicated_bytes,
+        "a second plan's packed weights are the first's: {after_one:?} then {after_two:?}"
+    );
+    let ev = TractProgram::open_pooled(&eval, pool.clone()).unwrap();
+    let evaluated = ev.run(&with(2, 8)).unwrap();
+    let after_eval = pool.stats();
+    assert!(after_eval.deduplicated_bytes > after_two.deduplicated_bytes);
+    // Unpooled: every program and plan with its own constants.
+    let alone = |p: &Path, b, s| {
+        let p = TractProgram::open_pooled(p, ConstPool::off()).unwrap();
+        p.run(&with(b, s)).unwrap()
+    };
+    assert_eq!(first, alone(&forward, 2, 8));
+    assert_eq!(other_length, alone(&forward, 2, 5));
+    assert_eq!(evaluated, alone(&eval, 2, 8));
 }
 
 #[test]

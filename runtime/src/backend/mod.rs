@@ -25,6 +25,7 @@ pub mod locate;
 pub mod ort;
 mod ort_shared;
 pub mod tract;
+pub mod tract_consts;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
+use super::tract_consts::ConstPool;
 use super::{match_inputs, program_label, Backend, BackendError, BackendOptions, Device};
 use super::{HostTensor, Program};
 
@@ -25,6 +26,9 @@ pub const PLAN_CACHE: usize = 16;
 
 pub struct TractBackend {
     threads: usize,
+    /// Shared by every program this backend loads: one copy of each weight, however many
+    /// programs and plans use it.
+    pool: ConstPool,
     executor: Executor,
     why: Option<String>,
 }
@@ -44,6 +48,7 @@ impl TractBackend {
         Ok(TractBackend {
             threads,
             executor: executor(threads),
+            pool: ConstPool::default(),
             why,
         })
     }
@@ -71,10 +76,24 @@ impl Backend for TractBackend {
     }
 
     fn load(&self, path: &Path) -> Result<Box<dyn Program>, BackendError> {
-        let mut p = TractProgram::open(path)?;
+        let mut p = TractProgram::open_pooled(path, self.pool.clone())?;
         p.executor = self.executor.clone();
         Ok(Box::new(p))
     }
+}
+
+/// One timed run of a plan ([`TractProgram::profile`]).
+pub struct Profile {
+    /// Per tract op, most expensive first.
+    pub ops: Vec<OpTime>,
+    /// Nodes in the optimised plan.
+    pub nodes: usize,
+}
+
+pub struct OpTime {
+    pub op: String,
+    pub seconds: f64,
+    pub nodes: usize,
 }
 
 /// Element type and shape of every input, in graph order: the key of a plan.
@@ -87,6 +106,7 @@ pub struct TractProgram {
     model: InferenceModel,
     input_names: Vec<String>,
     output_names: Vec<String>,
+    pool: ConstPool,
     executor: Executor,
     /// Most recently used last. A mutex so that `run` can take `&self` (existing callers share
     /// programs by reference); runs of one program are serialised anyway.
@@ -105,6 +125,15 @@ impl TractProgram {
     /// Reads the program; no plan is made until the first run (or [`TractProgram::load`]).
     /// Runs on one thread; [`TractBackend::load`] gives the backend's thread pool.
     pub fn open(path: &Path) -> Result<TractProgram, BackendError> {
+        TractProgram::open_pooled(path, ConstPool::default())
+    }
+
+    /// As [`TractProgram::open`], sharing constants with the other programs of `pool`.
+    pub fn open_pooled(path: &Path, pool: ConstPool) -> Result<TractProgram, BackendError> {
+        crate::allocator::loading(|| TractProgram::read(path, pool))
+    }
+
+    fn read(path: &Path, pool: ConstPool) -> Result<TractProgram, BackendError> {
         // Read through the compiler's importer (path-safe external data, clear errors) and
         // legalise for tract's known gaps before handing tract the bytes.
         let ir = bidora_compiler::load_model(path).map_err(|e| load_err(path, e.to_string()))?;
@@ -114,8 +143,11 @@ impl TractProgram {
         let bytes = bidora_compiler::onnx_io::encode_model(
             &bidora_compiler::ir::convert::model_to_proto(&ir),
         );
-        let model = tract_onnx::onnx()
+        let mut model = tract_onnx::onnx()
             .model_for_read(&mut &bytes[..])
+            .map_err(|e| load_err(path, format!("{e:?}")))?;
+        drop((bytes, ir));
+        pool.share_inference(&mut model)
             .map_err(|e| load_err(path, format!("{e:?}")))?;
         let names = || -> TractResult<(Vec<String>, Vec<String>)> {
             let inputs = model
@@ -142,6 +174,7 @@ impl TractProgram {
             model,
             input_names,
             output_names,
+            pool,
             executor: Executor::SingleThread,
             plans: Mutex::new(vec![]),
         })
@@ -241,6 +274,41 @@ impl TractProgram {
         })
     }
 
+    /// Runs once with every node timed: seconds and node count per tract op (`OptMatMul`,
+    /// `Softmax`, ...), most expensive first, and the plan's node count.
+    pub fn profile(&self, inputs: &[(String, HostTensor)]) -> Result<Profile, BackendError> {
+        let order = match_inputs(&self.label, &self.input_names, inputs, true)?;
+        let plan = self.plan_for(&signature(inputs, &order))?;
+        let values: TVec<TValue> = order
+            .iter()
+            .map(|&i| to_tract(&inputs[i].1).into_tvalue())
+            .collect();
+        let mut per_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
+        let mut state = plan.spawn().map_err(|e| self.run_err(format!("{e:?}")))?;
+        let run = self.catching(|| {
+            multithread_tract_scope(self.executor.clone(), || {
+                state.run_plan_with_eval(values, |cx, st, node, ins| {
+                    let t = std::time::Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(cx, st, node, ins);
+                    let e = per_op.entry(node.op().name().to_string()).or_default();
+                    e.0 += t.elapsed().as_secs_f64();
+                    e.1 += 1;
+                    r
+                })
+            })
+        })?;
+        run.map_err(|e| self.run_err(format!("{e:?}")))?;
+        let mut rows: Vec<OpTime> = per_op
+            .into_iter()
+            .map(|(op, (seconds, nodes))| OpTime { op, seconds, nodes })
+            .collect();
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        Ok(Profile {
+            ops: rows,
+            nodes: plan.model().nodes().len(),
+        })
+    }
+
     fn run_err(&self, message: String) -> BackendError {
         BackendError::Run {
             backend: "tract",
@@ -295,7 +363,11 @@ impl TractProgram {
                 }
             }
         }
-        model.into_optimized()?.into_runnable()
+        crate::allocator::loading(|| {
+            let mut model = model.into_optimized()?;
+            self.pool.share_typed(&mut model)?;
+            model.into_runnable()
+        })
     }
 }
 

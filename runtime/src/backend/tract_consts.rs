@@ -1,0 +1,204 @@
+//! One copy of each constant across every tract model a backend holds.
+//!
+//! tract gives every parsed program its own copy of the initializers, and every optimised plan
+//! its own folded and packed copy of the weights (a plan per input shape: the quickstart's
+//! BiDoRA run made 20–30 of them, about 35 MB each for a 34 MB model). Packing is
+//! deterministic, so plans of one shape class, and programs that share a weight, hold
+//! byte-identical constants: [`ConstPool::share`] replaces each with the first equal one seen.
+//! The pool holds weak references, so a plan evicted from a cache frees what only it used.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use tract_linalg::mmm::EagerPackedInput;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
+use tract_onnx::tract_hir::infer::GenericFactoid;
+
+/// Constants smaller than this are not worth a hash and a lookup.
+const MIN_BYTES: usize = 16 * 1024;
+
+type Pool<T> = Arc<Mutex<HashMap<u64, Vec<Weak<T>>>>>;
+
+#[derive(Clone, Default)]
+pub struct ConstPool {
+    tensors: Pool<Tensor>,
+    blobs: Pool<Blob>,
+    /// Bytes of the constants replaced by an equal pooled one (freed, unless held elsewhere).
+    deduplicated: Arc<AtomicUsize>,
+    off: bool,
+}
+
+/// What a pool holds and has saved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Distinct live constants (tensors and packed operands).
+    pub live: usize,
+    /// Bytes of constants that were replaced by an equal pooled one.
+    pub deduplicated_bytes: usize,
+}
+
+impl ConstPool {
+    /// A pool that shares nothing: every model keeps its own constants (the reference that
+    /// tests compare pooled programs with).
+    pub fn off() -> ConstPool {
+        ConstPool {
+            off: true,
+            ..ConstPool::default()
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        fn live<T>(pool: &Pool<T>) -> usize {
+            pool.lock().map_or(0, |m| {
+                m.values()
+                    .flatten()
+                    .filter(|w| w.strong_count() > 0)
+                    .count()
+            })
+        }
+        PoolStats {
+            live: live(&self.tensors) + live(&self.blobs),
+            deduplicated_bytes: self.deduplicated.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The pooled tensor equal to `t`, or `t` itself, now pooled.
+    fn intern(&self, t: &Arc<Tensor>) -> Arc<Tensor> {
+        if self.off {
+            return t.clone();
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        t.hash(&mut h);
+        let Ok(mut map) = self.tensors.lock() else {
+            return t.clone();
+        };
+        let bucket = map.entry(h.finish()).or_default();
+        bucket.retain(|w| w.strong_count() > 0);
+        for w in bucket.iter() {
+            if let Some(shared) = w.upgrade() {
+                if Arc::ptr_eq(&shared, t) {
+                    return shared;
+                }
+                if *shared == **t {
+                    let bytes = t.len() * t.datum_type().size_of();
+                    self.deduplicated.fetch_add(bytes, Ordering::Relaxed);
+                    return shared;
+                }
+            }
+        }
+        bucket.push(Arc::downgrade(t));
+        t.clone()
+    }
+
+    fn big(t: &Tensor) -> bool {
+        // Packed matmul operands are exotic: their shape is the batch of packed matrices
+        // (often a scalar), not the matrix, so they are always pooled.
+        t.is_exotic() || t.len() * t.datum_type().size_of() >= MIN_BYTES
+    }
+
+    /// An optimised plan's constants pooled: `Const` nodes (folded values) and the packed
+    /// weights tract bakes into each `OptMatMul` (a matmul's constant operand is packed at
+    /// optimisation and held by the op, not by a graph node).
+    pub fn share_typed(&self, model: &mut TypedModel) -> TractResult<()> {
+        for node in model.nodes_mut() {
+            if let Some(mm) = node.op_as_mut::<OptMatMul>() {
+                for spec in &mut mm.micro_ops {
+                    if let ProtoFusedSpec::AddMatMul { a, b, .. } = spec {
+                        for operand in [a, b] {
+                            self.share_operand(operand);
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some(c) = node.op_as::<Const>() else {
+                continue;
+            };
+            if !Self::big(c.val()) {
+                continue;
+            }
+            let shared = self.intern(c.val());
+            if Arc::ptr_eq(&shared, c.val()) {
+                continue;
+            }
+            let exotic = c
+                .exotic_fact()
+                .map(tract_onnx::tract_core::dyn_clone::clone_box);
+            node.op = Box::new(Const::new_with_opt_exotic_fact(shared.clone(), exotic)?);
+            if let Some(out) = node.outputs.first_mut() {
+                if out.fact.konst.is_some() {
+                    out.fact.konst = Some(shared);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn share_operand(&self, operand: &mut MatMulOperand) {
+        let MatMulOperand::Const(value) = operand else {
+            return;
+        };
+        let Some(packed) = value.downcast_ref::<EagerPackedInput>() else {
+            return;
+        };
+        let shared = self.intern_blob(&packed.packed);
+        if !Arc::ptr_eq(&shared, &packed.packed) {
+            let mut owned = packed.clone();
+            owned.packed = shared;
+            *value = Box::new(owned);
+        }
+    }
+
+    fn intern_blob(&self, blob: &Arc<Blob>) -> Arc<Blob> {
+        if self.off {
+            return blob.clone();
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        blob.hash(&mut h);
+        let Ok(mut map) = self.blobs.lock() else {
+            return blob.clone();
+        };
+        let bucket = map.entry(h.finish()).or_default();
+        bucket.retain(|w| w.strong_count() > 0);
+        for w in bucket.iter() {
+            if let Some(shared) = w.upgrade() {
+                if Arc::ptr_eq(&shared, blob) {
+                    return shared;
+                }
+                if *shared == **blob {
+                    self.deduplicated.fetch_add(blob.len(), Ordering::Relaxed);
+                    return shared;
+                }
+            }
+        }
+        bucket.push(Arc::downgrade(blob));
+        blob.clone()
+    }
+
+    /// A parsed program's initializers pooled (programs of one artifact share their weights).
+    pub fn share_inference(&self, model: &mut InferenceModel) -> TractResult<()> {
+        for node in model.nodes_mut() {
+            let Some(c) = node.op_as::<Const>() else {
+                continue;
+            };
+            if !Self::big(c.val()) {
+                continue;
+            }
+            let shared = self.intern(c.val());
+            if Arc::ptr_eq(&shared, c.val()) {
+                continue;
+            }
+            node.op = Box::new(Const::new(shared.clone())?);
+            if let Some(out) = node.outputs.first_mut() {
+                if matches!(out.fact.value, GenericFactoid::Only(_)) {
+                    out.fact.value = GenericFactoid::Only(shared);
+                }
+            }
+        }
+        Ok(())
+    }
+}
