@@ -213,17 +213,27 @@ impl TractProgram {
         self.run_matched(inputs, true)
     }
 
+    /// The plan for these inputs' shapes and the inputs in its order.
+    fn prepare(
+        &self,
+        inputs: &[(String, HostTensor)],
+        allow_extra: bool,
+    ) -> Result<(Arc<TypedRunnableModel>, TVec<TValue>), BackendError> {
+        let order = match_inputs(&self.label, &self.input_names, inputs, allow_extra)?;
+        let plan = self.plan_for(&signature(inputs, &order))?;
+        let values = order
+            .iter()
+            .map(|&i| to_tract(&inputs[i].1).into_tvalue())
+            .collect();
+        Ok((plan, values))
+    }
+
     fn run_matched(
         &self,
         inputs: &[(String, HostTensor)],
         allow_extra: bool,
     ) -> Result<Vec<HostTensor>, BackendError> {
-        let order = match_inputs(&self.label, &self.input_names, inputs, allow_extra)?;
-        let plan = self.plan_for(&signature(inputs, &order))?;
-        let values: TVec<TValue> = order
-            .iter()
-            .map(|&i| to_tract(&inputs[i].1).into_tvalue())
-            .collect();
+        let (plan, values) = self.prepare(inputs, allow_extra)?;
         let outs = self
             .catching(|| multithread_tract_scope(self.executor.clone(), || plan.run(values)))?
             .map_err(|e| self.run_err(format!("{e:?}")))?;
@@ -277,12 +287,7 @@ impl TractProgram {
     /// Runs once with every node timed: seconds and node count per tract op (`OptMatMul`,
     /// `Softmax`, ...), most expensive first, and the plan's node count.
     pub fn profile(&self, inputs: &[(String, HostTensor)]) -> Result<Profile, BackendError> {
-        let order = match_inputs(&self.label, &self.input_names, inputs, true)?;
-        let plan = self.plan_for(&signature(inputs, &order))?;
-        let values: TVec<TValue> = order
-            .iter()
-            .map(|&i| to_tract(&inputs[i].1).into_tvalue())
-            .collect();
+        let (plan, values) = self.prepare(inputs, true)?;
         let mut per_op: std::collections::HashMap<String, (f64, usize)> = Default::default();
         let mut state = plan.spawn().map_err(|e| self.run_err(format!("{e:?}")))?;
         let run = self.catching(|| {

@@ -66,38 +66,45 @@ impl ConstPool {
         }
     }
 
-    /// The pooled tensor equal to `t`, or `t` itself, now pooled.
-    fn intern(&self, t: &Arc<Tensor>) -> Arc<Tensor> {
+    /// The pooled value equal to `value`, or `value` itself, now pooled; `bytes` is its size,
+    /// counted as deduplicated when an equal one was there.
+    fn intern<T: Hash + PartialEq>(&self, pool: &Pool<T>, value: &Arc<T>, bytes: usize) -> Arc<T> {
         if self.off {
-            return t.clone();
+            return value.clone();
         }
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        t.hash(&mut h);
-        let Ok(mut map) = self.tensors.lock() else {
-            return t.clone();
+        value.hash(&mut h);
+        let Ok(mut map) = pool.lock() else {
+            return value.clone();
         };
         let bucket = map.entry(h.finish()).or_default();
         bucket.retain(|w| w.strong_count() > 0);
         for w in bucket.iter() {
             if let Some(shared) = w.upgrade() {
-                if Arc::ptr_eq(&shared, t) {
+                if Arc::ptr_eq(&shared, value) {
                     return shared;
                 }
-                if *shared == **t {
-                    let bytes = t.len() * t.datum_type().size_of();
+                if *shared == **value {
                     self.deduplicated.fetch_add(bytes, Ordering::Relaxed);
                     return shared;
                 }
             }
         }
-        bucket.push(Arc::downgrade(t));
-        t.clone()
+        bucket.push(Arc::downgrade(value));
+        value.clone()
     }
 
-    fn big(t: &Tensor) -> bool {
+    /// The pooled tensor equal to a large constant's value, if it is not that value already.
+    fn shared_value(&self, c: &Const) -> Option<Arc<Tensor>> {
+        let t = c.val();
         // Packed matmul operands are exotic: their shape is the batch of packed matrices
         // (often a scalar), not the matrix, so they are always pooled.
-        t.is_exotic() || t.len() * t.datum_type().size_of() >= MIN_BYTES
+        let bytes = t.len() * t.datum_type().size_of();
+        if !t.is_exotic() && bytes < MIN_BYTES {
+            return None;
+        }
+        let shared = self.intern(&self.tensors, t, bytes);
+        (!Arc::ptr_eq(&shared, t)).then_some(shared)
     }
 
     /// An optimised plan's constants pooled: `Const` nodes (folded values) and the packed
@@ -118,13 +125,9 @@ impl ConstPool {
             let Some(c) = node.op_as::<Const>() else {
                 continue;
             };
-            if !Self::big(c.val()) {
+            let Some(shared) = self.shared_value(c) else {
                 continue;
-            }
-            let shared = self.intern(c.val());
-            if Arc::ptr_eq(&shared, c.val()) {
-                continue;
-            }
+            };
             let exotic = c
                 .exotic_fact()
                 .map(tract_onnx::tract_core::dyn_clone::clone_box);
@@ -145,38 +148,12 @@ impl ConstPool {
         let Some(packed) = value.downcast_ref::<EagerPackedInput>() else {
             return;
         };
-        let shared = self.intern_blob(&packed.packed);
+        let shared = self.intern(&self.blobs, &packed.packed, packed.packed.len());
         if !Arc::ptr_eq(&shared, &packed.packed) {
             let mut owned = packed.clone();
             owned.packed = shared;
             *value = Box::new(owned);
         }
-    }
-
-    fn intern_blob(&self, blob: &Arc<Blob>) -> Arc<Blob> {
-        if self.off {
-            return blob.clone();
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        blob.hash(&mut h);
-        let Ok(mut map) = self.blobs.lock() else {
-            return blob.clone();
-        };
-        let bucket = map.entry(h.finish()).or_default();
-        bucket.retain(|w| w.strong_count() > 0);
-        for w in bucket.iter() {
-            if let Some(shared) = w.upgrade() {
-                if Arc::ptr_eq(&shared, blob) {
-                    return shared;
-                }
-                if *shared == **blob {
-                    self.deduplicated.fetch_add(blob.len(), Ordering::Relaxed);
-                    return shared;
-                }
-            }
-        }
-        bucket.push(Arc::downgrade(blob));
-        blob.clone()
     }
 
     /// A parsed program's initializers pooled (programs of one artifact share their weights).
@@ -185,13 +162,9 @@ impl ConstPool {
             let Some(c) = node.op_as::<Const>() else {
                 continue;
             };
-            if !Self::big(c.val()) {
+            let Some(shared) = self.shared_value(c) else {
                 continue;
-            }
-            let shared = self.intern(c.val());
-            if Arc::ptr_eq(&shared, c.val()) {
-                continue;
-            }
+            };
             node.op = Box::new(Const::new(shared.clone())?);
             if let Some(out) = node.outputs.first_mut() {
                 if matches!(out.fact.value, GenericFactoid::Only(_)) {
