@@ -25,6 +25,14 @@
 //! R does not depend on M, so `∇²_{M,V} L_lower = ∇²_{M,V} L_tr`: the mixed term never
 //! evaluates the regulariser. Each pass is an instance of the same loss graph
 //! ([`crate::ir::instance`]), so frozen weights are stored once.
+//!
+//! Data-parallel runs cannot use the one upper program: each rank sees a shard of the
+//! batches, and `ε = α_fd/‖v‖` needs the global `v` before the perturbed passes. For them
+//! [`upper_phases`] emits the same computation cut after step 2: `upper_val` (steps 1–2:
+//! `h`, `v`, the validation loss, from the global `g`) and `upper_mixed` (steps 3–4's `H·v`
+//! on the training batch, from the global `v`); the runtime reduces between the two and
+//! forms `∇M = h − ξ·H·v`. Everything the phases output is a mean over their batch, so a
+//! weighted sum over the ranks is the global batch's value.
 
 use std::collections::HashMap;
 
@@ -549,4 +557,245 @@ fn exact_mixed(
     }
     let out = instantiate(g, &second.model.graph, "train_hvp", &bind)?;
     Ok(groups.upper.iter().map(|m| out[&sg[m]].clone()).collect())
+}
+
+/// The upper level's first phase for data-parallel runs (`upper_val.onnx`): steps 1–2 on
+/// the validation batch. Its outputs are means over the batch, so ranks reduce them before
+/// step 3 needs the global `v` (ε = α/‖v‖ is not linear in v).
+pub struct UpperVal {
+    pub model: Model,
+    /// (tensor, output) of `∇ L_val(V̄, M)`: `h` for every m, then `v` for every V (no `v` in
+    /// `first-order`, which has no mixed term).
+    pub val_grads: Vec<(String, String)>,
+    /// (V tensor, the input that takes the lower step's global `g`), when the mode reads g.
+    pub g_inputs: Vec<(String, String)>,
+    /// Batch inputs: (model input, val-batch input).
+    pub batch_inputs: Vec<(String, String)>,
+}
+
+/// The upper level's second phase (`upper_mixed.onnx`): step 3 and the mixed term `H·v` on
+/// the training batch at the global `v`. The runtime forms `∇M = h − ξ·H·v` from the reduced
+/// outputs of both phases with the same two f32 operations the single program ends with.
+pub struct UpperMixed {
+    pub model: Model,
+    /// (m, output of its `H·v`).
+    pub mixed: Vec<(String, String)>,
+    /// (V tensor, the input that takes its `v`): named like [`UpperVal`]'s `v` output, so a
+    /// runtime binds one to the other by name.
+    pub v_inputs: Vec<(String, String)>,
+    /// (m, the input that takes `∇_M L_tr(V, M)` from the lower step): `fd-forward` only.
+    pub gm_inputs: Vec<(String, String)>,
+    /// Batch inputs: (model input, train-batch input).
+    pub batch_inputs: Vec<(String, String)>,
+}
+
+/// The inputs every upper phase starts from: one batch under `prefix` with its dimensions
+/// renamed under `dim_prefix`, then V and M. Returns the batch pairs.
+fn phase_inputs(
+    g: &mut Graph,
+    with_loss: &Model,
+    params: &[String],
+    prefix: &str,
+    dim_prefix: &str,
+) -> Vec<(String, String)> {
+    let mut batch_inputs = vec![];
+    for i in &with_loss.graph.inputs {
+        if params.contains(&i.name) || with_loss.graph.initializers.contains_key(&i.name) {
+            continue;
+        }
+        let mut vi = i.clone();
+        vi.name = format!("{prefix}{}", i.name);
+        vi.ty = vi
+            .ty
+            .map(|t| t.with_dims_renamed(|d| format!("{dim_prefix}{d}")));
+        batch_inputs.push((i.name.clone(), vi.name.clone()));
+        g.inputs.push(vi);
+    }
+    for p in params {
+        if let Some(i) = with_loss.graph.inputs.iter().find(|i| i.name == *p) {
+            g.inputs.push(i.clone());
+        }
+    }
+    batch_inputs
+}
+
+/// Builds the two phases of the upper program for `mode` (`first-order` has no second).
+/// Composed as the runtime composes them on one rank, they compute what [`upper_program`]
+/// computes, op for op.
+pub fn upper_phases(
+    with_loss: &Model,
+    head: &Head,
+    groups: &Groups,
+    lower_grads: &[(String, String)],
+    mode: Hypergrad,
+) -> Result<(UpperVal, Option<UpperMixed>)> {
+    let facts = shape::infer(with_loss)?;
+    let params: Vec<String> = groups.lower.iter().chain(&groups.upper).cloned().collect();
+    let dtype = facts
+        .get(&groups.upper[0])
+        .map(|f| f.dtype)
+        .unwrap_or(DataType::Float);
+    let grad_name = |t: &str| -> Result<String> {
+        lower_grads
+            .iter()
+            .find(|(w, _)| w == t)
+            .map(|(_, g)| g.clone())
+            .ok_or_else(|| Error::Other(format!("the lower program has no gradient for '{t}'")))
+    };
+    let input_info = |name: &str| -> Result<ValueInfo> {
+        with_loss
+            .graph
+            .inputs
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
+            .ok_or_else(|| Error::Other(format!("'{name}' is not an input of the loss graph")))
+    };
+    let scalar = |n: &str| ValueInfo::new(n, ValueType::tensor(dtype, vec![]));
+
+    // Phase 1: the virtual step and the validation sweep.
+    let val_wrt = if mode == Hypergrad::FirstOrder {
+        groups.upper.clone()
+    } else {
+        params.clone()
+    };
+    let val_pass = autodiff::backward(with_loss, &head.loss, &val_wrt)?;
+    let mut model = with_loss.clone();
+    model.graph = Graph {
+        name: format!("{}_upper_val_{}", with_loss.graph.name, mode.name()),
+        ..Default::default()
+    };
+    let g = &mut model.graph;
+    let batch_inputs = phase_inputs(g, with_loss, &params, VAL_PREFIX, VAL_DIM_PREFIX);
+    let mut g_inputs = vec![];
+    if mode.virtual_step() {
+        for v in &groups.lower {
+            let mut vi = input_info(v)?;
+            vi.name = grad_name(v)?;
+            g_inputs.push((v.clone(), vi.name.clone()));
+            g.inputs.push(vi);
+        }
+        g.inputs.push(scalar(XI));
+    }
+    let mut bind: HashMap<String, String> = batch_inputs.iter().cloned().collect();
+    {
+        let mut b = Builder::new(g, "virtual_step");
+        for (v, gi) in &g_inputs {
+            let step = b.op("Mul", "xi_g", &[XI, gi], vec![]);
+            bind.insert(v.clone(), b.op("Sub", "vbar", &[v, &step], vec![]));
+        }
+        let nodes = b.finish();
+        g.nodes.extend(nodes);
+    }
+    let val_out = instantiate(g, &val_pass.model.graph, "val", &bind)?;
+    let pass_grads: HashMap<String, String> = val_pass.grads.iter().cloned().collect();
+    let mut val_grads = vec![];
+    let mut b = Builder::new(g, "val_grads");
+    let with_v: &[String] = if mode == Hypergrad::FirstOrder {
+        &[]
+    } else {
+        &groups.lower
+    };
+    for t in groups.upper.iter().chain(with_v) {
+        let out = b.fresh_unprefixed(&format!("{t}.val_grad"));
+        b.op_into(
+            "Identity",
+            "out",
+            &[&val_out[&pass_grads[t]]],
+            vec![],
+            out.clone(),
+        );
+        val_grads.push((t.clone(), out));
+    }
+    b.op_into(
+        "Identity",
+        "val_loss",
+        &[&val_out[&head.loss]],
+        vec![],
+        VAL_LOSS.into(),
+    );
+    let nodes = b.finish();
+    g.nodes.extend(nodes);
+    for (t, out) in &val_grads {
+        let mut vi = input_info(t)?;
+        vi.name = out.clone();
+        g.outputs.push(vi);
+    }
+    g.outputs.push(scalar(VAL_LOSS));
+    let mut model = rewrite::strip_markers(&model);
+    crate::ir::topo::toposort(&mut model.graph)?;
+    shape::infer(&model)?;
+    let upper_val = UpperVal {
+        model,
+        val_grads: val_grads.clone(),
+        g_inputs,
+        batch_inputs,
+    };
+    if mode == Hypergrad::FirstOrder {
+        return Ok((upper_val, None));
+    }
+
+    // Phase 2: ε and the mixed term on the training batch, at the global v.
+    let mut model = with_loss.clone();
+    model.graph = Graph {
+        name: format!("{}_upper_mixed_{}", with_loss.graph.name, mode.name()),
+        ..Default::default()
+    };
+    let g = &mut model.graph;
+    let batch_inputs = phase_inputs(g, with_loss, &params, TRAIN_PREFIX, TRAIN_DIM_PREFIX);
+    let mut v_inputs = vec![];
+    for v in &groups.lower {
+        let (_, name) = val_grads
+            .iter()
+            .find(|(t, _)| t == v)
+            .expect("phase 1 outputs every V's v");
+        let mut vi = input_info(v)?;
+        vi.name = name.clone();
+        v_inputs.push((v.clone(), name.clone()));
+        g.inputs.push(vi);
+    }
+    let mut gm_inputs = vec![];
+    if mode == Hypergrad::FdForward {
+        for m in &groups.upper {
+            let mut vi = input_info(m)?;
+            vi.name = grad_name(m)?;
+            gm_inputs.push((m.clone(), vi.name.clone()));
+            g.inputs.push(vi);
+        }
+    }
+    if mode != Hypergrad::Exact {
+        g.inputs.push(scalar(ALPHA_FD));
+    }
+    let v_names: Vec<String> = v_inputs.iter().map(|(_, n)| n.clone()).collect();
+    let train: HashMap<String, String> = batch_inputs.iter().cloned().collect();
+    let hv = mixed_term(
+        g, with_loss, head, groups, &facts, mode, &v_names, &gm_inputs, train,
+    )?;
+    let mut mixed = vec![];
+    let mut b = Builder::new(g, "mixed");
+    for (m, src) in groups.upper.iter().zip(&hv) {
+        let out = b.fresh_unprefixed(&format!("{m}.mixed_term"));
+        b.op_into("Identity", "out", &[src], vec![], out.clone());
+        mixed.push((m.clone(), out));
+    }
+    let nodes = b.finish();
+    g.nodes.extend(nodes);
+    for (m, out) in &mixed {
+        let mut vi = input_info(m)?;
+        vi.name = out.clone();
+        g.outputs.push(vi);
+    }
+    let mut model = rewrite::strip_markers(&model);
+    crate::ir::topo::toposort(&mut model.graph)?;
+    shape::infer(&model)?;
+    Ok((
+        upper_val,
+        Some(UpperMixed {
+            model,
+            mixed,
+            v_inputs,
+            gm_inputs,
+            batch_inputs,
+        }),
+    ))
 }

@@ -38,6 +38,9 @@ pub struct BilevelPrograms {
     pub groups: Groups,
     pub lower: bilevel::Lower,
     pub upper: bilevel::Upper,
+    /// The upper program's two phases, for data-parallel runs.
+    pub upper_val: bilevel::UpperVal,
+    pub upper_mixed: Option<bilevel::UpperMixed>,
 }
 
 /// The single-level training programs (see `ARCHITECTURE.md`).
@@ -122,11 +125,33 @@ pub fn compile(model: &Model, opts: &CompileOptions) -> Result<Compiled> {
                         InputGroup::new("validation batch", groups_of(|b| &b.2)),
                     ],
                 )?;
+                let (upper_val, upper_mixed) =
+                    bilevel::upper_phases(&with_loss, &head, &groups, &lower.grads, bo.hypergrad)?;
+                check::program(
+                    artifact::ProgramKey::UpperVal.file(),
+                    &upper_val.model,
+                    &[InputGroup::new(
+                        "validation batch",
+                        upper_val.batch_inputs.iter().map(|b| b.1.clone()),
+                    )],
+                )?;
+                if let Some(mx) = &upper_mixed {
+                    check::program(
+                        artifact::ProgramKey::UpperMixed.file(),
+                        &mx.model,
+                        &[InputGroup::new(
+                            "training batch",
+                            mx.batch_inputs.iter().map(|b| b.1.clone()),
+                        )],
+                    )?;
+                }
                 bilevel_programs = Some(BilevelPrograms {
                     options: bo,
                     groups,
                     lower,
                     upper,
+                    upper_val,
+                    upper_mixed,
                 });
             }
             let grads = autodiff::backward(&with_loss, &head.loss, &trainable)?;
@@ -193,6 +218,10 @@ pub fn artifact(c: &Compiled, source_model: &str, opts: &CompileOptions) -> Arti
     if let Some(b) = &c.bilevel {
         emitted.push((ProgramKey::Lower, &b.lower.model));
         emitted.push((ProgramKey::Upper, &b.upper.model));
+        emitted.push((ProgramKey::UpperVal, &b.upper_val.model));
+        if let Some(mx) = &b.upper_mixed {
+            emitted.push((ProgramKey::UpperMixed, &mx.model));
+        }
     }
     let mut programs = IndexMap::new();
     let mut files = vec![];
@@ -267,6 +296,14 @@ fn roles(c: &Compiled) -> artifact::Roles {
             r.insert(h.clone(), (Role::Hypergradient, Some(m.clone())));
         }
         r.insert(bilevel::VAL_LOSS.to_string(), (Role::Loss, None));
+        for (t, out) in &b.upper_val.val_grads {
+            r.insert(out.clone(), (Role::ValGradient, Some(t.clone())));
+        }
+        if let Some(mx) = &b.upper_mixed {
+            for (m, out) in &mx.mixed {
+                r.insert(out.clone(), (Role::MixedTerm, Some(m.clone())));
+            }
+        }
         let labels = c
             .training
             .as_ref()

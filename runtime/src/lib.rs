@@ -13,6 +13,7 @@ pub mod analyze;
 pub mod artifact;
 pub mod backend;
 pub mod data;
+pub mod distributed;
 pub mod generate;
 pub mod metrics;
 pub mod optim;

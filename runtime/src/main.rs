@@ -23,6 +23,12 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Distributed {
+    Mpi,
+    Nccl,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Load every program of an artifact and run it once on a synthetic batch, printing the
@@ -86,6 +92,12 @@ enum Cmd {
         /// Move every value through host memory on every run, even with `--device cuda`.
         #[arg(long)]
         no_resident: bool,
+        /// Data-parallel training across the ranks `mpirun -np N` starts: mpi (processes on
+        /// CPUs, one machine or several) or nccl (one process per GPU). Without it, a process
+        /// started by mpirun with several ranks uses mpi. Needs a build with `--features mpi`
+        /// (or `nccl`). Example: `mpirun -np 2 bidora train … --distributed mpi`.
+        #[arg(long, value_enum)]
+        distributed: Option<Distributed>,
         #[command(flatten)]
         engine: EngineArgs,
     },
@@ -383,13 +395,26 @@ fn train_cmd(
     resume: bool,
     resident: Option<bool>,
     engine: EngineArgs,
+    comm: &dyn bidora_runtime::distributed::Communicator,
 ) -> Result<()> {
     use bidora_runtime::train::{dataset, TrainConfig, Trainer};
+    let (rank, size) = (comm.rank(), comm.size());
+    let lead = rank == 0;
+    if size > 1 && lead {
+        eprintln!("distributed: {} ranks ({})", size, comm.describe());
+    }
     let art = Artifact::open(artifact)?;
     let text = std::fs::read_to_string(config)
         .with_context(|| format!("cannot read {}", config.display()))?;
     let saved = output.join("config.toml");
-    let cfg = if resume && saved.exists() {
+    let cfg = if size > 1 && !lead {
+        // Rank 0 resolves the config (a resume's is in its run folder, which only rank 0
+        // reads); the others take its result.
+        let mut bytes = vec![];
+        comm.broadcast(&mut bytes)?;
+        let text = String::from_utf8(bytes).context("rank 0's config is not UTF-8")?;
+        TrainConfig::parse(&text, "rank 0's resolved config", &[])?
+    } else if resume && saved.exists() {
         let first = std::fs::read_to_string(&saved)
             .with_context(|| format!("cannot read {}", saved.display()))?;
         let (cfg, changed) = TrainConfig::for_resume(
@@ -412,11 +437,16 @@ fn train_cmd(
     } else {
         TrainConfig::parse(&text, &config.display().to_string(), set)?
     };
+    if size > 1 && lead {
+        comm.broadcast(&mut cfg.to_toml().into_bytes())?;
+    }
     // Before anything is allocated: a batch or rank that cannot fit would abort the process.
     bidora_runtime::train::resources::check(&cfg, &art, bidora_compiler::memory::available())?;
     let (kind, opts) = engine.options()?;
     let engine = backend::select(kind, &opts).context("choosing the backend")?;
-    eprintln!("backend: {}", engine.description());
+    if lead {
+        eprintln!("backend: {}", engine.description());
+    }
     let spec = dataset::ModelSpec::of(&art)?;
     if cfg.data.format == "e2e" && !spec.inputs.iter().any(|i| i == "labels") {
         eprintln!(
@@ -427,21 +457,32 @@ fn train_cmd(
     }
     let base = config.parent().unwrap_or(std::path::Path::new("."));
     let data = dataset::load_for(&cfg.data, base, &spec, cfg.val_ratio, cfg.seed)?;
-    eprintln!(
-        "data: {} training, {} validation{} examples",
-        data.train_idx.len(),
-        data.val_idx.len(),
-        data.test
-            .as_ref()
-            .map(|t| format!(", {} test", t.len()))
-            .unwrap_or_default()
-    );
-    let mut trainer = Trainer::new(cfg, &art, &*engine, data, output, resume)?;
-    if resident.unwrap_or(opts.device != backend::Device::Cpu) {
+    if lead {
+        eprintln!(
+            "data: {} training, {} validation{} examples",
+            data.train_idx.len(),
+            data.val_idx.len(),
+            data.test
+                .as_ref()
+                .map(|t| format!(", {} test", t.len()))
+                .unwrap_or_default()
+        );
+    }
+    if size > 1 && resident == Some(true) {
+        anyhow::bail!(
+            "--resident: data-parallel runs reduce host gradients, so they are not resident \
+             yet; drop --resident (with --device cuda they run with --no-resident)"
+        );
+    }
+    let mut trainer = Trainer::new_distributed(cfg, &art, &*engine, data, output, resume, comm)?;
+    if size == 1 && resident.unwrap_or(opts.device != backend::Device::Cpu) {
         eprintln!("resident: tensors, gradients and AdamW moments stay in the backend's memory");
         trainer = trainer.resident(&*engine)?;
     }
     let summary = trainer.run_to_end(None)?.expect("runs to the end");
+    if !lead {
+        return Ok(());
+    }
     let show = |s: &Option<bidora_runtime::train::eval::Scores>| {
         s.as_ref()
             .map(|s| {
@@ -778,20 +819,36 @@ fn main() -> ExitCode {
             resume,
             resident,
             no_resident,
+            distributed,
             engine,
-        } => train_cmd(
-            &artifact,
-            &config,
-            &output,
-            &set,
-            resume,
-            match (resident, no_resident) {
-                (true, _) => Some(true),
-                (_, true) => Some(false),
-                _ => None,
-            },
-            engine,
-        ),
+        } => (|| {
+            use bidora_runtime::distributed::{self, Kind};
+            let comm = distributed::connect(distributed.map(|d| match d {
+                Distributed::Mpi => Kind::Mpi,
+                Distributed::Nccl => Kind::Nccl,
+            }))?;
+            let res = train_cmd(
+                &artifact,
+                &config,
+                &output,
+                &set,
+                resume,
+                match (resident, no_resident) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+                engine,
+                &*comm,
+            );
+            if let (Err(e), true) = (&res, comm.size() > 1) {
+                // Returning would finalise MPI while the other ranks wait in a collective
+                // for this one: end them all instead, after saying why.
+                eprintln!("error: rank {} of {}: {e:#}", comm.rank(), comm.size());
+                comm.abort(1);
+            }
+            res
+        })(),
         Cmd::Generate {
             artifact,
             tensors,

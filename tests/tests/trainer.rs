@@ -468,3 +468,60 @@ fn bidora_trains_half_precision_models_on_both_backends() {
         }
     }
 }
+
+/// The upper level run as a data-parallel run runs it, in its two phases (`upper_val`, then
+/// `upper_mixed`, the hypergradient formed on the host), gives one process's upper program's
+/// losses and tensors, in every hypergradient mode: the phases split the program without
+/// changing what it computes.
+#[test]
+fn the_upper_phases_compose_to_the_upper_program_in_every_mode() {
+    let model = load_model(&repo_root().join("models/roberta_legacy17.onnx")).unwrap();
+    for mode in Hypergrad::ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = seq_cls_options(qv_targets("roberta"), AdapterMethod::Dora, Some(mode));
+        let art = write_artifact(
+            &model,
+            &opts,
+            "roberta_legacy17.onnx",
+            &dir.path().join("artifact"),
+        );
+        let backend = tract1();
+        let run = |phased: bool, name: &str| {
+            let c = config(Method::Bidora, &["steps=12", "retrain_steps=0"]);
+            let d = data(&c);
+            let run = dir.path().join(name);
+            let mut t = Trainer::new(c, &art, &*backend, d, &run, false).unwrap();
+            t.progress = false;
+            if phased {
+                t = t.phased(&*backend).unwrap();
+            }
+            t.run_to_end(None).unwrap().unwrap();
+            let log: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|v| v["kind"] == "step")
+                .flat_map(|v| [v["loss"].as_f64(), v["upper_val_loss"].as_f64()])
+                .flatten()
+                .collect();
+            let tensors =
+                bidora_runtime::train::checkpoint::read_safetensors(&run.join("final.safetensors"))
+                    .unwrap();
+            (log, tensors)
+        };
+        let (one_log, one_t) = run(false, "program");
+        let (two_log, two_t) = run(true, "phases");
+        assert_eq!(one_log.len(), two_log.len());
+        for (a, b) in one_log.iter().zip(&two_log) {
+            assert!((a - b).abs() <= 1e-6 * b.abs(), "{mode:?}: loss {a} vs {b}");
+        }
+        for ((n, a), (_, b)) in one_t.iter().zip(&two_t) {
+            let scale = b.iter().fold(0f32, |s, v| s.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+            assert!(
+                diff <= 1e-6 * scale,
+                "{mode:?}: {n} differs by {diff:e} (largest value {scale:e})"
+            );
+        }
+    }
+}

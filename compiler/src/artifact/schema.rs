@@ -22,7 +22,9 @@ use crate::rewrite::{AdapterConfig, AdapterRecord, Method};
 /// The manifest's `format` value.
 pub const FORMAT: &str = "bidora-artifact";
 /// The newest manifest version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// v2: the upper program's two phases for data-parallel runs (`upper_val`, `upper_mixed`)
+/// and their roles (`val_gradient`, `mixed_term`).
+pub const FORMAT_VERSION: u32 = 2;
 
 pub const MANIFEST: &str = "manifest.json";
 /// The external data file every program's tensors of 1 KiB or more live in, each stored once
@@ -45,15 +47,23 @@ pub enum ProgramKey {
     Lower,
     /// BiDoRA's upper level: the magnitudes' hypergradient.
     Upper,
+    /// The upper level's first phase for data-parallel runs: `h`, `v` and the validation
+    /// loss at the virtual step (`crate::bilevel::upper_phases`).
+    UpperVal,
+    /// The upper level's second phase: the mixed term `H·v` at the global `v` (absent in
+    /// `first-order`).
+    UpperMixed,
 }
 
 impl ProgramKey {
-    pub const ALL: [ProgramKey; 5] = [
+    pub const ALL: [ProgramKey; 7] = [
         ProgramKey::Forward,
         ProgramKey::TrainStep,
         ProgramKey::Eval,
         ProgramKey::Lower,
         ProgramKey::Upper,
+        ProgramKey::UpperVal,
+        ProgramKey::UpperMixed,
     ];
 
     /// The manifest's key (`train_step`).
@@ -64,6 +74,8 @@ impl ProgramKey {
             ProgramKey::Eval => "eval",
             ProgramKey::Lower => "lower",
             ProgramKey::Upper => "upper",
+            ProgramKey::UpperVal => "upper_val",
+            ProgramKey::UpperMixed => "upper_mixed",
         }
     }
 
@@ -75,6 +87,8 @@ impl ProgramKey {
             ProgramKey::Eval => "eval.onnx",
             ProgramKey::Lower => "lower.onnx",
             ProgramKey::Upper => "upper.onnx",
+            ProgramKey::UpperVal => "upper_val.onnx",
+            ProgramKey::UpperMixed => "upper_mixed.onnx",
         }
     }
 }
@@ -111,6 +125,13 @@ pub enum Role {
     Regularizer,
     /// A scalar knob fed per run (see [`Hyperparameter`]; defaults in the manifest).
     Hyperparameter,
+    /// The gradient of the validation loss at the virtual step w.r.t. the tensor named in
+    /// `of` (`upper_val`'s outputs: `h` for a magnitude, `v` for an adapter or head tensor;
+    /// `upper_mixed` reads `v` back under the same name).
+    ValGradient,
+    /// The mixed term `H·v` of the magnitude named in `of` (`upper_mixed`); its
+    /// hypergradient is `h − ξ·H·v`.
+    MixedTerm,
 }
 
 impl Role {
@@ -127,6 +148,8 @@ impl Role {
             Role::Hypergradient => "hypergradient",
             Role::Regularizer => "regularizer",
             Role::Hyperparameter => "hyperparameter",
+            Role::ValGradient => "val_gradient",
+            Role::MixedTerm => "mixed_term",
         }
     }
 }

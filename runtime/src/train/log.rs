@@ -11,7 +11,8 @@ use super::TrainError;
 
 pub struct MetricsLog {
     path: PathBuf,
-    file: File,
+    /// None: a rank other than 0 of a data-parallel run, which writes nothing.
+    file: Option<File>,
 }
 
 impl MetricsLog {
@@ -60,16 +61,26 @@ impl MetricsLog {
         let file = OpenOptions::new().append(true).open(path).map_err(err)?;
         Ok(MetricsLog {
             path: path.to_path_buf(),
-            file,
+            file: Some(file),
         })
     }
 
+    /// A log that writes nothing, for the ranks that do not write the run folder.
+    pub fn discard(path: &Path) -> MetricsLog {
+        MetricsLog {
+            path: path.to_path_buf(),
+            file: None,
+        }
+    }
+
     pub fn write(&mut self, v: serde_json::Value) -> Result<(), TrainError> {
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
         let mut line = v.to_string();
         line.push('\n');
-        self.file
-            .write_all(line.as_bytes())
-            .and_then(|_| self.file.flush())
+        file.write_all(line.as_bytes())
+            .and_then(|_| file.flush())
             .map_err(|e| TrainError::Checkpoint {
                 path: self.path.clone(),
                 message: e.to_string(),
@@ -82,7 +93,10 @@ impl MetricsLog {
     }
 
     pub fn len(&self) -> u64 {
-        self.file.metadata().map(|m| m.len()).unwrap_or(0)
+        self.file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len())
     }
 
     pub fn path(&self) -> &Path {

@@ -16,6 +16,14 @@
 //! is reproducible bit for bit on the same backend, and a resumed run (from any checkpoint)
 //! equals the uninterrupted one: the checkpoint holds the tensors, both optimisers' moments,
 //! the data streams' positions, the step counters and the metrics log's length.
+//!
+//! Data parallelism ([`Trainer::new_distributed`], `shard.rs`): every rank draws the same
+//! global batches, runs the programs on its rows of them and the ranks sum their weighted
+//! gradients before either optimiser steps, so every rank applies the same update to the
+//! same tensors: the single process's run on the global batch, up to the order of the sums.
+//! The upper level runs as its two phases (`upper_val`, reduce `h` and `v`, `upper_mixed`,
+//! reduce `H·v`) because ε needs the global `v`. Every rank evaluates (so the best-tensor
+//! choice is the same everywhere); only rank 0 writes the run folder.
 
 pub mod checkpoint;
 pub mod config;
@@ -27,6 +35,7 @@ pub mod plot;
 pub mod resident;
 pub mod resources;
 pub mod schedule;
+pub mod shard;
 pub mod stream;
 
 use std::collections::HashMap;
@@ -39,6 +48,7 @@ use serde_json::json;
 
 use crate::artifact::{Artifact, Hyperparameter, ProgramKey, Role};
 use crate::backend::{Arg, Backend, HostTensor, Output, Program, Resident};
+use crate::distributed::{Communicator, Single};
 use crate::optim::AdamW;
 pub use config::{Method, RetrainFrom, TrainConfig};
 use stream::{Stream, StreamState};
@@ -55,6 +65,9 @@ pub enum TrainError {
     Checkpoint { path: PathBuf, message: String },
     #[error("{0}")]
     Data(String),
+    /// A collective failed, or the ranks disagree.
+    #[error("distributed: {0}")]
+    Distributed(String),
     /// Another process writes the run folder.
     #[error(transparent)]
     Locked(#[from] bidora_compiler::lock::LockError),
@@ -188,6 +201,13 @@ pub struct RunState {
     pub best: Option<Best>,
     /// Length of `metrics.jsonl` when the checkpoint was written.
     pub log_len: u64,
+    /// The ranks the run trains on (1: one process); a resume needs the same number.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// What a finished run reports.
@@ -225,6 +245,9 @@ struct Programs {
     step: Option<Box<dyn Program>>,
     lower: Option<Box<dyn Program>>,
     upper: Option<Box<dyn Program>>,
+    /// The upper level's two phases, for data-parallel runs.
+    upper_val: Option<Box<dyn Program>>,
+    upper_mixed: Option<Box<dyn Program>>,
     eval: Box<dyn Program>,
     /// `forward.onnx`, for generating text at evaluation (causal-lm on data-to-text sets).
     forward: Option<Box<dyn Program>>,
@@ -253,6 +276,19 @@ fn f32_of(t: &HostTensor, what: &str) -> Result<ArrayD<f32>, TrainError> {
         program: what.into(),
         message: "expected an f32 output".into(),
     })
+}
+
+/// The Euclidean norm of the tensors of `group` together, in f64 and in the group's order
+/// (so a rerun or a resumed run logs the same bits); logged: the hypergradient's size per
+/// upper step.
+fn norm(tensors: &HashMap<String, ArrayD<f32>>, group: &[String]) -> f64 {
+    group
+        .iter()
+        .filter_map(|n| tensors.get(n))
+        .flat_map(|a| a.iter())
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Gradients from a program run: host arrays, or values kept resident.
@@ -290,8 +326,16 @@ pub struct Trainer<'a> {
     res: Option<resident::State>,
     /// Whether the resident tensors have moved since the host copies were taken.
     host_stale: bool,
-    /// The run folder's lock, held for the trainer's life: one writer per run folder.
-    _lock: bidora_compiler::lock::FolderLock,
+    /// The run folder's lock, held for the trainer's life: one writer per run folder (rank
+    /// 0's; the other ranks never touch the folder).
+    _lock: Option<bidora_compiler::lock::FolderLock>,
+    /// The other ranks ([`Single`] in one process).
+    comm: &'a dyn Communicator,
+    /// Whether this process writes the run folder: rank 0.
+    writer: bool,
+    /// Whether the upper level runs as its two phases with reductions between them (several
+    /// ranks, or [`Trainer::phased`] in one).
+    phased: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -305,7 +349,33 @@ impl<'a> Trainer<'a> {
         run_dir: &Path,
         resume: bool,
     ) -> Result<Trainer<'a>, TrainError> {
+        Self::new_distributed(cfg, art, backend, data, run_dir, resume, &Single)
+    }
+
+    /// As [`Trainer::new`], as one rank of a data-parallel run: `cfg`, the artifact and the
+    /// data are the same on every rank; rank 0 prepares (or resumes) the run folder and
+    /// every rank starts from its tensors, optimiser moments and loop state.
+    pub fn new_distributed(
+        cfg: TrainConfig,
+        art: &'a Artifact,
+        backend: &dyn Backend,
+        data: RunData,
+        run_dir: &Path,
+        resume: bool,
+        comm: &'a dyn Communicator,
+    ) -> Result<Trainer<'a>, TrainError> {
         let m = &art.manifest;
+        let (size, writer) = (comm.size(), comm.rank() == 0);
+        if size > 1 && cfg.batch_size < size {
+            return Err(TrainError::Config {
+                origin: "batch_size".into(),
+                message: format!(
+                    "{} is smaller than the {size} ranks: each rank needs at least one example \
+                     of every global batch",
+                    cfg.batch_size
+                ),
+            });
+        }
         let Some(task) = &m.task else {
             return Err(TrainError::Artifact(
                 "it has no training programs: compile it with --task".into(),
@@ -358,11 +428,14 @@ impl<'a> Trainer<'a> {
             } else {
                 None
             },
-            upper: if cfg.method == Method::Bidora {
+            // Several ranks run the upper level as its phases instead (`load_phases`).
+            upper: if cfg.method == Method::Bidora && size == 1 {
                 Some(load(ProgramKey::Upper)?)
             } else {
                 None
             },
+            upper_val: None,
+            upper_mixed: None,
             eval: load(ProgramKey::Eval)?,
             forward: if task.task == bidora_compiler::heads::Task::CausalLm
                 && cfg.generation.max_new_tokens > 0
@@ -401,24 +474,34 @@ impl<'a> Trainer<'a> {
         if cfg.method == Method::Bidora && data.val_idx.is_empty() {
             return Err(TrainError::Data("the validation split is empty".into()));
         }
-        std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Checkpoint {
-            path: run_dir.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        if writer {
+            std::fs::create_dir_all(run_dir).map_err(|e| TrainError::Checkpoint {
+                path: run_dir.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        }
         // Before anything in the folder is read or written: a second `bidora train` (or
         // `--resume`) on it would interleave the log and mix two runs' files.
-        let lock = bidora_compiler::lock::FolderLock::run_folder(
-            run_dir,
-            if resume {
-                "bidora train --resume"
-            } else {
-                "bidora train"
-            },
-        )?;
+        let lock = if writer {
+            Some(bidora_compiler::lock::FolderLock::run_folder(
+                run_dir,
+                if resume {
+                    "bidora train --resume"
+                } else {
+                    "bidora train"
+                },
+            )?)
+        } else {
+            None
+        };
         // Decide before touching anything in the folder: a run there is only continued on
         // request, never overwritten.
-        let existing = checkpoint::latest(run_dir)?;
-        match (&existing, resume) {
+        let existing = if writer {
+            checkpoint::latest(run_dir)?
+        } else {
+            None
+        };
+        match (&existing, resume && writer) {
             (None, true) => {
                 return Err(TrainError::Checkpoint {
                     path: checkpoint::dir(run_dir),
@@ -464,16 +547,21 @@ impl<'a> Trainer<'a> {
                 all: StreamState::default(),
                 best: None,
                 log_len: 0,
+                world_size: size,
             },
             // A resumed run cuts the log back to its checkpoint's length in `restore`.
-            log: log::MetricsLog::open(
-                &run_dir.join("metrics.jsonl"),
-                if resume {
-                    std::fs::metadata(run_dir.join("metrics.jsonl")).map_or(0, |m| m.len())
-                } else {
-                    0
-                },
-            )?,
+            log: if writer {
+                log::MetricsLog::open(
+                    &run_dir.join("metrics.jsonl"),
+                    if resume {
+                        std::fs::metadata(run_dir.join("metrics.jsonl")).map_or(0, |m| m.len())
+                    } else {
+                        0
+                    },
+                )?
+            } else {
+                log::MetricsLog::discard(&run_dir.join("metrics.jsonl"))
+            },
             last_checkpoint: None,
             progress: true,
             secs: vec![],
@@ -481,19 +569,147 @@ impl<'a> Trainer<'a> {
             res: None,
             host_stale: false,
             _lock: lock,
+            comm,
+            writer,
+            phased: false,
         };
+        if !writer {
+            t.progress = false;
+        }
         let record = run_dir.join(ARTIFACT_RECORD);
         if let Some(dir) = existing {
             same_artifact(&record, art)?;
             t.restore_newest(&dir)?;
-        } else {
+            if t.st.world_size != size {
+                return Err(TrainError::Checkpoint {
+                    path: dir,
+                    message: format!(
+                        "--resume: the run was trained on {} rank(s), and this job has {size}: \
+                         resume it with {} (`mpirun -np {}` …, or without mpirun for 1); each \
+                         rank's share of the batches, and so the rounding of every sum, \
+                         depends on the number of ranks",
+                        t.st.world_size,
+                        if t.st.world_size == 1 {
+                            "one process".to_string()
+                        } else {
+                            format!("{} ranks", t.st.world_size)
+                        },
+                        t.st.world_size
+                    ),
+                });
+            }
+        } else if writer {
             let body = serde_json::to_vec_pretty(&serde_json::Value::Object(art.identity.clone()))
                 .expect("JSON values serialise");
             checkpoint::write_atomic(&record, &body)?;
         }
-        // Atomic: a resume reads it back as the run's config.
-        checkpoint::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml().as_bytes())?;
+        if writer {
+            // Atomic: a resume reads it back as the run's config.
+            checkpoint::write_atomic(&run_dir.join("config.toml"), t.cfg.to_toml().as_bytes())?;
+        }
+        if size > 1 {
+            t.phased = true;
+            t.load_phases(backend)?;
+            t.share_state()?;
+        }
         Ok(t)
+    }
+
+    /// One process running the upper level as a data-parallel run does, in two phases: the
+    /// same hypergradient as the one program up to rounding, for testing the phases without
+    /// launching ranks.
+    pub fn phased(mut self, backend: &dyn Backend) -> Result<Self, TrainError> {
+        self.phased = true;
+        self.load_phases(backend)?;
+        Ok(self)
+    }
+
+    fn load_phases(&mut self, backend: &dyn Backend) -> Result<(), TrainError> {
+        if self.cfg.method != Method::Bidora {
+            return Ok(());
+        }
+        let m = &self.art.manifest;
+        let first_order = m
+            .bilevel
+            .as_ref()
+            .is_some_and(|b| b.hypergrad == bidora_compiler::bilevel::Hypergrad::FirstOrder);
+        let mut keys = vec![ProgramKey::UpperVal];
+        if !first_order {
+            keys.push(ProgramKey::UpperMixed);
+        }
+        for key in keys {
+            let Ok(sig) = self.art.program(key) else {
+                return Err(TrainError::Artifact(format!(
+                    "a data-parallel BiDoRA run needs {} (the upper program's phases), which \
+                     this artifact lacks: compile it again with this bidora-compile",
+                    key.file()
+                )));
+            };
+            let p = backend
+                .load(&self.art.dir.join(&sig.file))
+                .map_err(|e| TrainError::Run {
+                    program: sig.file.clone(),
+                    message: e.to_string(),
+                })?;
+            *self.slot(key) = Some(p);
+        }
+        Ok(())
+    }
+
+    /// Gives every rank rank 0's tensors, optimiser moments and loop state: a resumed run's
+    /// (only rank 0 reads the folder, so it need not be shared between machines) or the
+    /// artifact's initial values.
+    fn share_state(&mut self) -> Result<(), TrainError> {
+        let mut bytes = if self.writer {
+            let st = serde_json::to_value(&self.st).expect("the loop state serialises");
+            shard::pack(&self.params, [&self.opt_lower, &self.opt_upper], &st)
+        } else {
+            vec![]
+        };
+        self.comm
+            .broadcast(&mut bytes)
+            .map_err(|e| TrainError::Distributed(e.to_string()))?;
+        if !self.writer {
+            let st = shard::unpack(
+                &bytes,
+                &mut self.params,
+                [&mut self.opt_lower, &mut self.opt_upper],
+            )?;
+            self.st = serde_json::from_value(st)
+                .map_err(|e| TrainError::Distributed(format!("rank 0's loop state: {e}")))?;
+            self.streams[0] = Stream::new(self.data.train_idx.len(), self.cfg.seed, self.st.train);
+            self.streams[1] = Stream::new(self.data.val_idx.len(), self.cfg.seed ^ 1, self.st.val);
+            let phase_all = self.data.train_idx.len() + self.data.val_idx.len();
+            self.streams[2] = Stream::new(phase_all, self.cfg.seed ^ 2, self.st.all);
+        }
+        Ok(())
+    }
+
+    /// Proves every rank holds rank 0's tensors: each compares its digest with rank 0's and
+    /// a rank that differs ends the job.
+    fn check_in_step(&mut self) -> Result<(), TrainError> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let mine = shard::digest(&self.params);
+        let mut bytes = mine.to_le_bytes().to_vec();
+        self.comm
+            .broadcast(&mut bytes)
+            .map_err(|e| TrainError::Distributed(e.to_string()))?;
+        if bytes != mine.to_le_bytes() {
+            return Err(TrainError::Distributed(format!(
+                "rank {}'s tensors differ from rank 0's at global step {}: the ranks' \
+                 reductions disagree",
+                self.comm.rank(),
+                self.global_step()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The communicator's view: this rank and the number of ranks.
+    pub fn rank_and_size(&self) -> (usize, usize) {
+        (self.comm.rank(), self.comm.size())
     }
 
     /// Continues from checkpoint `dir`, or leaves the trainer untouched when it does not
@@ -614,6 +830,10 @@ impl<'a> Trainer<'a> {
 
     fn checkpoint(&mut self) -> Result<(), TrainError> {
         self.sync_host()?;
+        self.check_in_step()?;
+        if !self.writer {
+            return Ok(());
+        }
         self.st.train = self.streams[0].state;
         self.st.val = self.streams[1].state;
         self.st.all = self.streams[2].state;
@@ -700,7 +920,10 @@ impl<'a> Trainer<'a> {
         v
     }
 
-    fn batch(&mut self, which: usize) -> Result<Vec<(String, HostTensor)>, TrainError> {
+    /// The next batch of stream `which` (0: training, 1: validation, 2: both) and the weight
+    /// of this rank's means in the global batch's (1 in one process): this rank's rows of
+    /// the global batch, which is padded as one process pads it.
+    fn batch(&mut self, which: usize) -> Result<(Vec<(String, HostTensor)>, f64), TrainError> {
         let pos = self.streams[which].next_batch(self.cfg.batch_size);
         let idx: Vec<usize> = match which {
             0 => pos.iter().map(|&i| self.data.train_idx[i]).collect(),
@@ -718,9 +941,44 @@ impl<'a> Trainer<'a> {
                 .collect(),
         };
         let t = Instant::now();
-        let b = self.data.data.batch(&idx);
+        let b = self.data.data.batch(&idx)?;
+        let out = if self.comm.size() == 1 {
+            (b, 1.0)
+        } else {
+            let head = self.art.manifest.task.as_ref().expect("checked in new");
+            shard::take(head, b, self.comm.rank(), self.comm.size())?
+        };
         self.time("data", t);
-        b
+        Ok(out)
+    }
+
+    /// Global means from this rank's: gradients (host arrays, by tensor name, in `names`'
+    /// order so every rank packs alike) and scalars, weighted by `weight`.
+    fn reduce(
+        &mut self,
+        grads: &mut Grads<'_>,
+        names: &[String],
+        scalars: &mut [f64],
+        weight: f64,
+    ) -> Result<(), TrainError> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let Grads::Host(map) = grads else {
+            return Err(TrainError::Config {
+                origin: "--resident".into(),
+                message: "data-parallel runs reduce host gradients; resident mode is not \
+                          distributed yet"
+                    .into(),
+            });
+        };
+        let mut parts: Vec<(&String, &mut ArrayD<f32>)> = map.iter_mut().collect();
+        parts.sort_by_key(|(n, _)| names.iter().position(|m| m == *n).unwrap_or(usize::MAX));
+        let mut arrays: Vec<&mut ArrayD<f32>> = parts.into_iter().map(|(_, a)| a).collect();
+        shard::reduce(self.comm, &mut arrays, scalars, weight)?;
+        self.time("all_reduce", t);
+        Ok(())
     }
 
     fn non_finite(&self, what: &str) -> TrainError {
@@ -774,7 +1032,7 @@ impl<'a> Trainer<'a> {
         let lower_group = self.lower_group.clone();
         match (self.cfg.method, phase) {
             (Method::Bidora, Phase::Search) => {
-                let b_tr = self.batch(0)?;
+                let (b_tr, w_tr) = self.batch(0)?;
                 let gamma = self.gamma();
                 let keep = self.role_outputs(ProgramKey::Lower, Role::Gradient);
                 let res = self.exec(
@@ -784,18 +1042,25 @@ impl<'a> Trainer<'a> {
                     &[],
                     &|n| keep.contains(n),
                 )?;
-                let g = self.grads(ProgramKey::Lower, &res, Role::Gradient, &lower_group)?;
-                let loss = self.host_sum(
+                let mut g = self.grads(ProgramKey::Lower, &res, Role::Gradient, &lower_group)?;
+                let mut sums = vec![self.host_sum(
                     ProgramKey::Lower,
                     &res,
                     &self.loss_output(ProgramKey::Lower)?,
-                )?;
-                rec["loss"] = json!(loss);
-                if let Some(r) = self.art.manifest.programs[&ProgramKey::Lower]
+                )?];
+                let reg = self.art.manifest.programs[&ProgramKey::Lower]
                     .outputs_with(Role::Regularizer)
                     .next()
-                {
-                    rec["reg"] = json!(self.host_sum(ProgramKey::Lower, &res, &r.name)?);
+                    .map(|r| r.name.clone());
+                if let Some(r) = &reg {
+                    sums.push(self.host_sum(ProgramKey::Lower, &res, r)?);
+                }
+                // The global g: the virtual step and the lower update both need it.
+                self.reduce(&mut g, &lower_group, &mut sums, w_tr)?;
+                let loss = sums[0];
+                rec["loss"] = json!(loss);
+                if reg.is_some() {
+                    rec["reg"] = json!(sums[1]);
                 }
                 if !loss.is_finite() {
                     return Err(self.non_finite("the training loss"));
@@ -803,7 +1068,7 @@ impl<'a> Trainer<'a> {
                 let last_of_unroll =
                     (k + 1).is_multiple_of(self.cfg.unroll_steps) || k + 1 == total;
                 if last_of_unroll {
-                    let b_val = self.batch(1)?;
+                    let (b_val, w_val) = self.batch(1)?;
                     let upper_total = total.div_ceil(self.cfg.unroll_steps);
                     let u = self.st.upper_step;
                     let lr_u = self.cfg.upper.lr as f64
@@ -816,30 +1081,47 @@ impl<'a> Trainer<'a> {
                             .default_of(Hyperparameter::AlphaFd)
                             .unwrap_or(0.01)
                     });
-                    // The upper program reads the lower step's outputs by name: g (and, in
-                    // fd-forward, ∇_M L_tr).
-                    let keep = self.role_outputs(ProgramKey::Upper, Role::Hypergradient);
-                    let ures = self.exec(
-                        ProgramKey::Upper,
-                        &[("train.", &b_tr), ("val.", &b_val)],
-                        vec![
-                            hyper(Hyperparameter::Xi, xi),
-                            hyper(Hyperparameter::AlphaFd, alpha),
-                        ],
-                        &res,
-                        &|n| keep.contains(n),
-                    )?;
-                    let h = self.grads(
-                        ProgramKey::Upper,
-                        &ures,
-                        Role::Hypergradient,
-                        &self.upper_group,
-                    )?;
-                    let val_loss = bidora_compiler::bilevel::VAL_LOSS;
-                    rec["upper_val_loss"] =
-                        json!(self.host_sum(ProgramKey::Upper, &ures, val_loss)?);
-                    rec["lr_upper"] = json!(lr_u);
-                    self.optimize(resident::Level::Upper, h, lr_u as f32)?;
+                    if self.phased {
+                        let (h, val_loss) = self.phased_upper(
+                            &res,
+                            &g,
+                            [(&b_tr, w_tr), (&b_val, w_val)],
+                            xi,
+                            alpha,
+                        )?;
+                        rec["upper_val_loss"] = json!(val_loss);
+                        rec["lr_upper"] = json!(lr_u);
+                        rec["hypergrad_norm"] = json!(norm(&h, &self.upper_group));
+                        self.optimize(resident::Level::Upper, Grads::Host(h), lr_u as f32)?;
+                    } else {
+                        // The upper program reads the lower step's outputs by name: g (and,
+                        // in fd-forward, ∇_M L_tr).
+                        let keep = self.role_outputs(ProgramKey::Upper, Role::Hypergradient);
+                        let ures = self.exec(
+                            ProgramKey::Upper,
+                            &[("train.", &b_tr), ("val.", &b_val)],
+                            vec![
+                                hyper(Hyperparameter::Xi, xi),
+                                hyper(Hyperparameter::AlphaFd, alpha),
+                            ],
+                            &res,
+                            &|n| keep.contains(n),
+                        )?;
+                        let h = self.grads(
+                            ProgramKey::Upper,
+                            &ures,
+                            Role::Hypergradient,
+                            &self.upper_group,
+                        )?;
+                        let val_loss = bidora_compiler::bilevel::VAL_LOSS;
+                        rec["upper_val_loss"] =
+                            json!(self.host_sum(ProgramKey::Upper, &ures, val_loss)?);
+                        rec["lr_upper"] = json!(lr_u);
+                        if let Grads::Host(h) = &h {
+                            rec["hypergrad_norm"] = json!(norm(h, &self.upper_group));
+                        }
+                        self.optimize(resident::Level::Upper, h, lr_u as f32)?;
+                    }
                     self.st.upper_step += 1;
                 }
                 self.optimize(resident::Level::Lower, g, lr as f32)?;
@@ -851,15 +1133,17 @@ impl<'a> Trainer<'a> {
                     (Method::Bidora, _) => (ProgramKey::Lower, 2),
                     _ => (ProgramKey::TrainStep, 0),
                 };
-                let b = self.batch(stream)?;
+                let (b, w) = self.batch(stream)?;
                 let extra = match key {
                     ProgramKey::Lower => vec![hyper(Hyperparameter::Gamma, self.gamma())],
                     _ => vec![],
                 };
                 let keep = self.role_outputs(key, Role::Gradient);
                 let res = self.exec(key, &[("", &b)], extra, &[], &|n| keep.contains(n))?;
-                let g = self.grads(key, &res, Role::Gradient, &lower_group)?;
-                let loss = self.host_sum(key, &res, &self.loss_output(key)?)?;
+                let mut g = self.grads(key, &res, Role::Gradient, &lower_group)?;
+                let mut sums = [self.host_sum(key, &res, &self.loss_output(key)?)?];
+                self.reduce(&mut g, &lower_group, &mut sums, w)?;
+                let loss = sums[0];
                 if !loss.is_finite() {
                     return Err(self.non_finite("the training loss"));
                 }
@@ -869,6 +1153,103 @@ impl<'a> Trainer<'a> {
         }
         self.st.step += 1;
         Ok(rec)
+    }
+
+    /// The upper level as its two phases with the ranks' reductions between them
+    /// (`bidora_compiler::bilevel::upper_phases`): `upper_val` at the global `g`, reduce `h`,
+    /// `v` and the validation loss; `upper_mixed` at the global `v`, reduce `H·v`; then
+    /// `∇M = h − ξ·H·v`. Returns the hypergradients and the validation loss.
+    fn phased_upper(
+        &mut self,
+        lower_out: &[(String, Output)],
+        g: &Grads<'_>,
+        batches: [(&[(String, HostTensor)], f64); 2],
+        xi: f64,
+        alpha: f64,
+    ) -> Result<(HashMap<String, ArrayD<f32>>, f64), TrainError> {
+        let resident = || TrainError::Config {
+            origin: "--resident".into(),
+            message: "the upper level's phases run on host values; resident mode is not \
+                      distributed yet"
+                .into(),
+        };
+        let Grads::Host(g) = g else {
+            return Err(resident());
+        };
+        let [(b_tr, w_tr), (b_val, w_val)] = batches;
+        let programs = &self.art.manifest.programs;
+        // The lower step's outputs with its V gradients replaced by the global g; its
+        // ∇_M L_tr stays this rank's (fd-forward differences it with this rank's pass at V⁺).
+        let lower_sig = &programs[&ProgramKey::Lower];
+        let mut prev: Vec<(String, Output)> = vec![];
+        for (n, o) in lower_out {
+            let global = lower_sig
+                .outputs_with(Role::Gradient)
+                .find(|s| s.name == *n)
+                .and_then(|s| s.of.as_ref())
+                .and_then(|of| g.get(of));
+            let t = match (global, o) {
+                (Some(a), _) => HostTensor::F32(a.clone()),
+                (None, Output::Host(t)) => t.clone(),
+                (None, Output::Resident(_)) => return Err(resident()),
+            };
+            prev.push((n.clone(), Output::Host(t)));
+        }
+        let upper: Vec<String> = self.upper_group.clone();
+        let both: Vec<String> = upper.iter().chain(&self.lower_group).cloned().collect();
+        let vres = self.exec(
+            ProgramKey::UpperVal,
+            &[("val.", b_val)],
+            vec![hyper(Hyperparameter::Xi, xi)],
+            &prev,
+            &|_| false,
+        )?;
+        let mut hv = self.grads(ProgramKey::UpperVal, &vres, Role::ValGradient, &both)?;
+        let mut sums = [self.host_sum(
+            ProgramKey::UpperVal,
+            &vres,
+            bidora_compiler::bilevel::VAL_LOSS,
+        )?];
+        self.reduce(&mut hv, &both, &mut sums, w_val)?;
+        let Grads::Host(mut hv) = hv else {
+            return Err(resident());
+        };
+        let mut h: HashMap<String, ArrayD<f32>> =
+            upper.iter().filter_map(|m| hv.remove_entry(m)).collect();
+        if self.progs.upper_mixed.is_none() {
+            // first-order: no mixed term, the hypergradient is h.
+            return Ok((h, sums[0]));
+        }
+        // upper_mixed reads v under upper_val's output names.
+        for o in self.art.manifest.programs[&ProgramKey::UpperVal].outputs_with(Role::ValGradient) {
+            if let Some(a) = o.of.as_ref().and_then(|of| hv.get(of)) {
+                prev.push((o.name.clone(), Output::Host(HostTensor::F32(a.clone()))));
+            }
+        }
+        let mres = self.exec(
+            ProgramKey::UpperMixed,
+            &[("train.", b_tr)],
+            vec![hyper(Hyperparameter::AlphaFd, alpha)],
+            &prev,
+            &|_| false,
+        )?;
+        let mut mx = self.grads(ProgramKey::UpperMixed, &mres, Role::MixedTerm, &upper)?;
+        self.reduce(&mut mx, &upper, &mut [], w_tr)?;
+        let Grads::Host(mx) = mx else {
+            return Err(resident());
+        };
+        // The single program's last two operations, in f32 as there: Mul(ξ, H·v), then Sub.
+        let xi = xi as f32;
+        for (m, hm) in h.iter_mut() {
+            let Some(t) = mx.get(m) else {
+                return Err(TrainError::Run {
+                    program: ProgramKey::UpperMixed.file().into(),
+                    message: format!("no mixed term for '{m}'"),
+                });
+            };
+            hm.zip_mut_with(t, |a, &b| *a -= xi * b);
+        }
+        Ok((h, sums[0]))
     }
 
     /// Names of `key`'s outputs with this role: what resident mode keeps on the device.
@@ -944,6 +1325,8 @@ impl<'a> Trainer<'a> {
             match key {
                 ProgramKey::Lower => "lower",
                 ProgramKey::Upper => "upper",
+                ProgramKey::UpperVal => "upper_val",
+                ProgramKey::UpperMixed => "upper_mixed",
                 _ => "train_step",
             },
             t,
@@ -1077,6 +1460,8 @@ impl<'a> Trainer<'a> {
             ProgramKey::Lower => &mut self.progs.lower,
             ProgramKey::Upper => &mut self.progs.upper,
             ProgramKey::TrainStep => &mut self.progs.step,
+            ProgramKey::UpperVal => &mut self.progs.upper_val,
+            ProgramKey::UpperMixed => &mut self.progs.upper_mixed,
             ProgramKey::Eval | ProgramKey::Forward => {
                 unreachable!("exec runs only training programs, not {key}")
             }
@@ -1174,7 +1559,7 @@ impl<'a> Trainer<'a> {
                     self.cfg.eval_batch_size,
                 )?;
                 acc.add_generation(g);
-                if log {
+                if log && self.writer {
                     let mut jsonl = String::new();
                     for t in &texts {
                         jsonl.push_str(&serde_json::to_string(t).expect("strings serialise"));
@@ -1238,20 +1623,25 @@ impl<'a> Trainer<'a> {
                 self.save_params("best")?;
             }
         }
-        let _ = plot::curves(
-            self.log.path(),
-            &self.run_dir.join("curves.svg"),
-            &eval::main_metric_name(
-                self.art.manifest.task.as_ref().unwrap().task.name(),
-                self.cfg.metric.as_deref(),
-            ),
-        );
+        if self.writer {
+            let _ = plot::curves(
+                self.log.path(),
+                &self.run_dir.join("curves.svg"),
+                &eval::main_metric_name(
+                    self.art.manifest.task.as_ref().unwrap().task.name(),
+                    self.cfg.metric.as_deref(),
+                ),
+            );
+        }
         Ok((val, test))
     }
 
     /// The trained tensors under their artifact names (what `bidora export --weights` reads).
     fn save_params(&mut self, name: &str) -> Result<(), TrainError> {
         self.sync_host()?;
+        if !self.writer {
+            return Ok(());
+        }
         let t: Vec<(String, &ArrayD<f32>)> =
             self.params.iter().map(|(n, a)| (n.clone(), a)).collect();
         let mut meta = HashMap::new();
@@ -1394,10 +1784,13 @@ impl<'a> Trainer<'a> {
             seconds: start.elapsed().as_secs_f64(),
             run_dir: self.run_dir.clone(),
         };
-        checkpoint::write_atomic(
-            &self.run_dir.join("summary.json"),
-            &serde_json::to_vec_pretty(&summary).unwrap(),
-        )?;
+        self.check_in_step()?;
+        if self.writer {
+            checkpoint::write_atomic(
+                &self.run_dir.join("summary.json"),
+                &serde_json::to_vec_pretty(&summary).unwrap(),
+            )?;
+        }
         Ok(Some(summary))
     }
 
