@@ -387,17 +387,31 @@ fn sweep_cmd(
 /// `--threads` above this many a core is refused rather than warned about.
 const MAX_THREADS_PER_CORE: usize = 16;
 
-fn train_cmd(
-    artifact: &std::path::Path,
-    config: &std::path::Path,
-    output: &std::path::Path,
-    set: &[String],
+/// What `bidora train` was asked to run, apart from the engine and the communicator.
+struct TrainArgs<'a> {
+    artifact: &'a std::path::Path,
+    config: &'a std::path::Path,
+    output: &'a std::path::Path,
+    set: &'a [String],
     resume: bool,
+    /// `--resident` / `--no-resident`; `None`: resident on a device, not on the CPU.
     resident: Option<bool>,
+}
+
+fn train_cmd(
+    args: TrainArgs<'_>,
     engine: EngineArgs,
     comm: &dyn bidora_runtime::distributed::Communicator,
 ) -> Result<()> {
     use bidora_runtime::train::{dataset, TrainConfig, Trainer};
+    let TrainArgs {
+        artifact,
+        config,
+        output,
+        set,
+        resume,
+        resident,
+    } = args;
     let (rank, size) = (comm.rank(), comm.size());
     let lead = rank == 0;
     if size > 1 && lead {
@@ -827,20 +841,19 @@ fn main() -> ExitCode {
                 Distributed::Mpi => Kind::Mpi,
                 Distributed::Nccl => Kind::Nccl,
             }))?;
-            let res = train_cmd(
-                &artifact,
-                &config,
-                &output,
-                &set,
+            let args = TrainArgs {
+                artifact: &artifact,
+                config: &config,
+                output: &output,
+                set: &set,
                 resume,
-                match (resident, no_resident) {
+                resident: match (resident, no_resident) {
                     (true, _) => Some(true),
                     (_, true) => Some(false),
                     _ => None,
                 },
-                engine,
-                &*comm,
-            );
+            };
+            let res = train_cmd(args, engine, &*comm);
             if let (Err(e), true) = (&res, comm.size() > 1) {
                 // Returning would finalise MPI while the other ranks wait in a collective
                 // for this one: end them all instead, after saying why.

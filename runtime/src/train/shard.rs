@@ -207,7 +207,7 @@ pub fn unpack(
         Ok(ArrayD::from_shape_vec(IxDyn(shape), v).expect("sized above"))
     };
     for (_, a) in params.iter_mut() {
-        *a = next(&a.shape().to_vec())?;
+        *a = next(a.shape())?;
     }
     let shapes: std::collections::HashMap<String, Vec<usize>> = params
         .iter()
