@@ -3,13 +3,15 @@
 # MiniLM BiDoRA run, shortened, on 1 process (1 and 2 engine threads) and on 2 MPI ranks of
 # 1 thread each; examples/s of the steps (evaluation excluded) and the all-reduce's share.
 # Usage: tests/benches/distributed.sh [BIDORA_BINARY] (default target/debug/bidora, built
-# with --features mpi). Needs mpirun (Open MPI) and python3.
+# with --features mpi). Needs mpirun (Open MPI) and python3. STEPS (30), BATCH (16) and
+# BACKEND (tract; ort) override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${1:-target/debug/bidora}"
 COMPILE="${COMPILE:-target/debug/bidora-compile}"
 STEPS="${STEPS:-30}"
 BATCH="${BATCH:-16}"
+BACKEND="${BACKEND:-tract}"
 OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 "$COMPILE" models/minilm-sst2/model.onnx --target query,value --task seq-cls --train-head \
@@ -18,7 +20,7 @@ SETS=(--set "steps=$STEPS" --set "batch_size=$BATCH" --set retrain_steps=0 --set
 run() { # name, then the command's prefix
   local name="$1"; shift
   "$@" "$BIN" train "$OUT/art" --config examples/sst2/train.toml -o "$OUT/$name" \
-    "${SETS[@]}" "${EXTRA[@]}" >/dev/null 2>"$OUT/$name.err" || { cat "$OUT/$name.err"; exit 1; }
+    "${SETS[@]}" --backend "$BACKEND" "${EXTRA[@]}" >/dev/null 2>"$OUT/$name.err" || { cat "$OUT/$name.err"; exit 1; }
   python3 - "$OUT/$name/metrics.jsonl" "$name" "$BATCH" <<'PY'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1]) if '"kind":"step"' in l]

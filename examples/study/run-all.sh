@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs the whole study (README.md) in the background-friendly way it was run: builds the models
+# if missing, then each task's sweep in turn, copying each finished task's results into
+# results/<task>/. A rerun skips finished cells and resumes a killed one (`bidora sweep`), so
+# this script can be restarted at any point.
+#
+#   (nohup setsid bash examples/study/run-all.sh >> runs/study/run-all.log 2>&1 &)
+#
+# BIDORA (default target/release/bidora), TASKS (default: every task not yet in results/),
+# THREADS (default 2) and BACKEND (default ort) override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIDORA="${BIDORA:-target/release/bidora}"
+THREADS="${THREADS:-2}"
+BACKEND="${BACKEND:-ort}"
+TASKS="${TASKS:-mrpc rte stsb cola conll reuters sst2}"
+mkdir -p runs/study
+
+# A copy of the binary, so rebuilding target/ while the study runs does not change it mid-way.
+mkdir -p runs/study/bin
+cp "$BIDORA" runs/study/bin/bidora
+BIN=runs/study/bin/bidora
+
+if [ ! -f runs/study-models/token9/model.onnx ]; then
+  python3 models/make_minilm_study.py -o runs/study-models
+fi
+
+for task in $TASKS; do
+  if [ -f "examples/study/results/$task/results.md" ] && [ -z "${RERUN:-}" ]; then
+    echo "== $task: results already in examples/study/results/$task (RERUN=1 to redo)"
+    continue
+  fi
+  echo "== $task $(date -u +%FT%TZ)"
+  "$BIN" sweep "examples/study/$task.sweep.toml" -o "runs/study/$task" \
+    --backend "$BACKEND" --threads "$THREADS"
+  mkdir -p "examples/study/results/$task"
+  cp "runs/study/$task"/results.{md,jsonl,svg} "examples/study/results/$task/"
+  echo "== $task done $(date -u +%FT%TZ)"
+done
