@@ -26,7 +26,8 @@ use bidora_compiler::load_model;
 use bidora_compiler::rewrite::Method as AdapterMethod;
 use bidora_runtime::artifact::Artifact;
 use bidora_runtime::backend::{self, Backend, BackendKind, BackendOptions, HostTensor};
-use bidora_runtime::train::{Examples, Method, RunData, TrainConfig, TrainError, Trainer};
+use bidora_runtime::data::DataError;
+use bidora_runtime::train::{Examples, Method, RunData, TrainConfig, Trainer};
 use bidora_tests::bench::median;
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
@@ -45,7 +46,7 @@ impl Examples for Synthetic {
     fn len(&self) -> usize {
         self.n
     }
-    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
+    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, DataError> {
         let b = idx.len();
         let ids: Vec<i64> = idx
             .iter()

@@ -9,6 +9,7 @@ use bidora_compiler::load_model;
 use bidora_compiler::rewrite::Method as AdapterMethod;
 use bidora_runtime::artifact::Artifact;
 use bidora_runtime::backend::{self, HostTensor};
+use bidora_runtime::data::DataError;
 use bidora_runtime::train::{self, Examples, Method, RunData, TrainConfig, TrainError, Trainer};
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
@@ -36,7 +37,7 @@ impl Examples for Hashed {
     fn len(&self) -> usize {
         self.0.len()
     }
-    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
+    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, DataError> {
         let rows: Vec<Vec<i64>> = idx
             .iter()
             .map(|&i| {
@@ -245,6 +246,34 @@ fn single_level_baselines_run_on_their_artifacts() {
     .unwrap()
     .to_string();
     assert!(e.contains("lower.onnx"), "{e}");
+}
+
+/// A program the manifest lists but the folder lacks (a copy that left a file behind) is
+/// refused by name, with what to compile, before the backend is asked to load a missing path.
+#[test]
+fn a_program_missing_from_the_artifact_folder_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let art = artifact(dir.path(), AdapterMethod::Dora);
+    std::fs::remove_file(art.dir.join("lower.onnx")).unwrap();
+    let cfg = config(Method::Bidora, &[]);
+    let d = data(&cfg);
+    let e = match Trainer::new(cfg, &art, &*tract1(), d, &dir.path().join("run"), false) {
+        Ok(_) => panic!("a run without lower.onnx started"),
+        Err(e) => e,
+    };
+    let msg = e.to_string();
+    match &e {
+        TrainError::MissingProgram { file, dir, .. } => {
+            assert_eq!(file, "lower.onnx", "{msg}");
+            assert_eq!(dir, &art.dir, "{msg}");
+        }
+        _ => panic!("not a missing-program error: {msg}"),
+    }
+    assert!(
+        msg.contains("lower.onnx is missing from")
+            && msg.contains("compile the artifact again from a DoRA model with --task"),
+        "{msg}"
+    );
 }
 
 #[test]

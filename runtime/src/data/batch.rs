@@ -3,8 +3,8 @@
 
 use ndarray::{ArrayD, IxDyn};
 
+use super::{DataError, Examples};
 use crate::backend::HostTensor;
-use crate::train::{Examples, TrainError};
 
 /// What an example is labelled with, per head.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,12 +79,12 @@ impl Examples for EncodedSet {
         (!self.labels.is_empty()).then_some(self.labels.as_slice())
     }
 
-    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, TrainError> {
+    fn batch(&self, idx: &[usize]) -> Result<Vec<(String, HostTensor)>, DataError> {
         let rows: Vec<&Encoded> = idx
             .iter()
             .map(|&i| {
                 self.rows.get(i).ok_or_else(|| {
-                    TrainError::Data(format!("example {i} asked of a set of {}", self.rows.len()))
+                    DataError::Batch(format!("example {i} asked of a set of {}", self.rows.len()))
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -118,7 +118,7 @@ impl Examples for EncodedSet {
         let kind = |t: &Target| std::mem::discriminant(t);
         if let Some(first) = rows.first() {
             if rows.iter().any(|r| kind(&r.target) != kind(&first.target)) {
-                return Err(TrainError::Data(
+                return Err(DataError::Batch(
                     "a batch mixes label kinds (a bug in the data reader)".into(),
                 ));
             }
@@ -149,7 +149,7 @@ impl Examples for EncodedSet {
                     match &r.target {
                         Target::MultiHot(h) if h.len() == n => v.extend_from_slice(h),
                         _ => {
-                            return Err(TrainError::Data(
+                            return Err(DataError::Batch(
                                 "multi-hot labels of different widths in one batch".into(),
                             ))
                         }

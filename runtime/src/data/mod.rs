@@ -17,6 +17,7 @@ pub mod batch;
 pub mod conll;
 pub mod csvjson;
 pub mod e2e;
+pub mod examples;
 pub mod glue;
 pub mod peptides;
 pub mod reuters;
@@ -25,6 +26,7 @@ pub mod tokenize;
 use std::path::{Path, PathBuf};
 
 pub use batch::{Encoded, EncodedSet, References, Target};
+pub use examples::Examples;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -41,12 +43,9 @@ pub enum DataError {
     /// The `[data]` section does not fit the format or the model.
     #[error("data: {0}")]
     Config(String),
-}
-
-impl From<DataError> for crate::train::TrainError {
-    fn from(e: DataError) -> Self {
-        crate::train::TrainError::Data(e.to_string())
-    }
+    /// A batch the loop asked for cannot be built (an index out of range, mixed labels).
+    #[error("{0}")]
+    Batch(String),
 }
 
 pub(crate) fn at(file: &Path, line: usize, message: impl Into<String>) -> DataError {
