@@ -11,11 +11,12 @@
 //! An op on a path without a rule is an error naming the op, the node and the path from the
 //! input to the loss through it.
 
-pub mod cx;
-
 use std::collections::{HashMap, HashSet};
 
-pub use cx::GradCx;
+// The rules' API lives with the op tables (`ops::grad_cx`), so `ops` never imports the
+// driver; re-exported here for the rules' callers.
+pub use crate::ops::grad_cx::{self as cx, GradCx};
+pub use crate::ops::STOP_GRADIENT;
 
 use crate::error::{Error, Result, HINT_NO_GRADIENT};
 use crate::ir::builder::Builder;
@@ -23,9 +24,6 @@ use crate::ir::names::Names;
 use crate::ir::{Dim, Model, ValueInfo, ValueType, BIDORA_DOMAIN};
 use crate::ops;
 use crate::shape;
-
-/// A composite marker: identity forward, zero gradient (DoRA's `detach_norm`).
-pub const STOP_GRADIENT: &str = "StopGradient";
 
 /// The model with the gradients added as graph outputs.
 pub struct Gradients {

@@ -10,7 +10,7 @@ use crate::shape::Fact;
 pub const OPS: &[OpDef] = &[
     // Identity forward; the autodiff driver gives it a zero gradient (DoRA's detach_norm).
     OpDef {
-        op: crate::autodiff::STOP_GRADIENT,
+        op: super::STOP_GRADIENT,
         infer: same,
         grad: None,
         attrs: &[],

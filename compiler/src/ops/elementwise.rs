@@ -483,9 +483,9 @@ mod tests {
 // `GradCx::unbroadcast`. Each rule emits only standard, differentiable ONNX ops.
 
 pub(crate) mod grads {
-    use crate::autodiff::GradCx;
     use crate::error::Result;
     use crate::ir::AttrValue;
+    use crate::ops::GradCx;
 
     type Out = Result<Vec<Option<String>>>;
 

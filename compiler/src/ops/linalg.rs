@@ -185,9 +185,9 @@ mod tests {
 // Gradient rules.
 
 pub(crate) mod grads {
-    use crate::autodiff::GradCx;
     use crate::error::Result;
     use crate::ir::AttrValue;
+    use crate::ops::GradCx;
 
     type Out = Result<Vec<Option<String>>>;
 

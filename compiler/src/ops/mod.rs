@@ -15,6 +15,7 @@
 
 pub mod dora;
 pub mod elementwise;
+pub mod grad_cx;
 pub mod linalg;
 pub mod nn;
 pub mod reduce;
@@ -24,10 +25,14 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use crate::autodiff::GradCx;
 use crate::error::{Error, Result};
 use crate::ir::{AttrValue, DataType, Node, BIDORA_DOMAIN};
 use crate::shape::{DimExpr, Fact};
+pub use grad_cx::GradCx;
+
+/// A composite marker in `ai.bidora`: identity forward, zero gradient (DoRA's `detach_norm`).
+/// The autodiff driver stops at it.
+pub const STOP_GRADIENT: &str = "StopGradient";
 
 /// What a shape rule sees: the node, its input facts (None for omitted optional inputs), the
 /// model's ai.onnx opset, a source of fresh opaque symbols, and the log of equalities between

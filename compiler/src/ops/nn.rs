@@ -134,9 +134,9 @@ fn layer_norm(cx: &mut InferCx) -> Result<Vec<Fact>> {
 // dScale = Σ_lead g ⊙ x̂; dB = Σ_lead g.
 
 pub(crate) mod grads {
-    use crate::autodiff::GradCx;
     use crate::error::Result;
     use crate::ir::AttrValue;
+    use crate::ops::GradCx;
 
     type Out = Result<Vec<Option<String>>>;
 

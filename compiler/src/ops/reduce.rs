@@ -242,9 +242,9 @@ mod tests {
 // keepdims=0) and expanded to the input's runtime shape; ReduceMean divides by the count.
 
 pub(crate) mod grads {
-    use crate::autodiff::GradCx;
     use crate::error::Result;
     use crate::ir::AttrValue;
+    use crate::ops::GradCx;
 
     type Out = Result<Vec<Option<String>>>;
 

@@ -848,10 +848,10 @@ mod tests {
 // Slice pads, Expand sums over the broadcast axes, GatherND and ScatterND undo each other.
 
 pub(crate) mod grads {
-    use crate::autodiff::cx::scalar_tensor;
-    use crate::autodiff::GradCx;
     use crate::error::Result;
     use crate::ir::{AttrValue, DataType};
+    use crate::ops::grad_cx::scalar_tensor;
+    use crate::ops::GradCx;
 
     type Out = Result<Vec<Option<String>>>;
 
