@@ -202,6 +202,93 @@ pub struct Upper {
     pub batch_inputs: Vec<(String, String, String)>,
 }
 
+/// What both forms of the upper program start from: the loss graph's facts, the parameters
+/// (V then M), their dtype, and the lower program's gradient names.
+struct UpperCx<'a> {
+    with_loss: &'a Model,
+    lower_grads: &'a [(String, String)],
+    facts: shape::Facts,
+    params: Vec<String>,
+    dtype: DataType,
+}
+
+impl<'a> UpperCx<'a> {
+    fn new(
+        with_loss: &'a Model,
+        groups: &Groups,
+        lower_grads: &'a [(String, String)],
+    ) -> Result<UpperCx<'a>> {
+        let facts = shape::infer(with_loss)?;
+        let params = groups.lower.iter().chain(&groups.upper).cloned().collect();
+        let dtype = facts
+            .get(&groups.upper[0])
+            .map(|f| f.dtype)
+            .unwrap_or(DataType::Float);
+        Ok(UpperCx {
+            with_loss,
+            lower_grads,
+            facts,
+            params,
+            dtype,
+        })
+    }
+
+    /// The lower program's gradient output for `t` (the upper program's input of that name).
+    fn grad_name(&self, t: &str) -> Result<String> {
+        self.lower_grads
+            .iter()
+            .find(|(w, _)| w == t)
+            .map(|(_, g)| g.clone())
+            .ok_or_else(|| Error::Other(format!("the lower program has no gradient for '{t}'")))
+    }
+
+    /// The loss graph's input `name`, to copy (renamed) into the upper program.
+    fn input_info(&self, name: &str) -> Result<ValueInfo> {
+        self.with_loss
+            .graph
+            .inputs
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
+            .ok_or_else(|| Error::Other(format!("'{name}' is not an input of the loss graph")))
+    }
+
+    fn scalar(&self, n: &str) -> ValueInfo {
+        ValueInfo::new(n, ValueType::tensor(self.dtype, vec![]))
+    }
+
+    /// An empty program named after the loss graph, keeping its opsets and metadata.
+    fn empty(&self, suffix: &str) -> Model {
+        let mut model = self.with_loss.clone();
+        model.graph = Graph {
+            name: format!("{}_{suffix}", self.with_loss.graph.name),
+            ..Default::default()
+        };
+        model
+    }
+
+    /// `V̄ = V − ξ·g` for every (V, g input), as nodes appended to `g`; returns V → V̄.
+    fn virtual_step(g: &mut Graph, g_inputs: &[(String, String)]) -> HashMap<String, String> {
+        let mut vbar = HashMap::new();
+        let mut b = Builder::new(g, "virtual_step");
+        for (v, gi) in g_inputs {
+            let step = b.op("Mul", "xi_g", &[XI, gi], vec![]);
+            vbar.insert(v.clone(), b.op("Sub", "vbar", &[v, &step], vec![]));
+        }
+        let nodes = b.finish();
+        g.nodes.extend(nodes);
+        vbar
+    }
+}
+
+/// A finished program: markers gone, nodes in order, shapes checked.
+fn finish(model: &Model) -> Result<Model> {
+    let mut model = rewrite::strip_markers(model);
+    crate::ir::topo::toposort(&mut model.graph)?;
+    shape::infer(&model)?;
+    Ok(model)
+}
+
 /// Builds the upper program. `lower_grads` are the lower program's gradient outputs (the
 /// upper program names its `g` inputs after them, so a runtime binds one to the other by name).
 pub fn upper_program(
@@ -211,44 +298,26 @@ pub fn upper_program(
     lower_grads: &[(String, String)],
     mode: Hypergrad,
 ) -> Result<Upper> {
-    let facts = shape::infer(with_loss)?;
-    let params: Vec<&String> = groups.lower.iter().chain(&groups.upper).collect();
-    let dtype = facts
-        .get(&groups.upper[0])
-        .map(|f| f.dtype)
-        .unwrap_or(DataType::Float);
-    let grad_name = |t: &str| -> Result<String> {
-        lower_grads
-            .iter()
-            .find(|(w, _)| w == t)
-            .map(|(_, g)| g.clone())
-            .ok_or_else(|| Error::Other(format!("the lower program has no gradient for '{t}'")))
-    };
+    let cx = UpperCx::new(with_loss, groups, lower_grads)?;
+    let params = &cx.params;
 
     // The passes, each a graph to instantiate.
-    let all: Vec<String> = params.iter().map(|s| s.to_string()).collect();
     let val_wrt = if mode == Hypergrad::FirstOrder {
         groups.upper.clone()
     } else {
-        all.clone()
+        params.clone()
     };
     let val_pass = autodiff::backward(with_loss, &head.loss, &val_wrt)?;
     let grads_of =
         |g: &autodiff::Gradients| -> HashMap<String, String> { g.grads.iter().cloned().collect() };
 
-    let mut model = with_loss.clone();
-    model.graph = Graph {
-        name: format!("{}_upper_{}", with_loss.graph.name, mode.name()),
-        ..Default::default()
-    };
+    let mut model = cx.empty(&format!("upper_{}", mode.name()));
     let g = &mut model.graph;
 
     // Inputs: both batches, V, M, then what the mode reads from the lower step, then scalars.
     let mut batch_inputs = vec![];
     for i in &with_loss.graph.inputs {
-        if params.iter().any(|p| **p == i.name)
-            || with_loss.graph.initializers.contains_key(&i.name)
-        {
+        if params.contains(&i.name) || with_loss.graph.initializers.contains_key(&i.name) {
             continue;
         }
         let (t, v) = (
@@ -257,31 +326,22 @@ pub fn upper_program(
         );
         batch_inputs.push((i.name.clone(), t, v));
     }
-    let input_info = |name: &str| -> ValueInfo {
-        with_loss
-            .graph
-            .inputs
-            .iter()
-            .find(|i| i.name == name)
-            .cloned()
-            .expect("a graph input")
-    };
     for (orig, t, v) in &batch_inputs {
         for (n, dims) in [(t, TRAIN_DIM_PREFIX), (v, VAL_DIM_PREFIX)] {
-            let mut vi = input_info(orig);
+            let mut vi = cx.input_info(orig)?;
             vi.name = n.clone();
             vi.ty = vi.ty.map(|t| t.with_dims_renamed(|d| format!("{dims}{d}")));
             g.inputs.push(vi);
         }
     }
-    for p in &params {
-        g.inputs.push(input_info(p));
+    for p in params {
+        g.inputs.push(cx.input_info(p)?);
     }
     let mut g_inputs = vec![];
     if mode.virtual_step() {
         for v in &groups.lower {
-            let mut vi = input_info(v);
-            vi.name = grad_name(v)?;
+            let mut vi = cx.input_info(v)?;
+            vi.name = cx.grad_name(v)?;
             g_inputs.push((v.clone(), vi.name.clone()));
             g.inputs.push(vi);
         }
@@ -289,16 +349,15 @@ pub fn upper_program(
     let mut gm_inputs = vec![];
     if mode == Hypergrad::FdForward {
         for m in &groups.upper {
-            let mut vi = input_info(m);
-            vi.name = grad_name(m)?;
+            let mut vi = cx.input_info(m)?;
+            vi.name = cx.grad_name(m)?;
             gm_inputs.push((m.clone(), vi.name.clone()));
             g.inputs.push(vi);
         }
     }
-    let scalar = |n: &str| ValueInfo::new(n, ValueType::tensor(dtype, vec![]));
     if mode != Hypergrad::FirstOrder {
-        g.inputs.push(scalar(XI));
-        g.inputs.push(scalar(ALPHA_FD));
+        g.inputs.push(cx.scalar(XI));
+        g.inputs.push(cx.scalar(ALPHA_FD));
     }
 
     let batch = |which: usize| -> HashMap<String, String> {
@@ -309,18 +368,7 @@ pub fn upper_program(
     };
 
     // 1. The virtual step.
-    let mut tail = vec![];
-    let mut vbar: HashMap<String, String> = HashMap::new();
-    {
-        let mut b = Builder::new(g, "virtual_step");
-        for (v, gi) in &g_inputs {
-            let step = b.op("Mul", "xi_g", &[XI, gi], vec![]);
-            let nv = b.op("Sub", "vbar", &[v, &step], vec![]);
-            vbar.insert(v.clone(), nv);
-        }
-        tail.extend(b.finish());
-    }
-    g.nodes.extend(std::mem::take(&mut tail));
+    let mut vbar = UpperCx::virtual_step(g, &g_inputs);
     for v in &groups.lower {
         vbar.entry(v.clone()).or_insert_with(|| v.clone());
     }
@@ -350,7 +398,7 @@ pub fn upper_program(
                 with_loss,
                 head,
                 groups,
-                &facts,
+                &cx.facts,
                 mode,
                 &v,
                 &gm_inputs,
@@ -384,17 +432,14 @@ pub fn upper_program(
     let nodes = b.finish();
     g.nodes.extend(nodes);
     for (m, out) in &hypergrads {
-        let mut vi = input_info(m);
+        let mut vi = cx.input_info(m)?;
         vi.name = out.clone();
         g.outputs.push(vi);
     }
-    g.outputs.push(scalar(VAL_LOSS));
+    g.outputs.push(cx.scalar(VAL_LOSS));
 
-    let mut model = rewrite::strip_markers(&model);
-    crate::ir::topo::toposort(&mut model.graph)?;
-    shape::infer(&model)?;
     Ok(Upper {
-        model,
+        model: finish(&model)?,
         mode,
         hypergrads,
         g_inputs,
@@ -629,29 +674,8 @@ pub fn upper_phases(
     lower_grads: &[(String, String)],
     mode: Hypergrad,
 ) -> Result<(UpperVal, Option<UpperMixed>)> {
-    let facts = shape::infer(with_loss)?;
-    let params: Vec<String> = groups.lower.iter().chain(&groups.upper).cloned().collect();
-    let dtype = facts
-        .get(&groups.upper[0])
-        .map(|f| f.dtype)
-        .unwrap_or(DataType::Float);
-    let grad_name = |t: &str| -> Result<String> {
-        lower_grads
-            .iter()
-            .find(|(w, _)| w == t)
-            .map(|(_, g)| g.clone())
-            .ok_or_else(|| Error::Other(format!("the lower program has no gradient for '{t}'")))
-    };
-    let input_info = |name: &str| -> Result<ValueInfo> {
-        with_loss
-            .graph
-            .inputs
-            .iter()
-            .find(|i| i.name == name)
-            .cloned()
-            .ok_or_else(|| Error::Other(format!("'{name}' is not an input of the loss graph")))
-    };
-    let scalar = |n: &str| ValueInfo::new(n, ValueType::tensor(dtype, vec![]));
+    let cx = UpperCx::new(with_loss, groups, lower_grads)?;
+    let params = &cx.params;
 
     // Phase 1: the virtual step and the validation sweep.
     let val_wrt = if mode == Hypergrad::FirstOrder {
@@ -660,33 +684,21 @@ pub fn upper_phases(
         params.clone()
     };
     let val_pass = autodiff::backward(with_loss, &head.loss, &val_wrt)?;
-    let mut model = with_loss.clone();
-    model.graph = Graph {
-        name: format!("{}_upper_val_{}", with_loss.graph.name, mode.name()),
-        ..Default::default()
-    };
+    let mut model = cx.empty(&format!("upper_val_{}", mode.name()));
     let g = &mut model.graph;
-    let batch_inputs = phase_inputs(g, with_loss, &params, VAL_PREFIX, VAL_DIM_PREFIX);
+    let batch_inputs = phase_inputs(g, with_loss, params, VAL_PREFIX, VAL_DIM_PREFIX);
     let mut g_inputs = vec![];
     if mode.virtual_step() {
         for v in &groups.lower {
-            let mut vi = input_info(v)?;
-            vi.name = grad_name(v)?;
+            let mut vi = cx.input_info(v)?;
+            vi.name = cx.grad_name(v)?;
             g_inputs.push((v.clone(), vi.name.clone()));
             g.inputs.push(vi);
         }
-        g.inputs.push(scalar(XI));
+        g.inputs.push(cx.scalar(XI));
     }
     let mut bind: HashMap<String, String> = batch_inputs.iter().cloned().collect();
-    {
-        let mut b = Builder::new(g, "virtual_step");
-        for (v, gi) in &g_inputs {
-            let step = b.op("Mul", "xi_g", &[XI, gi], vec![]);
-            bind.insert(v.clone(), b.op("Sub", "vbar", &[v, &step], vec![]));
-        }
-        let nodes = b.finish();
-        g.nodes.extend(nodes);
-    }
+    bind.extend(UpperCx::virtual_step(g, &g_inputs));
     let val_out = instantiate(g, &val_pass.model.graph, "val", &bind)?;
     let pass_grads: HashMap<String, String> = val_pass.grads.iter().cloned().collect();
     let mut val_grads = vec![];
@@ -717,16 +729,13 @@ pub fn upper_phases(
     let nodes = b.finish();
     g.nodes.extend(nodes);
     for (t, out) in &val_grads {
-        let mut vi = input_info(t)?;
+        let mut vi = cx.input_info(t)?;
         vi.name = out.clone();
         g.outputs.push(vi);
     }
-    g.outputs.push(scalar(VAL_LOSS));
-    let mut model = rewrite::strip_markers(&model);
-    crate::ir::topo::toposort(&mut model.graph)?;
-    shape::infer(&model)?;
+    g.outputs.push(cx.scalar(VAL_LOSS));
     let upper_val = UpperVal {
-        model,
+        model: finish(&model)?,
         val_grads: val_grads.clone(),
         g_inputs,
         batch_inputs,
@@ -736,20 +745,16 @@ pub fn upper_phases(
     }
 
     // Phase 2: ε and the mixed term on the training batch, at the global v.
-    let mut model = with_loss.clone();
-    model.graph = Graph {
-        name: format!("{}_upper_mixed_{}", with_loss.graph.name, mode.name()),
-        ..Default::default()
-    };
+    let mut model = cx.empty(&format!("upper_mixed_{}", mode.name()));
     let g = &mut model.graph;
-    let batch_inputs = phase_inputs(g, with_loss, &params, TRAIN_PREFIX, TRAIN_DIM_PREFIX);
+    let batch_inputs = phase_inputs(g, with_loss, params, TRAIN_PREFIX, TRAIN_DIM_PREFIX);
     let mut v_inputs = vec![];
     for v in &groups.lower {
         let (_, name) = val_grads
             .iter()
             .find(|(t, _)| t == v)
             .expect("phase 1 outputs every V's v");
-        let mut vi = input_info(v)?;
+        let mut vi = cx.input_info(v)?;
         vi.name = name.clone();
         v_inputs.push((v.clone(), name.clone()));
         g.inputs.push(vi);
@@ -757,19 +762,19 @@ pub fn upper_phases(
     let mut gm_inputs = vec![];
     if mode == Hypergrad::FdForward {
         for m in &groups.upper {
-            let mut vi = input_info(m)?;
-            vi.name = grad_name(m)?;
+            let mut vi = cx.input_info(m)?;
+            vi.name = cx.grad_name(m)?;
             gm_inputs.push((m.clone(), vi.name.clone()));
             g.inputs.push(vi);
         }
     }
     if mode != Hypergrad::Exact {
-        g.inputs.push(scalar(ALPHA_FD));
+        g.inputs.push(cx.scalar(ALPHA_FD));
     }
     let v_names: Vec<String> = v_inputs.iter().map(|(_, n)| n.clone()).collect();
     let train: HashMap<String, String> = batch_inputs.iter().cloned().collect();
     let hv = mixed_term(
-        g, with_loss, head, groups, &facts, mode, &v_names, &gm_inputs, train,
+        g, with_loss, head, groups, &cx.facts, mode, &v_names, &gm_inputs, train,
     )?;
     let mut mixed = vec![];
     let mut b = Builder::new(g, "mixed");
@@ -781,17 +786,14 @@ pub fn upper_phases(
     let nodes = b.finish();
     g.nodes.extend(nodes);
     for (m, out) in &mixed {
-        let mut vi = input_info(m)?;
+        let mut vi = cx.input_info(m)?;
         vi.name = out.clone();
         g.outputs.push(vi);
     }
-    let mut model = rewrite::strip_markers(&model);
-    crate::ir::topo::toposort(&mut model.graph)?;
-    shape::infer(&model)?;
     Ok((
         upper_val,
         Some(UpperMixed {
-            model,
+            model: finish(&model)?,
             mixed,
             v_inputs,
             gm_inputs,
