@@ -7,7 +7,7 @@
 //!    defined, and only standard ops (the compiler's `ai.bidora` nodes must be lowered).
 //! 2. **Types**: shape inference succeeds, which checks dtypes, ranks and broadcasts, and
 //!    that the inputs an op's spec types with one variable hold one element type (no f32
-//!    activation times an f16 weight: [`crate::import_check::same_types`], run by the
+//!    activation times an f16 weight: [`crate::shape`]'s `same_types`, run by the
 //!    inference driver at every node, here as on the input model).
 //! 3. **Independent inputs**: a program's inputs fall into groups that are fed independently
 //!    (BiDoRA's upper program takes a training batch and a validation batch, padded each to

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 
 use crate::onnx_io::OnnxIoError;
 
+mod violation;
+pub use violation::Violation;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -27,7 +30,7 @@ pub enum Error {
     /// ([`crate::import_check`]); the message names the node and the rule. Boxed: the
     /// variants carry several names, and every `Result` of the crate pays for the largest.
     #[error(transparent)]
-    Rule(Box<crate::import_check::Violation>),
+    Rule(Box<Violation>),
 
     /// Shape or type inference failed at a node.
     #[error("shape inference failed at {node}: {msg}")]
@@ -64,8 +67,8 @@ pub enum Error {
     Other(String),
 }
 
-impl From<crate::import_check::Violation> for Error {
-    fn from(v: crate::import_check::Violation) -> Error {
+impl From<Violation> for Error {
+    fn from(v: Violation) -> Error {
         Error::Rule(Box::new(v))
     }
 }

@@ -7,6 +7,7 @@
 //! - [`import_check`]: the ONNX checker's rules every loaded model must pass (IR version, opset,
 //!   unique names, known attributes per op and opset, attribute sizes, one dtype per type
 //!   variable).
+//! - [`fact`]: what inference knows of a value (dtype, symbolic shape, small contents).
 //! - [`shape`]: dtype and symbolic shape inference; [`ops`]: per-op-family rules.
 //! - [`check`]: the rules every emitted program must pass (structure, types, independent
 //!   inputs' dimension names).
@@ -31,6 +32,7 @@ pub mod cli_exit;
 pub mod dump;
 pub mod error;
 pub mod export;
+pub mod fact;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod heads;

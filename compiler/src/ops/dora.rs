@@ -5,7 +5,7 @@
 use super::attr::{float, int, string};
 use super::{dims_str, InferCx, OpDef, SameType};
 use crate::error::Result;
-use crate::shape::Fact;
+use crate::fact::Fact;
 
 pub const OPS: &[OpDef] = &[
     // Identity forward; the autodiff driver gives it a zero gradient (DoRA's detach_norm).

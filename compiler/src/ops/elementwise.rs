@@ -8,8 +8,8 @@
 use super::attr::{float, int, string};
 use super::{dtype_attr, AttrDef, InferCx, OpDef, SameType};
 use crate::error::Result;
+use crate::fact::{DimExpr, Fact};
 use crate::ir::DataType;
-use crate::shape::{DimExpr, Fact};
 
 pub const OPS: &[OpDef] = &[
     // Same type and shape as input 0.
@@ -300,7 +300,7 @@ fn cast_like(cx: &mut InferCx) -> Result<Vec<Fact>> {
     Ok(vec![f])
 }
 
-fn shapes<'a>(cx: &'a InferCx) -> Result<Vec<&'a [crate::shape::DimExpr]>> {
+fn shapes<'a>(cx: &'a InferCx) -> Result<Vec<&'a [crate::fact::DimExpr]>> {
     (0..cx.inputs.len())
         .map(|i| cx.input(i).map(|f| f.shape.as_slice()))
         .collect()

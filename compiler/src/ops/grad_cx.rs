@@ -4,9 +4,9 @@
 //! ops only, themselves differentiable, so a backward graph can be differentiated again.
 
 use crate::error::{Error, Result};
+use crate::fact::{DimExpr, Fact, Facts};
 use crate::ir::builder::Builder;
 use crate::ir::{AttrValue, DataType, Node, Tensor};
-use crate::shape::{DimExpr, Fact, Facts};
 
 pub struct GradCx<'a, 'g> {
     pub node: &'a Node,

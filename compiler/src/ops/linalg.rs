@@ -4,7 +4,7 @@
 use super::attr::{float, int};
 use super::{dims_str, InferCx, OpDef, SameType};
 use crate::error::Result;
-use crate::shape::Fact;
+use crate::fact::Fact;
 
 pub const OPS: &[OpDef] = &[
     OpDef {
@@ -33,10 +33,10 @@ fn matmul(cx: &mut InferCx) -> Result<Vec<Fact>> {
     let a_vec = sa.len() == 1;
     let b_vec = sb.len() == 1;
     if a_vec {
-        sa.insert(0, crate::shape::DimExpr::known(1));
+        sa.insert(0, crate::fact::DimExpr::known(1));
     }
     if b_vec {
-        sb.push(crate::shape::DimExpr::known(1));
+        sb.push(crate::fact::DimExpr::known(1));
     }
     let (m, ka) = (&sa[sa.len() - 2], &sa[sa.len() - 1]);
     let (kb, n) = (&sb[sb.len() - 2], &sb[sb.len() - 1]);

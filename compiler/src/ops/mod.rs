@@ -26,8 +26,8 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use crate::fact::{Assumed, DimExpr, Fact};
 use crate::ir::{AttrValue, DataType, Node, BIDORA_DOMAIN};
-use crate::shape::{DimExpr, Fact};
 pub use grad_cx::GradCx;
 
 /// A composite marker in `ai.bidora`: identity forward, zero gradient (DoRA's `detach_norm`).
@@ -43,17 +43,6 @@ pub struct InferCx<'a> {
     pub opset: i64,
     pub fresh: &'a Cell<usize>,
     pub assumed: &'a RefCell<Vec<Assumed>>,
-}
-
-/// Two different symbolic sizes that a rule treated as equal (a broadcast of `batch` against
-/// `val_batch`, a MatMul's inner dimensions). Inference cannot prove them equal; a runtime's
-/// memory planner may take them to be. [`crate::check`] refuses those that join sizes of
-/// independent inputs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Assumed {
-    pub node: String,
-    pub a: DimExpr,
-    pub b: DimExpr,
 }
 
 pub type InferFn = fn(&mut InferCx) -> Result<Vec<Fact>>;

@@ -6,7 +6,7 @@
 use super::attr::{float, int, ints, string};
 use super::{InferCx, OpDef, SameType};
 use crate::error::Result;
-use crate::shape::{DimExpr, Fact};
+use crate::fact::{DimExpr, Fact};
 
 pub const OPS: &[OpDef] = &[
     OpDef {

@@ -5,8 +5,8 @@
 use super::attr::{int, ints};
 use super::{InferCx, OpDef, SameType};
 use crate::error::Result;
+use crate::fact::{DimExpr, Fact};
 use crate::ir::DataType;
-use crate::shape::{DimExpr, Fact};
 
 pub const OPS: &[OpDef] = &[
     OpDef {

@@ -12,8 +12,8 @@
 use super::attr::{float, floats, int, ints, sparse_tensor, string, strings, tensor};
 use super::{dims_str, InferCx, OpDef, SameType};
 use crate::error::Result;
+use crate::fact::{tensor_fact, DimExpr, Fact, MAX_TRACKED_VALUES};
 use crate::ir::{AttrValue, DataType};
-use crate::shape::{tensor_fact, DimExpr, Fact, MAX_TRACKED_VALUES};
 
 pub const OPS: &[OpDef] = &[
     OpDef {

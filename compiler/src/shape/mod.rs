@@ -4,106 +4,17 @@
 //! known for the ops we support), and, for small integer tensors, their contents. Exported
 //! transformers compute shapes in the graph (`Shape → Gather → Concat → Reshape`), so
 //! propagating those contents, symbols included, is what lets inference see through them.
-//! The per-op rules live in [`crate::ops`]; this module is the driver.
-
-pub mod dim;
+//! The facts themselves are [`crate::fact`]'s; the per-op rules live in [`crate::ops`]; this
+//! module is the driver, and checks the one rule of the ONNX checker that needs facts (rule 6
+//! of [`crate::import_check`]: inputs that share a type constraint share one element type).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 
-pub use dim::DimExpr;
+pub use crate::fact::{tensor_fact, Assumed, DimExpr, Fact, Facts, MAX_TRACKED_VALUES};
 
-use crate::error::{Error, Result};
-use crate::ir::{DataType, Dim, Graph, Model, Tensor, ValueType};
-use crate::ops::{self, Assumed, InferCx};
-
-/// Integer tensors with at most this many elements have their contents tracked.
-pub const MAX_TRACKED_VALUES: usize = 64;
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Fact {
-    pub dtype: DataType,
-    pub shape: Vec<DimExpr>,
-    /// Contents of a small integer tensor, row-major, when known.
-    pub value: Option<Vec<DimExpr>>,
-}
-
-impl Fact {
-    pub fn new(dtype: DataType, shape: Vec<DimExpr>) -> Fact {
-        Fact {
-            dtype,
-            shape,
-            value: None,
-        }
-    }
-
-    pub fn with_value(mut self, value: Vec<DimExpr>) -> Fact {
-        self.value = Some(value);
-        self
-    }
-
-    pub fn rank(&self) -> usize {
-        self.shape.len()
-    }
-
-    /// Known integer contents (no symbols).
-    pub fn known_ints(&self) -> Option<Vec<i64>> {
-        self.value.as_ref()?.iter().map(DimExpr::as_known).collect()
-    }
-
-    /// The number of elements if known.
-    pub fn known_numel(&self) -> Option<i64> {
-        self.shape
-            .iter()
-            .try_fold(1i64, |a, d| d.as_known().and_then(|v| a.checked_mul(v)))
-    }
-
-    /// `f32[batch, 8]`
-    pub fn display(&self) -> String {
-        let dims: Vec<String> = self.shape.iter().map(|d| d.to_string()).collect();
-        format!("{}[{}]", self.dtype.short_name(), dims.join(", "))
-    }
-}
-
-/// The facts of every value of a graph.
-#[derive(Clone, Debug, Default)]
-pub struct Facts {
-    map: HashMap<String, Fact>,
-    /// Equalities of different symbolic sizes the rules assumed, in node order.
-    pub assumed: Vec<Assumed>,
-}
-
-impl Facts {
-    pub fn get(&self, name: &str) -> Option<&Fact> {
-        self.map.get(name)
-    }
-
-    pub fn insert(&mut self, name: String, fact: Fact) {
-        self.map.insert(name, fact);
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-/// The fact of a constant tensor, with contents when it is a small integer tensor.
-pub fn tensor_fact(t: &Tensor) -> Fact {
-    let shape = t.dims.iter().map(|&d| DimExpr::known(d)).collect();
-    let mut f = Fact::new(t.dtype, shape);
-    if (t.dtype.is_integer() || t.dtype == DataType::Bool)
-        && t.numel().is_some_and(|n| n <= MAX_TRACKED_VALUES)
-    {
-        f.value = t
-            .to_i64_vec()
-            .map(|v| v.into_iter().map(DimExpr::known).collect());
-    }
-    f
-}
+use crate::error::{Error, Result, Violation};
+use crate::ir::{DataType, Dim, Graph, Model, Node, ValueType};
+use crate::ops::{self, InferCx, OpDef};
 
 pub fn infer(model: &Model) -> Result<Facts> {
     infer_graph(&model.graph, model.onnx_opset().unwrap_or(crate::MAX_OPSET))
@@ -165,7 +76,7 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
                 msg: format!("no shape rule; {}", crate::error::HINT_NO_SHAPE_RULE),
             })?;
         // Before the rule, which types its output after one input and would hide the mix.
-        crate::import_check::same_types(node, rule, &inputs)?;
+        same_types(node, rule, &inputs)?;
         let mut cx = InferCx {
             node,
             inputs,
@@ -198,10 +109,41 @@ pub fn infer_graph(graph: &Graph, opset: i64) -> Result<Facts> {
     Ok(facts)
 }
 
+/// Rule 6 at one node: the inputs `def.same_type` names hold one element type. `inputs` are
+/// the node's input facts as the inference driver has them (None: omitted).
+pub fn same_types(node: &Node, def: &OpDef, inputs: &[Option<&Fact>]) -> Result<()> {
+    let mut first: Option<(usize, DataType)> = None;
+    for (i, fact) in inputs.iter().enumerate() {
+        let Some(fact) = fact.filter(|_| def.same_type.applies(i)) else {
+            continue;
+        };
+        match first {
+            None => first = Some((i, fact.dtype)),
+            Some((j, t)) if t != fact.dtype => {
+                return Err(Violation::MixedTypes {
+                    node: node.label(),
+                    op: node.op_type.clone(),
+                    which: match def.same_type {
+                        ops::SameType::All => "all its inputs",
+                        _ => "those inputs",
+                    },
+                    a: node.inputs[j].clone(),
+                    a_type: t.short_name(),
+                    b: node.inputs[i].clone(),
+                    b_type: fact.dtype.short_name(),
+                }
+                .into())
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ir::{AttrValue, Node, ValueInfo};
+    use crate::ir::{AttrValue, Node, Tensor, ValueInfo};
 
     /// A graph with `x: f32[batch, 8]` and the given i64 initializers.
     fn graph(consts: &[(&str, &[i64])], nodes: Vec<Node>) -> Graph {

@@ -8,6 +8,8 @@
 //! dynamo exporter's `pkg.torch.onnx.name_scopes` node metadata, the legacy exporter's
 //! `/bert/encoder/layer.0/attention/self/query/MatMul` node names, or the bias name.
 
+pub mod blocks;
+
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
@@ -340,19 +342,14 @@ pub fn select(graph: &Graph, spec: &TargetSpec) -> Result<Vec<Selected>> {
             let (consumers, producers) =
                 index.get_or_insert_with(|| (graph.consumers(), graph.producers()));
             let node = &graph.nodes[c.node_index];
-            crate::rewrite::split_fused::block_widths(
-                graph,
-                consumers,
-                producers,
-                node,
-                c.out_features,
-            )
-            .map_err(|why| Error::Target {
-                msg: format!(
-                    "target module '{}' ({} node '{}') cannot be split into blocks: {why}",
-                    c.module, c.op, c.node
-                ),
-            })?;
+            blocks::block_widths(graph, consumers, producers, node, c.out_features).map_err(
+                |why| Error::Target {
+                    msg: format!(
+                        "target module '{}' ({} node '{}') cannot be split into blocks: {why}",
+                        c.module, c.op, c.node
+                    ),
+                },
+            )?;
         }
         if let Some(prev) = chosen.iter_mut().find(|s| s.candidate.node == c.node) {
             // Named twice (e.g. by a name and the regex): merge block lists.
