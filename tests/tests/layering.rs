@@ -199,3 +199,32 @@ fn the_cycle_finder_finds_a_cycle() {
     assert_eq!(c.len(), 3, "{c:?}");
     assert!(c.contains(&"a -> b -> c -> a".to_string()), "{c:?}");
 }
+
+/// No source file grows past about a thousand lines (ARCHITECTURE.md: small modules with one
+/// job); a family that outgrows its file becomes a folder, as `ops/shape_ops/` did.
+#[test]
+fn no_source_file_is_over_a_thousand_lines() {
+    const LIMIT: usize = 1000;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut files = vec![];
+    for dir in ["compiler", "runtime", "tests", "examples", "models"] {
+        let d = root.join(dir);
+        if d.is_dir() {
+            rust_files(&d, &mut files);
+        }
+    }
+    let long: Vec<String> = files
+        .iter()
+        .filter(|f| !f.components().any(|c| c.as_os_str() == "target"))
+        .filter_map(|f| {
+            let n = std::fs::read_to_string(f).unwrap().lines().count();
+            (n > LIMIT).then(|| format!("{}: {n} lines", f.display()))
+        })
+        .collect();
+    assert!(files.len() > 50, "{files:?}");
+    assert!(
+        long.is_empty(),
+        "split these (over {LIMIT} lines):\n{}",
+        long.join("\n")
+    );
+}
