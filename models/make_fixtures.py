@@ -87,16 +87,9 @@ def example():
     return ids, mask
 
 
-def export(family, exporter):
-    torch.manual_seed(SEED)
-    model = tiny(family)
-    randomise(model)
-    model.eval()
-    ids, mask = example()
-    with torch.no_grad():
-        ref = model(ids, mask)
-    name = f"{family}_{exporter}.onnx"
-    path = os.path.join(OUT, name)
+def export_onnx(model, ids, mask, path, exporter):
+    """Exports `model(ids, mask) -> logits` with dynamic batch and sequence: `dynamo18` is
+    torch.export at opset 18, anything else the legacy TorchScript exporter at opset 17."""
     if exporter == "dynamo18":
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
         torch.onnx.export(model, (ids, mask), path, dynamo=True, opset_version=18,
@@ -110,6 +103,19 @@ def export(family, exporter):
                           input_names=["input_ids", "attention_mask"], output_names=["logits"],
                           dynamic_axes={"input_ids": axes, "attention_mask": axes,
                                         "logits": {0: "batch"}})
+
+
+def export(family, exporter):
+    torch.manual_seed(SEED)
+    model = tiny(family)
+    randomise(model)
+    model.eval()
+    ids, mask = example()
+    with torch.no_grad():
+        ref = model(ids, mask)
+    name = f"{family}_{exporter}.onnx"
+    path = os.path.join(OUT, name)
+    export_onnx(model, ids, mask, path, exporter)
     model.eval()  # the legacy exporter leaves the module in train mode
     m = onnx.load(path)
     onnx.checker.check_model(m, full_check=True)
@@ -263,19 +269,7 @@ def export_half(family, exporter, dtype):
     name = f"{family}_{exporter}_{dtype}.onnx"
     path = os.path.join(OUT, "half", name)
     external = family == "llama"
-    if exporter == "dynamo18":
-        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", min=2, max=64)
-        torch.onnx.export(model, (ids, mask), path, dynamo=True, opset_version=18,
-                          external_data=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                          "attention_mask": {0: batch, 1: seq}})
-    else:
-        axes = {0: "batch", 1: "sequence"}
-        torch.onnx.export(model, (ids, mask), path, dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes,
-                                        "logits": {0: "batch"}})
+    export_onnx(model, ids, mask, path, exporter)
     m = onnx.load(path)
     if external:
         for f in os.listdir(os.path.dirname(path)):

@@ -143,18 +143,7 @@ fn synth_minilm() -> Model {
         .with_attr("unused", AttrValue::Int(0)),
     );
     g.nodes.last_mut().unwrap().attributes.clear();
-    Model {
-        ir_version: 8,
-        opset_imports: vec![ir::OpsetImport::new("", 17)],
-        producer_name: "bidora-bench".into(),
-        producer_version: String::new(),
-        domain: String::new(),
-        model_version: 0,
-        doc_string: String::new(),
-        metadata_props: vec![],
-        graph: g,
-        passthrough: Default::default(),
-    }
+    bench_model(g)
 }
 
 /// A chain of `layers` blocks `MatMul → Add → Tanh` (hidden 8, 3 nodes each) from
@@ -218,6 +207,11 @@ fn synth_chain(layers: usize, adapt_every: bool) -> Model {
             vec![h.clone()],
         ));
     }
+    bench_model(g)
+}
+
+/// A model around `g` at opset 17, as the bench's generators write them.
+fn bench_model(graph: ir::Graph) -> Model {
     Model {
         ir_version: 8,
         opset_imports: vec![ir::OpsetImport::new("", 17)],
@@ -227,7 +221,7 @@ fn synth_chain(layers: usize, adapt_every: bool) -> Model {
         model_version: 0,
         doc_string: String::new(),
         metadata_props: vec![],
-        graph: g,
+        graph,
         passthrough: Default::default(),
     }
 }

@@ -16,6 +16,7 @@ use bidora_compiler::load_model;
 use bidora_compiler::pipeline;
 use bidora_compiler::rewrite::Method;
 use bidora_runtime::backend::{select, BackendKind, BackendOptions, HostTensor, Program};
+use bidora_tests::bench::zero_labels;
 use bidora_tests::*;
 use ndarray::{ArrayD, IxDyn};
 
@@ -57,22 +58,7 @@ fn row(label: &str, model: &Model, task: Task, mut inputs: Vec<(String, HostTens
     let c = pipeline::compile(model, &opts).unwrap();
     let batch = inputs[0].1.shape()[0];
     inputs.extend(init_inputs(&c));
-    match task {
-        Task::SeqCls => inputs.push((
-            "labels".into(),
-            HostTensor::I64(ArrayD::zeros(IxDyn(&[batch]))),
-        )),
-        Task::MultiLabel => {
-            let facts = bidora_compiler::shape::infer(model).unwrap();
-            let out = facts.get(&model.graph.outputs[0].name).unwrap();
-            let width = out.shape[1].as_known().expect("known label count") as usize;
-            inputs.push((
-                "labels".into(),
-                HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width]))),
-            ));
-        }
-        _ => {}
-    }
+    inputs.extend(zero_labels(model, task, batch));
     let dir = tempfile::tempdir().unwrap();
     let step = save(
         &c.training.as_ref().unwrap().train_step,

@@ -14,9 +14,8 @@ use bidora_compiler::load_model;
 use bidora_compiler::pipeline;
 use bidora_compiler::rewrite::Method;
 use bidora_runtime::tract_exec::{HostTensor, TractProgram};
-use bidora_tests::bench::{ids, minilm, time};
+use bidora_tests::bench::{ids, minilm, time, zero_labels};
 use bidora_tests::*;
-use ndarray::{ArrayD, IxDyn};
 
 fn row(
     label: &str,
@@ -36,22 +35,7 @@ fn row(
         _ => unreachable!(),
     };
     inputs.extend(init_inputs(&c));
-    match task {
-        Task::SeqCls => inputs.push((
-            "labels".into(),
-            HostTensor::I64(ArrayD::zeros(IxDyn(&[batch]))),
-        )),
-        Task::MultiLabel => {
-            let facts = bidora_compiler::shape::infer(model).unwrap();
-            let out = facts.get(&model.graph.outputs[0].name).unwrap();
-            let width = out.shape[1].as_known().expect("known label count") as usize;
-            inputs.push((
-                "labels".into(),
-                HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width]))),
-            ));
-        }
-        _ => {}
-    }
+    inputs.extend(zero_labels(model, task, batch));
     let dir = tempfile::tempdir().unwrap();
     let sp = save(&t.train_step, dir.path(), "train_step.onnx");
     let ep = save(&t.eval, dir.path(), "eval.onnx");

@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use bidora_compiler::heads::Task;
 use bidora_compiler::ir::Model;
 use bidora_compiler::load_model;
 use bidora_runtime::tract_exec::{HostTensor, TractProgram};
@@ -60,4 +61,20 @@ pub fn minilm() -> Option<Model> {
     let keep = model.graph.outputs.remove(emb);
     model.graph.outputs = vec![keep];
     Some(model)
+}
+
+/// All-zero labels of `batch` examples for the tasks whose loss reads a `labels` input of
+/// the model's own shape (seq-cls: class ids; multi-label: one 0/1 per output column).
+pub fn zero_labels(model: &Model, task: Task, batch: usize) -> Option<(String, HostTensor)> {
+    let labels = match task {
+        Task::SeqCls => HostTensor::I64(ArrayD::zeros(IxDyn(&[batch]))),
+        Task::MultiLabel => {
+            let facts = bidora_compiler::shape::infer(model).unwrap();
+            let out = facts.get(&model.graph.outputs[0].name).unwrap();
+            let width = out.shape[1].as_known().expect("known label count") as usize;
+            HostTensor::F32(ArrayD::zeros(IxDyn(&[batch, width])))
+        }
+        _ => return None,
+    };
+    Some(("labels".into(), labels))
 }
