@@ -2,7 +2,9 @@
 //! by name (with what to compile) when the configuration needs it and the artifact lacks it.
 
 use super::{generation, Method, RunData, TrainConfig, TrainError, Trainer};
-use crate::artifact::{Artifact, ProgramKey};
+use std::collections::HashMap;
+
+use crate::artifact::{Artifact, ProgramKey, Role};
 use crate::backend::{Backend, Program};
 
 pub(super) struct Programs {
@@ -15,6 +17,8 @@ pub(super) struct Programs {
     pub(super) eval: Box<dyn Program>,
     /// `forward.onnx`, for generating text at evaluation (causal-lm on data-to-text sets).
     pub(super) forward: Option<Box<dyn Program>>,
+    /// Every loaded program's inputs bound to their sources (eval and the training ones).
+    pub(super) bindings: HashMap<ProgramKey, Binding>,
 }
 
 impl Programs {
@@ -30,7 +34,7 @@ impl Programs {
         let task = m.task.as_ref().expect("checked before loading");
         let has = |k: ProgramKey| m.programs.contains_key(&k);
         let load = |key: ProgramKey| load(art, backend, key);
-        Ok(Programs {
+        let mut p = Programs {
             step: if cfg.method == Method::Bidora {
                 None
             } else {
@@ -59,7 +63,31 @@ impl Programs {
             } else {
                 None
             },
-        })
+            bindings: HashMap::new(),
+        };
+        for key in [
+            ProgramKey::TrainStep,
+            ProgramKey::Lower,
+            ProgramKey::Upper,
+            ProgramKey::Eval,
+        ] {
+            p.bind(art, key)?;
+        }
+        Ok(p)
+    }
+
+    /// Binds `key`'s inputs, if it is loaded.
+    pub(super) fn bind(&mut self, art: &Artifact, key: ProgramKey) -> Result<(), TrainError> {
+        let prog = match key {
+            ProgramKey::Eval => Some(&self.eval),
+            ProgramKey::Forward => self.forward.as_ref(),
+            k => self.slot(k).as_ref(),
+        };
+        if let Some(prog) = prog {
+            let b = Binding::new(art, key, &**prog)?;
+            self.bindings.insert(key, b);
+        }
+        Ok(())
     }
 
     /// The slot of a training program (eval and forward are run outside the step's `exec`).
@@ -148,7 +176,82 @@ impl Trainer<'_> {
                 )));
             }
             *self.progs.slot(key) = Some(load(self.art, backend, key)?);
+            self.progs.bind(self.art, key)?;
         }
         Ok(())
+    }
+}
+
+/// Where one program input comes from, decided once at load from its role in the manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Feed {
+    /// Field `field` of the batch fed under `prefix` (`""`, or the upper program's `train.`
+    /// and `val.`).
+    Batch { prefix: String, field: String },
+    /// A trainable tensor (an adapter factor, a magnitude or a head tensor): its index in
+    /// `init.safetensors`' order, which the trainer's tensors keep.
+    Param(usize),
+    /// A hyperparameter or an earlier program's output, passed by name at each step.
+    Named,
+}
+
+/// A program's inputs, in its order, each bound to where it comes from. Built once at load,
+/// so a step walks the list instead of matching names, and an input the manifest does not
+/// describe is refused before the first step.
+#[derive(Clone, Debug)]
+pub(super) struct Binding {
+    pub(super) inputs: Vec<(String, Feed)>,
+}
+
+impl Binding {
+    pub(super) fn new(
+        art: &Artifact,
+        key: ProgramKey,
+        prog: &dyn Program,
+    ) -> Result<Binding, TrainError> {
+        let sig = art
+            .program(key)
+            .map_err(|e| TrainError::Artifact(e.to_string()))?;
+        let mut inputs = vec![];
+        for name in prog.input_names() {
+            let Some(s) = sig.inputs.iter().find(|s| s.name == *name) else {
+                return Err(TrainError::Artifact(format!(
+                    "{}: input '{name}' is not in manifest.json's signature of the program (the \
+                     two were not written together); compile the artifact again",
+                    sig.file
+                )));
+            };
+            let feed = match s.role {
+                Role::Data | Role::Label => {
+                    let field = s.of.clone().unwrap_or_else(|| name.clone());
+                    let Some(prefix) = name.strip_suffix(field.as_str()) else {
+                        return Err(TrainError::Artifact(format!(
+                            "{}: batch input '{name}' does not end in the model input it \
+                             feeds ('{field}'); compile the artifact again",
+                            sig.file
+                        )));
+                    };
+                    Feed::Batch {
+                        prefix: prefix.to_string(),
+                        field,
+                    }
+                }
+                Role::Adapter | Role::Magnitude | Role::Head => {
+                    match art.init.iter().position(|(n, _)| n == name) {
+                        Some(i) => Feed::Param(i),
+                        None => {
+                            return Err(TrainError::Artifact(format!(
+                                "{}: trainable input '{name}' has no initial value in \
+                                 init.safetensors; compile the artifact again",
+                                sig.file
+                            )))
+                        }
+                    }
+                }
+                _ => Feed::Named,
+            };
+            inputs.push((name.clone(), feed));
+        }
+        Ok(Binding { inputs })
     }
 }

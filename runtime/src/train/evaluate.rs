@@ -60,7 +60,7 @@ impl Trainer<'_> {
                 "test" => self.data.test.as_ref().unwrap().batch(chunk)?,
                 _ => self.data.data.batch(chunk)?,
             };
-            let inputs = self.feed(&*self.progs.eval, &[("", &b)], vec![]);
+            let inputs = self.host_inputs(ProgramKey::Eval, &[("", &b)], &[], &[])?;
             let out = self.progs.eval.run(&inputs).map_err(|e| TrainError::Run {
                 program: eval_sig.file.clone(),
                 message: e.to_string(),

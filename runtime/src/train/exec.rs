@@ -7,10 +7,11 @@ use std::time::Instant;
 
 use ndarray::{ArrayD, IxDyn};
 
+use super::bind::{self, Feed};
 use super::state::Source;
-use super::{bind, resident, shard, TrainError, Trainer};
+use super::{resident, shard, TrainError, Trainer};
 use crate::artifact::{Hyperparameter, ProgramKey, Role};
-use crate::backend::{Arg, HostTensor, Output, Program, Resident};
+use crate::backend::{Arg, HostTensor, Output, Resident};
 
 /// A hyperparameter input and its value.
 pub(super) fn hyper(h: Hyperparameter, v: f64) -> (String, HostTensor) {
@@ -41,6 +42,13 @@ pub(super) fn norm(tensors: &HashMap<String, ArrayD<f32>>, group: &[String]) -> 
         .sqrt()
 }
 
+/// One input's value for a step, where it lives.
+enum Val<'a> {
+    Host(&'a HostTensor),
+    Param(&'a ArrayD<f32>),
+    Resident(&'a Resident),
+}
+
 /// Gradients from a program run: host arrays, or values kept resident.
 pub(super) enum Grads<'o> {
     Host(HashMap<String, ArrayD<f32>>),
@@ -48,32 +56,87 @@ pub(super) enum Grads<'o> {
 }
 
 impl Trainer<'_> {
-    /// Program inputs: `batch` (under `prefix`), the trainable tensors, and `extra`, keeping
-    /// only names the program has.
-    pub(super) fn feed(
+    /// The inputs of program `key` for one step, in the program's order, from its binding:
+    /// batch fields from `batches` (by prefix), the trainable tensors (resident ones in
+    /// resident mode), and named values from `extra`, then `prev` (an earlier program's
+    /// outputs). An input none of them supplies is an error naming it. `resident`: the
+    /// trainable tensors are the device-resident ones (a training step in resident mode), not
+    /// the host copies (evaluation reads those, synchronised before it runs).
+    fn gather<'a>(
+        &'a self,
+        key: ProgramKey,
+        resident: bool,
+        batches: &[(&str, &'a [(String, HostTensor)])],
+        extra: &'a [(String, HostTensor)],
+        prev: &'a [(String, Output)],
+    ) -> Result<Vec<(&'a str, Val<'a>)>, TrainError> {
+        let binding = &self.progs.bindings[&key];
+        let file = &self.art.manifest.programs[&key].file;
+        let mut v = Vec::with_capacity(binding.inputs.len());
+        for (name, feed) in &binding.inputs {
+            let val = match feed {
+                Feed::Batch { prefix, field } => batches
+                    .iter()
+                    .find(|(p, _)| p == prefix)
+                    .and_then(|(_, b)| b.iter().find(|(n, _)| n == field))
+                    .map(|(_, t)| Val::Host(t)),
+                Feed::Param(i) => match self.res.as_ref().filter(|_| resident) {
+                    Some(res) => res.params.get(name).map(Val::Resident),
+                    None => self.params.get(*i).map(|(n, a)| {
+                        debug_assert_eq!(n, name);
+                        Val::Param(a)
+                    }),
+                },
+                Feed::Named => extra
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| Val::Host(t))
+                    .or_else(|| {
+                        prev.iter().find(|(n, _)| n == name).map(|(_, o)| match o {
+                            Output::Host(t) => Val::Host(t),
+                            Output::Resident(r) => Val::Resident(r),
+                        })
+                    }),
+            };
+            let Some(val) = val else {
+                return Err(TrainError::Run {
+                    program: file.clone(),
+                    message: format!(
+                        "the step supplies no value for input '{name}' ({feed:?}); this is a \
+                         bidora bug, please report it with the artifact's manifest.json"
+                    ),
+                });
+            };
+            v.push((name.as_str(), val));
+        }
+        Ok(v)
+    }
+
+    /// [`Self::gather`]'s inputs as host tensors (the trainable ones from the host copies), for
+    /// a backend's `run`.
+    pub(super) fn host_inputs(
         &self,
-        p: &dyn Program,
+        key: ProgramKey,
         batches: &[(&str, &[(String, HostTensor)])],
-        extra: Vec<(String, HostTensor)>,
-    ) -> Vec<(String, HostTensor)> {
-        let want: std::collections::HashSet<&str> =
-            p.input_names().iter().map(String::as_str).collect();
-        let mut v: Vec<(String, HostTensor)> = vec![];
-        for (prefix, b) in batches {
-            for (n, t) in b.iter() {
-                let name = format!("{prefix}{n}");
-                if want.contains(name.as_str()) {
-                    v.push((name, t.clone()));
-                }
-            }
-        }
-        for (n, a) in &self.params {
-            if want.contains(n.as_str()) {
-                v.push((n.clone(), HostTensor::F32(a.clone())));
-            }
-        }
-        v.extend(extra.into_iter().filter(|(n, _)| want.contains(n.as_str())));
-        v
+        extra: &[(String, HostTensor)],
+        prev: &[(String, Output)],
+    ) -> Result<Vec<(String, HostTensor)>, TrainError> {
+        self.gather(key, false, batches, extra, prev)?
+            .into_iter()
+            .map(|(n, v)| {
+                let t = match v {
+                    Val::Host(t) => t.clone(),
+                    Val::Param(a) => HostTensor::F32(a.clone()),
+                    Val::Resident(_) => {
+                        return Err(TrainError::Run {
+                            program: self.art.manifest.programs[&key].file.clone(),
+                            message: format!("input '{n}' is resident, the run is on the host"),
+                        })
+                    }
+                };
+                Ok((n.to_string(), t))
+            })
+            .collect()
     }
 
     /// The next batch of stream `source` and the weight of this rank's means in the global
@@ -178,52 +241,27 @@ impl Trainer<'_> {
             .take()
             .ok_or_else(|| bind::missing(self.art, key))?;
         let t = Instant::now();
-        let r = match &self.res {
-            None => {
-                let mut extra = extra;
-                extra.extend(
-                    prev.iter()
-                        .filter_map(|(n, o)| o.host().map(|t| (n.clone(), t.clone()))),
-                );
-                let inputs = self.feed(&*p, batches, extra);
-                p.run(&inputs)
+        let r = if self.res.is_none() {
+            let inputs = self.host_inputs(key, batches, &extra, prev);
+            inputs.and_then(|i| {
+                p.run(&i)
                     .map(|o| o.into_iter().map(Output::Host).collect::<Vec<_>>())
-            }
-            Some(res) => {
-                let want: std::collections::HashSet<&str> =
-                    p.input_names().iter().map(String::as_str).collect();
-                let mut args: Vec<(String, Arg<'_>)> = vec![];
-                for (prefix, b) in batches {
-                    for (n, t) in b.iter() {
-                        let name = format!("{prefix}{n}");
-                        if want.contains(name.as_str()) {
-                            args.push((name, Arg::Host(t)));
-                        }
-                    }
-                }
-                for (n, r) in &res.params {
-                    if want.contains(n.as_str()) {
-                        args.push((n.clone(), Arg::Resident(r)));
-                    }
-                }
-                for (n, t) in &extra {
-                    if want.contains(n.as_str()) {
-                        args.push((n.clone(), Arg::Host(t)));
-                    }
-                }
-                for (n, o) in prev {
-                    if want.contains(n.as_str()) {
-                        args.push((
-                            n.clone(),
-                            match o {
-                                Output::Host(t) => Arg::Host(t),
-                                Output::Resident(r) => Arg::Resident(r),
-                            },
-                        ));
-                    }
-                }
-                p.run_resident(&args, keep)
-            }
+                    .map_err(|e| self.run_err(key, e))
+            })
+        } else {
+            let args = self.gather(key, true, batches, &extra, prev).map(|vals| {
+                vals.into_iter()
+                    .map(|(n, v)| {
+                        let arg = match v {
+                            Val::Host(t) => Arg::Host(t),
+                            Val::Resident(r) => Arg::Resident(r),
+                            Val::Param(_) => unreachable!("resident runs bind resident tensors"),
+                        };
+                        (n.to_string(), arg)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            args.and_then(|a| p.run_resident(&a, keep).map_err(|e| self.run_err(key, e)))
         };
         self.time(
             match key {
@@ -239,11 +277,14 @@ impl Trainer<'_> {
         );
         let names = p.output_names().to_vec();
         *self.progs.slot(key) = Some(p);
-        let outs = r.map_err(|e| TrainError::Run {
+        Ok(names.into_iter().zip(r?).collect())
+    }
+
+    fn run_err(&self, key: ProgramKey, e: impl std::fmt::Display) -> TrainError {
+        TrainError::Run {
             program: self.art.manifest.programs[&key].file.clone(),
             message: e.to_string(),
-        })?;
-        Ok(names.into_iter().zip(outs).collect())
+        }
     }
 
     /// The sum of a host output (a loss).
