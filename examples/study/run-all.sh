@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole study (README.md) in the background-friendly way it was run: builds the models
 # if missing, then each task's sweep in turn, copying each finished task's results into
-# results/<task>/. A rerun skips finished cells and resumes a killed one (`bidora sweep`), so
-# this script can be restarted at any point.
+# results/<task>/ with its weight-decomposition analysis. A rerun skips finished cells and
+# resumes a killed one (`bidora sweep`), so this script can be restarted at any point.
 #
 #   (nohup setsid bash examples/study/run-all.sh >> runs/study/run-all.log 2>&1 &)
 #
@@ -35,5 +35,9 @@ for task in $TASKS; do
     --backend "$BACKEND" --threads "$THREADS"
   mkdir -p "examples/study/results/$task"
   cp "runs/study/$task"/results.{md,jsonl,svg} "examples/study/results/$task/"
+  # The weight-decomposition analysis needs the run folders' tensors, which do not outlive
+  # the machine: write it now, with the results.
+  "$BIN" analyze "runs/study/$task" -o "examples/study/results/$task" \
+    || echo "== $task: analysis failed (results kept)"
   echo "== $task done $(date -u +%FT%TZ)"
 done
