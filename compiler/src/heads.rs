@@ -66,6 +66,60 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
     }
     let facts = shape::infer(model)?;
     let mut m = model.clone();
+    let (logits, lf) = f32_logits(&mut m, &facts)?;
+    let mut b = Builder::new(&mut m.graph, "loss");
+    let (loss, label) = match task {
+        Task::SeqCls => seq_cls(&mut b, &logits, &lf)?,
+        Task::TokenCls => token_cls(&mut b, &logits, &lf)?,
+        Task::CausalLm => causal_lm(&mut b, model, &logits, &lf, lm_labels)?,
+        Task::Regression => regression(&mut b, &logits, &lf)?,
+        Task::MultiLabel => multi_label(&mut b, &logits, &lf)?,
+    };
+    let nodes = b.finish();
+    let g = &mut m.graph;
+    g.nodes.extend(nodes);
+    let mut labels = vec![];
+    if let Some((dtype, dims)) = label {
+        g.inputs
+            .push(ValueInfo::new("labels", ValueType::tensor(dtype, dims)));
+        labels.push("labels".to_string());
+    }
+    let loss_name = g.fresh_name("loss");
+    g.nodes.push(crate::ir::Node::new(
+        "Identity",
+        "loss",
+        vec![loss],
+        vec![loss_name.clone()],
+    ));
+    g.outputs.push(ValueInfo::new(
+        loss_name.clone(),
+        ValueType::tensor(DataType::Float, vec![]),
+    ));
+    crate::ir::topo::toposort(g)?;
+    Ok((
+        m,
+        Head {
+            task,
+            logits,
+            loss: loss_name,
+            labels,
+        },
+    ))
+}
+
+/// A task's loss value and the `labels` input it reads (element type and dims), if any.
+type Loss = (String, Option<(DataType, Vec<Dim>)>);
+
+fn dim(d: &shape::DimExpr) -> Dim {
+    match d.as_known() {
+        Some(v) => Dim::Known(v),
+        None => Dim::Sym(d.to_string()),
+    }
+}
+
+/// The model's first output as f32 logits, with their fact. The loss is f32 whatever the
+/// model's type: half logits get a new name and the output's name becomes their f32 cast.
+fn f32_logits(m: &mut Model, facts: &shape::Facts) -> Result<(String, shape::Fact)> {
     let logits = m
         .graph
         .outputs
@@ -75,8 +129,6 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
         .clone();
     let mut lf = facts.get(&logits).unwrap().clone();
     if lf.dtype.is_half() {
-        // The loss is f32 whatever the model's type: the half logits get a new name and the
-        // output's name becomes their f32 cast.
         let half = crate::ir::names::Names::of(&m.graph).value(&format!("{logits}.half"));
         for n in &mut m.graph.nodes {
             for v in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
@@ -97,13 +149,7 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
         m.graph.value_info.retain(|v| v.name != logits);
         m.graph.outputs[0].ty = Some(ValueType::tensor(
             DataType::Float,
-            lf.shape
-                .iter()
-                .map(|d| match d.as_known() {
-                    Some(v) => Dim::Known(v),
-                    None => Dim::Sym(d.to_string()),
-                })
-                .collect(),
+            lf.shape.iter().map(dim).collect(),
         ));
         lf.dtype = DataType::Float;
     }
@@ -113,222 +159,163 @@ pub fn attach(model: &Model, task: Task, lm_labels: bool) -> Result<(Model, Head
             lf.dtype.short_name()
         )));
     }
-    let sym = |d: &shape::DimExpr| match d.as_known() {
-        Some(v) => Dim::Known(v),
-        None => Dim::Sym(d.to_string()),
-    };
-    let vocab = lf.shape.last().and_then(|d| d.as_known());
-    let g = &mut m.graph;
-    let mut labels = vec![];
-    let mut b = Builder::new(g, "loss");
-    let loss = match task {
-        Task::SeqCls | Task::TokenCls | Task::CausalLm => {
-            let v = vocab.ok_or_else(|| {
-                Error::Other("the logits' last dim (classes) must be known".into())
-            })?;
-            if v < 2 {
-                // log_softmax over one class is 0 whatever the logit: nothing would train.
-                let hint = match task {
-                    Task::SeqCls => {
-                        "; for one real-valued output per example (an export with \
-                                     num_labels=1) use --task regression"
-                    }
-                    _ => "",
-                };
-                return Err(Error::Other(format!(
-                    "{} needs at least 2 classes, but logits '{logits}' are {}: cross-entropy \
-                     over one class is identically 0{hint}",
-                    task.name(),
-                    lf.display()
-                )));
+    Ok((logits, lf))
+}
+
+/// The number of classes of a cross-entropy task: the logits' last dim, known and ≥ 2.
+fn classes(task: Task, logits: &str, lf: &shape::Fact) -> Result<i64> {
+    let v = lf
+        .shape
+        .last()
+        .and_then(|d| d.as_known())
+        .ok_or_else(|| Error::Other("the logits' last dim (classes) must be known".into()))?;
+    if v < 2 {
+        // log_softmax over one class is 0 whatever the logit: nothing would train.
+        let hint = match task {
+            Task::SeqCls => {
+                "; for one real-valued output per example (an export with num_labels=1) use \
+                 --task regression"
             }
-            let (label, mask) = match task {
-                Task::SeqCls => {
-                    if lf.rank() != 2 {
-                        return Err(Error::Other(format!(
-                            "seq-cls needs logits [batch, classes], got {}",
-                            lf.display()
-                        )));
-                    }
-                    labels.push((
-                        "labels".to_string(),
-                        DataType::Int64,
-                        vec![sym(&lf.shape[0])],
-                    ));
-                    ("labels".to_string(), None)
-                }
-                Task::TokenCls => {
-                    if lf.rank() != 3 {
-                        return Err(Error::Other(format!(
-                            "token-cls needs logits [batch, seq, classes], got {}",
-                            lf.display()
-                        )));
-                    }
-                    labels.push((
-                        "labels".to_string(),
-                        DataType::Int64,
-                        vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
-                    ));
-                    let (safe, keep) = ignore_mask(&mut b, "labels");
-                    (safe, Some(keep))
-                }
-                _ if lm_labels => {
-                    labels.push((
-                        "labels".to_string(),
-                        DataType::Int64,
-                        vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
-                    ));
-                    causal_lm_given_labels(&mut b, model, &lf)?
-                }
-                _ => causal_lm_labels(&mut b, model, &lf)?,
-            };
-            let lsm = b.op(
-                "LogSoftmax",
-                "log_probs",
-                &[&logits],
-                vec![("axis", AttrValue::Int(-1))],
-            );
-            let classes: Vec<i64> = (0..v).collect();
-            let range = b.constant("classes", Tensor::from_i64("", vec![v], &classes));
-            let last = b.ints("last", &[-1]);
-            let col = b.op("Unsqueeze", "label_col", &[&label, &last], vec![]);
-            let hot = b.op("Equal", "onehot_b", &[&col, &range], vec![]);
-            let onehot = b.op(
-                "Cast",
-                "onehot",
-                &[&hot],
-                vec![("to", AttrValue::Int(DataType::Float as i64))],
-            );
-            let picked = b.op("Mul", "picked", &[&lsm, &onehot], vec![]);
-            let ll = b.op(
-                "ReduceSum",
-                "log_lik",
-                &[&picked, &last],
-                vec![("keepdims", AttrValue::Int(0))],
-            );
-            let nll = b.op("Neg", "nll", &[&ll], vec![]);
-            match mask {
-                None => b.op(
-                    "ReduceMean",
-                    "mean",
-                    &[&nll],
-                    vec![("keepdims", AttrValue::Int(0))],
-                ),
-                Some(keep) => masked_mean(&mut b, &nll, &keep),
-            }
-        }
-        Task::Regression => {
-            if lf.rank() != 2 || lf.shape[1].as_known() != Some(1) {
-                return Err(Error::Other(format!(
-                    "regression needs logits [batch, 1], got {}",
-                    lf.display()
-                )));
-            }
-            labels.push((
-                "labels".to_string(),
-                DataType::Float,
-                vec![sym(&lf.shape[0])],
-            ));
-            let last = b.ints("last", &[-1]);
-            let pred = b.op("Squeeze", "pred", &[&logits, &last], vec![]);
-            let d = b.op("Sub", "err", &[&pred, "labels"], vec![]);
-            let d2 = b.op("Mul", "sq_err", &[&d, &d], vec![]);
-            b.op(
-                "ReduceMean",
-                "mean",
-                &[&d2],
-                vec![("keepdims", AttrValue::Int(0))],
-            )
-        }
-        Task::MultiLabel => {
-            if lf.rank() != 2 {
-                return Err(Error::Other(format!(
-                    "multi-label needs logits [batch, labels], got {}",
-                    lf.display()
-                )));
-            }
-            labels.push((
-                "labels".to_string(),
-                DataType::Float,
-                vec![sym(&lf.shape[0]), sym(&lf.shape[1])],
-            ));
-            // BCE with logits, stable form: relu(x) − x·y + log(1 + exp(−|x|)), |x| = relu(x) + relu(−x).
-            let pos = b.op("Relu", "relu", &[&logits], vec![]);
-            let neg_x = b.op("Neg", "neg", &[&logits], vec![]);
-            let negp = b.op("Relu", "relu_neg", &[&neg_x], vec![]);
-            let abs = b.op("Add", "abs", &[&pos, &negp], vec![]);
-            let nabs = b.op("Neg", "neg_abs", &[&abs], vec![]);
-            let e = b.op("Exp", "exp", &[&nabs], vec![]);
-            let one = b.constant("one", Tensor::from_f32("", vec![], &[1.0]));
-            let ope = b.op("Add", "one_plus", &[&one, &e], vec![]);
-            let log = b.op("Log", "softplus_tail", &[&ope], vec![]);
-            let xy = b.op("Mul", "x_y", &[&logits, "labels"], vec![]);
-            let t = b.op("Sub", "t", &[&pos, &xy], vec![]);
-            let bce = b.op("Add", "bce", &[&t, &log], vec![]);
-            b.op(
-                "ReduceMean",
-                "mean",
-                &[&bce],
-                vec![("keepdims", AttrValue::Int(0))],
-            )
-        }
-    };
-    let nodes = b.finish();
-    g.nodes.extend(nodes);
-    for (name, dtype, dims) in &labels {
-        g.inputs.push(ValueInfo::new(
-            name.clone(),
-            ValueType::tensor(*dtype, dims.clone()),
-        ));
+            _ => "",
+        };
+        return Err(Error::Other(format!(
+            "{} needs at least 2 classes, but logits '{logits}' are {}: cross-entropy over one \
+             class is identically 0{hint}",
+            task.name(),
+            lf.display()
+        )));
     }
-    // ReduceMean without axes reduces everything (all opsets); keepdims=0 gives a scalar.
-    let loss_name = g.fresh_name("loss");
-    g.nodes.push(crate::ir::Node::new(
-        "Identity",
-        "loss",
-        vec![loss],
-        vec![loss_name.clone()],
-    ));
-    g.outputs.push(ValueInfo::new(
-        loss_name.clone(),
-        ValueType::tensor(DataType::Float, vec![]),
-    ));
-    crate::ir::topo::toposort(g)?;
-    Ok((
-        m,
-        Head {
-            task,
-            logits,
-            loss: loss_name,
-            labels: labels.into_iter().map(|l| l.0).collect(),
-        },
-    ))
+    Ok(v)
+}
+
+fn need_rank(task: Task, lf: &shape::Fact, rank: usize, layout: &str) -> Result<()> {
+    if lf.rank() != rank {
+        return Err(Error::Other(format!(
+            "{} needs logits {layout}, got {}",
+            task.name(),
+            lf.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Mean cross-entropy over the batch; `labels: i64[batch]`.
+fn seq_cls(b: &mut Builder, logits: &str, lf: &shape::Fact) -> Result<Loss> {
+    let v = classes(Task::SeqCls, logits, lf)?;
+    need_rank(Task::SeqCls, lf, 2, "[batch, classes]")?;
+    let loss = cross_entropy(b, logits, "labels", None, v);
+    Ok((loss, Some((DataType::Int64, vec![dim(&lf.shape[0])]))))
+}
+
+/// Cross-entropy over the labelled tokens; `labels: i64[batch, seq]`, -100 ignored.
+fn token_cls(b: &mut Builder, logits: &str, lf: &shape::Fact) -> Result<Loss> {
+    let v = classes(Task::TokenCls, logits, lf)?;
+    need_rank(Task::TokenCls, lf, 3, "[batch, seq, classes]")?;
+    let (safe, keep) = ignore_mask(b, "labels");
+    let loss = cross_entropy(b, logits, &safe, Some(&keep), v);
+    let dims = vec![dim(&lf.shape[0]), dim(&lf.shape[1])];
+    Ok((loss, Some((DataType::Int64, dims))))
+}
+
+/// Shifted next-token cross-entropy, targets from `input_ids` or (`lm_labels`) a `labels`
+/// input.
+fn causal_lm(
+    b: &mut Builder,
+    model: &Model,
+    logits: &str,
+    lf: &shape::Fact,
+    lm_labels: bool,
+) -> Result<Loss> {
+    let v = classes(Task::CausalLm, logits, lf)?;
+    need_rank(Task::CausalLm, lf, 3, "[batch, seq, vocab]")?;
+    let (label, keep, input) = if lm_labels {
+        let (safe, keep) = causal_lm_given_labels(b, model)?;
+        let dims = vec![dim(&lf.shape[0]), dim(&lf.shape[1])];
+        (safe, keep, Some((DataType::Int64, dims)))
+    } else {
+        let (ids, keep) = causal_lm_labels(b, model)?;
+        (ids, keep, None)
+    };
+    Ok((cross_entropy(b, logits, &label, Some(&keep), v), input))
+}
+
+/// Mean squared error; logits `[batch, 1]`, `labels: f32[batch]`.
+fn regression(b: &mut Builder, logits: &str, lf: &shape::Fact) -> Result<Loss> {
+    if lf.rank() != 2 || lf.shape[1].as_known() != Some(1) {
+        return Err(Error::Other(format!(
+            "regression needs logits [batch, 1], got {}",
+            lf.display()
+        )));
+    }
+    let last = b.ints("last", &[-1]);
+    let pred = b.binary("Squeeze", "pred", logits, &last);
+    let d = b.binary("Sub", "err", &pred, "labels");
+    let d2 = b.binary("Mul", "sq_err", &d, &d);
+    let loss = b.reduce_all("ReduceMean", "mean", &d2);
+    Ok((loss, Some((DataType::Float, vec![dim(&lf.shape[0])]))))
+}
+
+/// Mean binary cross-entropy with logits; `labels: f32[batch, n]` in {0, 1}.
+fn multi_label(b: &mut Builder, logits: &str, lf: &shape::Fact) -> Result<Loss> {
+    need_rank(Task::MultiLabel, lf, 2, "[batch, labels]")?;
+    // Stable form: relu(x) − x·y + log(1 + exp(−|x|)), |x| = relu(x) + relu(−x).
+    let pos = b.unary("Relu", "relu", logits);
+    let neg_x = b.unary("Neg", "neg", logits);
+    let negp = b.unary("Relu", "relu_neg", &neg_x);
+    let abs = b.binary("Add", "abs", &pos, &negp);
+    let nabs = b.unary("Neg", "neg_abs", &abs);
+    let e = b.unary("Exp", "exp", &nabs);
+    let one = b.constant("one", Tensor::from_f32("", vec![], &[1.0]));
+    let ope = b.binary("Add", "one_plus", &one, &e);
+    let log = b.unary("Log", "softplus_tail", &ope);
+    let xy = b.binary("Mul", "x_y", logits, "labels");
+    let t = b.binary("Sub", "t", &pos, &xy);
+    let bce = b.binary("Add", "bce", &t, &log);
+    let loss = b.reduce_all("ReduceMean", "mean", &bce);
+    let dims = vec![dim(&lf.shape[0]), dim(&lf.shape[1])];
+    Ok((loss, Some((DataType::Float, dims))))
+}
+
+/// −log softmax(logits)[label], averaged over the batch or (with `keep`) the kept positions.
+/// The label's log-probability is picked with a one-hot product (no GatherElements on the
+/// logits: see the module docs).
+fn cross_entropy(
+    b: &mut Builder,
+    logits: &str,
+    label: &str,
+    keep: Option<&str>,
+    classes: i64,
+) -> String {
+    let lsm = b.op(
+        "LogSoftmax",
+        "log_probs",
+        &[logits],
+        vec![("axis", AttrValue::Int(-1))],
+    );
+    let ids: Vec<i64> = (0..classes).collect();
+    let range = b.constant("classes", Tensor::from_i64("", vec![classes], &ids));
+    let last = b.ints("last", &[-1]);
+    let col = b.binary("Unsqueeze", "label_col", label, &last);
+    let hot = b.binary("Equal", "onehot_b", &col, &range);
+    let onehot = b.cast("onehot", &hot, DataType::Float);
+    let picked = b.binary("Mul", "picked", &lsm, &onehot);
+    let ll = b.reduce_axes("ReduceSum", "log_lik", &picked, &last, false);
+    let nll = b.unary("Neg", "nll", &ll);
+    match keep {
+        None => b.reduce_all("ReduceMean", "mean", &nll),
+        Some(keep) => masked_mean(b, &nll, keep),
+    }
 }
 
 /// Σ(v ⊙ keep) / max(Σ keep, 1): the mean over the kept (labelled, non-padding) positions.
 fn masked_mean(b: &mut Builder, v: &str, keep: &str) -> String {
-    let keepf = b.op(
-        "Cast",
-        "keep_f",
-        &[keep],
-        vec![("to", AttrValue::Int(DataType::Float as i64))],
-    );
-    let kept = b.op("Mul", "kept", &[v, &keepf], vec![]);
-    let num = b.op(
-        "ReduceSum",
-        "sum",
-        &[&kept],
-        vec![("keepdims", AttrValue::Int(0))],
-    );
-    let den0 = b.op(
-        "ReduceSum",
-        "count",
-        &[&keepf],
-        vec![("keepdims", AttrValue::Int(0))],
-    );
+    let keepf = b.cast("keep_f", keep, DataType::Float);
+    let kept = b.binary("Mul", "kept", v, &keepf);
+    let num = b.reduce_all("ReduceSum", "sum", &kept);
+    let den0 = b.reduce_all("ReduceSum", "count", &keepf);
     let one = b.constant("one", Tensor::from_f32("", vec![], &[1.0]));
-    let den = b.op("Max", "count_at_least_1", &[&den0, &one], vec![]);
-    b.op("Div", "mean", &[&num, &den], vec![])
+    let den = b.binary("Max", "count_at_least_1", &den0, &one);
+    b.binary("Div", "mean", &num, &den)
 }
 
 /// One column `[batch, 1]` of `value`, batch read from `like`'s runtime shape: appended after
@@ -342,7 +329,7 @@ fn end_column(
     shape_name: &str,
     name: &str,
 ) -> String {
-    let shape = b.op("Shape", shape_name, &[like], vec![]);
+    let shape = b.unary("Shape", shape_name, like);
     let zero_i = b.ints("zero", &[0]);
     let batch = b.op(
         "Gather",
@@ -350,12 +337,7 @@ fn end_column(
         &[&shape, &zero_i],
         vec![("axis", AttrValue::Int(0))],
     );
-    let col_shape = b.op(
-        "Concat",
-        "col_shape",
-        &[&batch, one],
-        vec![("axis", AttrValue::Int(0))],
-    );
+    let col_shape = b.concat("col_shape", &[&batch, one], 0);
     b.op(
         "ConstantOfShape",
         name,
@@ -378,24 +360,10 @@ fn ignore_mask(b: &mut Builder, labels: &str) -> (String, String) {
     (safe, keep)
 }
 
-fn need_lm_logits(lf: &shape::Fact) -> Result<()> {
-    if lf.rank() != 3 {
-        return Err(Error::Other(format!(
-            "causal-lm needs logits [batch, seq, vocab], got {}",
-            lf.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Next-token targets from a `labels` input aligned with `input_ids`: position t is scored
-/// against `labels[t+1]` unless that is -100; the last position is never scored.
-fn causal_lm_given_labels(
-    b: &mut Builder,
-    model: &Model,
-    lf: &shape::Fact,
-) -> Result<(String, Option<String>)> {
-    need_lm_logits(lf)?;
+/// against `labels[t+1]` unless that is -100; the last position is never scored. Returns
+/// (targets with -100 replaced by 0, the mask of scored positions).
+fn causal_lm_given_labels(b: &mut Builder, model: &Model) -> Result<(String, String)> {
     if !model.graph.inputs.iter().any(|i| i.name == "input_ids") {
         return Err(Error::Other(
             "causal-lm needs a graph input input_ids".into(),
@@ -418,24 +386,14 @@ fn causal_lm_given_labels(
         "labels_shape",
         "ignored_col",
     );
-    let shifted = b.op(
-        "Concat",
-        "shifted_labels",
-        &[&next, &ignored_col],
-        vec![("axis", AttrValue::Int(1))],
-    );
-    let (safe, keep) = ignore_mask(b, &shifted);
-    Ok((safe, Some(keep)))
+    let shifted = b.concat("shifted_labels", &[&next, &ignored_col], 1);
+    Ok(ignore_mask(b, &shifted))
 }
 
 /// Labels for next-token prediction without slicing the logits: position t is scored against
-/// token t+1; the last position and padding (attention_mask 0) are masked out.
-fn causal_lm_labels(
-    b: &mut Builder,
-    model: &Model,
-    lf: &shape::Fact,
-) -> Result<(String, Option<String>)> {
-    need_lm_logits(lf)?;
+/// token t+1; the last position and padding (attention_mask 0) are masked out. Returns (the
+/// targets, the mask of scored positions).
+fn causal_lm_labels(b: &mut Builder, model: &Model) -> Result<(String, String)> {
     let has = |n: &str| model.graph.inputs.iter().any(|i| i.name == n);
     if !has("input_ids") || !has("attention_mask") {
         return Err(Error::Other(
@@ -458,19 +416,9 @@ fn causal_lm_labels(
         vec![],
     );
     let zeros = end_column(b, "input_ids", &one, 0, "ids_shape", "zero_col");
-    let labels = b.op(
-        "Concat",
-        "shifted_ids",
-        &[&ids_next, &zeros],
-        vec![("axis", AttrValue::Int(1))],
-    );
-    let mask = b.op(
-        "Concat",
-        "shifted_mask",
-        &[&mask_next, &zeros],
-        vec![("axis", AttrValue::Int(1))],
-    );
+    let labels = b.concat("shifted_ids", &[&ids_next, &zeros], 1);
+    let mask = b.concat("shifted_mask", &[&mask_next, &zeros], 1);
     let zero_s = b.constant("zero_s", Tensor::from_i64("", vec![], &[0]));
-    let keep = b.op("Greater", "keep", &[&mask, &zero_s], vec![]);
-    Ok((labels, Some(keep)))
+    let keep = b.binary("Greater", "keep", &mask, &zero_s);
+    Ok((labels, keep))
 }

@@ -754,3 +754,21 @@ fn backward_graphs_differentiate_again() {
         r.rel_err
     );
 }
+
+/// Every op with a gradient rule is named in one of this file's cases (as a string literal):
+/// a rule added without a finite-difference case fails here. The composite ai.bidora ops are
+/// checked through their lowering (`dora_and_lora_nodes_in_f64`).
+#[test]
+fn every_gradient_rule_has_a_case() {
+    let src = include_str!("grad_rules.rs");
+    let mut missing: Vec<String> = bidora_compiler::ops::all()
+        .filter(|(_, def)| def.grad.is_some())
+        .filter(|(_, def)| !src.contains(&format!("\"{}\"", def.op)))
+        .map(|(domain, def)| format!("{domain}:{}", def.op))
+        .collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "gradient rules without a case in tests/tests/grad_rules.rs: {missing:?}"
+    );
+}

@@ -228,3 +228,60 @@ fn no_source_file_is_over_a_thousand_lines() {
         long.join("\n")
     );
 }
+
+/// The files that may name prost messages (`proto::onnx::…`, `prost::`), each with why; every
+/// other module works on the IR. ARCHITECTURE.md, "Only onnx_io and ir::convert handle prost
+/// messages".
+const PROTO_FILES: &[(&str, &str)] = &[
+    ("compiler/src/proto.rs", "the generated types themselves"),
+    ("compiler/src/onnx_io/", "reads and writes the messages"),
+    ("compiler/src/ir/convert.rs", "messages to IR and back"),
+    (
+        "compiler/src/ir/mod.rs",
+        "carries the parts it does not reason about as their messages (passthrough fields)",
+    ),
+    (
+        "compiler/src/lib.rs",
+        "load_model: onnx_io, then the import check, then convert",
+    ),
+    (
+        "compiler/src/import_check.rs",
+        "the IR-version bounds of onnx.proto's Version enum; sizes of carried messages",
+    ),
+    (
+        "compiler/src/fuzz.rs",
+        "mutates messages to build fuzz cases",
+    ),
+    (
+        "runtime/src/backend/ort.rs",
+        "legalises an emitted program's message for ONNX Runtime at load (half upcasts)",
+    ),
+    (
+        "runtime/src/backend/ort_shared.rs",
+        "hands the shared weights' tensors to ONNX Runtime",
+    ),
+];
+
+#[test]
+fn only_the_onnx_boundary_names_prost_messages() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut broken = vec![];
+    for crate_src in ["compiler/src", "runtime/src"] {
+        for path in ["proto::onnx", "prost::"] {
+            for hit in offenders(&root.join(crate_src), path) {
+                let rel = hit
+                    .strip_prefix(&format!("{}/", root.display()))
+                    .unwrap_or(&hit);
+                if !PROTO_FILES.iter().any(|(f, _)| rel.starts_with(f)) {
+                    broken.push(rel.to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "prost messages named outside the ONNX boundary (work on the IR, or add the file to \
+         PROTO_FILES with why):\n{}",
+        broken.join("\n")
+    );
+}

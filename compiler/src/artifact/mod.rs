@@ -176,20 +176,17 @@ pub fn write_with_fingerprint(
             source: e,
         })?;
     // Every program refers to the same frozen weights: stored once, in WEIGHTS.
-    let protos: Vec<(&str, crate::proto::onnx::ModelProto)> = artifact
+    let programs: Vec<(&str, &Model)> = artifact
         .programs
         .iter()
-        .map(|(file, model)| (file.as_str(), convert::model_to_proto(model)))
+        .map(|(file, model)| (file.as_str(), model))
         .collect();
-    let refs: Vec<(&str, &crate::proto::onnx::ModelProto)> =
-        protos.iter().map(|(f, p)| (*f, p)).collect();
-    onnx_io::write_models_sharing_data(
+    convert::write_models_sharing_data(
         tmp.path(),
-        &refs,
+        &programs,
         WEIGHTS,
         onnx_io::AUTO_EXTERNAL_THRESHOLD,
     )?;
-    drop(protos);
     let init = safetensors_bytes(&artifact.init)?;
     let write_file = |name: &str, bytes: &[u8]| {
         let p = tmp.path().join(name);

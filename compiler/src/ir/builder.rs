@@ -2,7 +2,7 @@
 //! way tract's gemm expansion names its parts: rewrites stay readable in dumps.
 
 use super::names::Names;
-use super::{AttrValue, Graph, Node, Tensor};
+use super::{AttrValue, DataType, Graph, Node, Tensor};
 
 /// Collects nodes for a later splice; constants go straight into the graph's initializers.
 pub struct Builder<'g> {
@@ -123,6 +123,44 @@ impl<'g> Builder<'g> {
 
     pub fn ints(&mut self, tag: &str, v: &[i64]) -> String {
         self.constant(tag, Tensor::from_i64("", vec![v.len() as i64], v))
+    }
+
+    // Typed shorthands for the ops graph-building code uses most, so a loss or a regulariser
+    // reads as its formula.
+
+    /// `op(x)`, no attributes.
+    pub fn unary(&mut self, op: &str, tag: &str, x: &str) -> String {
+        self.op(op, tag, &[x], vec![])
+    }
+
+    /// `op(a, b)`, no attributes.
+    pub fn binary(&mut self, op: &str, tag: &str, a: &str, b: &str) -> String {
+        self.op(op, tag, &[a, b], vec![])
+    }
+
+    pub fn cast(&mut self, tag: &str, x: &str, to: DataType) -> String {
+        self.op("Cast", tag, &[x], vec![("to", AttrValue::Int(to as i64))])
+    }
+
+    /// `op` (ReduceSum, ReduceMean, ...) over every axis, to a scalar: no axes and
+    /// `keepdims = 0` mean that in every opset.
+    pub fn reduce_all(&mut self, op: &str, tag: &str, x: &str) -> String {
+        self.op(op, tag, &[x], vec![("keepdims", AttrValue::Int(0))])
+    }
+
+    /// `op` over the axes held by the constant `axes`, an input (ReduceSum from opset 13, the
+    /// other reductions from 18).
+    pub fn reduce_axes(&mut self, op: &str, tag: &str, x: &str, axes: &str, keep: bool) -> String {
+        self.op(
+            op,
+            tag,
+            &[x, axes],
+            vec![("keepdims", AttrValue::Int(keep as i64))],
+        )
+    }
+
+    pub fn concat(&mut self, tag: &str, inputs: &[&str], axis: i64) -> String {
+        self.op("Concat", tag, inputs, vec![("axis", AttrValue::Int(axis))])
     }
 
     pub fn finish(self) -> Vec<Node> {

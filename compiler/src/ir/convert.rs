@@ -393,6 +393,24 @@ fn typed_to_raw(
 // ---------------------------------------------------------------------------------------------
 // export
 
+/// Writes IR models into `folder` through [`crate::onnx_io::write_models_sharing_data`]: their
+/// large tensors in one data file `data_name` every model references, a tensor several models
+/// share stored once. The messages live only while this call writes them.
+pub fn write_models_sharing_data(
+    folder: &std::path::Path,
+    models: &[(&str, &Model)],
+    data_name: &str,
+    threshold: usize,
+) -> Result<()> {
+    let protos: Vec<(&str, pb::ModelProto)> = models
+        .iter()
+        .map(|(file, model)| (*file, model_to_proto(model)))
+        .collect();
+    let refs: Vec<(&str, &pb::ModelProto)> = protos.iter().map(|(f, p)| (*f, p)).collect();
+    crate::onnx_io::write_models_sharing_data(folder, &refs, data_name, threshold)?;
+    Ok(())
+}
+
 pub fn model_to_proto(m: &Model) -> pb::ModelProto {
     pb::ModelProto {
         ir_version: Some(m.ir_version),

@@ -351,6 +351,12 @@ fn registry() -> &'static HashMap<(&'static str, &'static str), &'static OpDef> 
     })
 }
 
+/// Every op the compiler knows, as (domain, definition); the domain is `""` for ai.onnx. For
+/// coverage tests (every gradient rule has a finite-difference case).
+pub fn all() -> impl Iterator<Item = (&'static str, &'static OpDef)> {
+    registry().iter().map(|(&(domain, _), &def)| (domain, def))
+}
+
 /// The definition of an op; `ai.onnx` and the empty domain are the same.
 pub fn lookup(domain: &str, op: &str) -> Option<&'static OpDef> {
     let domain = if domain == "ai.onnx" { "" } else { domain };
