@@ -68,7 +68,9 @@ pub const DEFAULT_GAMMA: f64 = 1e-5;
 pub const DEFAULT_ALPHA_FD: f64 = 0.01;
 
 /// How the upper program estimates the hypergradient (`--hypergrad`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Hypergrad {
     Fd,

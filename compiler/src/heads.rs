@@ -19,13 +19,21 @@ use crate::ir::builder::Builder;
 use crate::ir::{AttrValue, DataType, Dim, Model, Tensor, ValueInfo, ValueType};
 use crate::shape;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The loss head (`--task`; the manifest's `task`). The doc comments are `--help`'s.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Task {
+    /// Sequence classification, cross-entropy; labels i64[batch].
     SeqCls,
+    /// Regression, mean squared error; labels f32[batch], logits [batch, 1].
     Regression,
+    /// Multi-label classification, binary cross-entropy with logits; labels f32[batch, n].
     MultiLabel,
+    /// Token classification, cross-entropy ignoring label -100; labels i64[batch, seq].
     TokenCls,
+    /// Causal language modelling: next-token cross-entropy on input_ids, padding ignored.
     CausalLm,
 }
 

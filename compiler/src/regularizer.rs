@@ -17,7 +17,9 @@ use crate::ir::{AttrValue, DataType, Model, Tensor};
 use crate::rewrite::AdapterRecord;
 use crate::targets::Layout;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RegVariant {
     Paper,

@@ -14,41 +14,6 @@ use bidora_compiler::targets::{self, TargetSpec};
 use bidora_compiler::{artifact, cli_exit, dump, load_model};
 use clap::{Parser, ValueEnum};
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum HypergradArg {
-    Fd,
-    FdForward,
-    Exact,
-    FirstOrder,
-    Betty,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum RegArg {
-    Paper,
-    Released,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
-enum MethodArg {
-    Dora,
-    Lora,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum TaskArg {
-    /// Sequence classification, cross-entropy; labels i64[batch].
-    SeqCls,
-    /// Regression, mean squared error; labels f32[batch], logits [batch, 1].
-    Regression,
-    /// Multi-label classification, binary cross-entropy with logits; labels f32[batch, n].
-    MultiLabel,
-    /// Token classification, cross-entropy ignoring label -100; labels i64[batch, seq].
-    TokenCls,
-    /// Causal language modelling: next-token cross-entropy on input_ids, padding ignored.
-    CausalLm,
-}
-
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq)]
 enum DumpStage {
     /// The model as read.
@@ -103,7 +68,7 @@ struct Cli {
 
     /// Adapter kind. Example: `--method lora`.
     #[arg(long, value_enum, default_value = "dora")]
-    method: MethodArg,
+    method: Method,
 
     /// LoRA rank r. Example: `--rank 8`.
     #[arg(long, default_value_t = 8)]
@@ -129,7 +94,7 @@ struct Cli {
     /// Attach a loss head and emit the training programs train_step.onnx (loss and the
     /// gradient of every adapter tensor) and eval.onnx. Example: `--task seq-cls`.
     #[arg(long, value_enum)]
-    task: Option<TaskArg>,
+    task: Option<Task>,
 
     /// Also train the classifier head (modules named `classifier` or `score`), as peft's
     /// modules_to_save does; its weights become trainable inputs. Example: `--train-head`.
@@ -147,12 +112,12 @@ struct Cli {
     /// step's magnitude gradient), `exact` (double backward), `first-order` (ξ = 0),
     /// `betty` (the released code's: no virtual step). Example: `--hypergrad exact`.
     #[arg(long, value_enum, default_value = "fd")]
-    hypergrad: HypergradArg,
+    hypergrad: Hypergrad,
 
     /// Orthogonality regulariser in lower.onnx: `paper` (squared Frobenius, summed) or
     /// `released` (the released code's unsquared mean). Example: `--regularizer released`.
     #[arg(long, value_enum, default_value = "paper")]
-    regularizer: RegArg,
+    regularizer: RegVariant,
 
     /// Emit only the single-level programs (train_step, eval), not BiDoRA's lower/upper.
     /// Example: `--no-bilevel`.
@@ -229,39 +194,22 @@ fn run(cli: Cli) -> Result<()> {
     let opts = CompileOptions {
         targets: TargetSpec::parse(&cli.target, cli.target_regex.as_deref())?,
         adapter: AdapterConfig {
-            method: match cli.method {
-                MethodArg::Dora => Method::Dora,
-                MethodArg::Lora => Method::Lora,
-            },
+            method: cli.method,
             rank: cli.rank,
             alpha: cli.alpha,
             rslora: cli.rslora,
             detach_norm: cli.detach_norm,
             seed: cli.seed,
         },
-        task: cli.task.map(|t| match t {
-            TaskArg::SeqCls => Task::SeqCls,
-            TaskArg::Regression => Task::Regression,
-            TaskArg::MultiLabel => Task::MultiLabel,
-            TaskArg::TokenCls => Task::TokenCls,
-            TaskArg::CausalLm => Task::CausalLm,
-        }),
+        task: cli.task,
         train_head: cli.train_head,
         lm_labels: cli.lm_labels,
-        bilevel: (cli.task.is_some() && cli.method == MethodArg::Dora && !cli.no_bilevel)
-            .then_some(BilevelOptions {
-                hypergrad: match cli.hypergrad {
-                    HypergradArg::Fd => Hypergrad::Fd,
-                    HypergradArg::FdForward => Hypergrad::FdForward,
-                    HypergradArg::Exact => Hypergrad::Exact,
-                    HypergradArg::FirstOrder => Hypergrad::FirstOrder,
-                    HypergradArg::Betty => Hypergrad::Betty,
-                },
-                regularizer: match cli.regularizer {
-                    RegArg::Paper => RegVariant::Paper,
-                    RegArg::Released => RegVariant::Released,
-                },
-            }),
+        bilevel: (cli.task.is_some() && cli.method == Method::Dora && !cli.no_bilevel).then_some(
+            BilevelOptions {
+                hypergrad: cli.hypergrad,
+                regularizer: cli.regularizer,
+            },
+        ),
     };
     check_rank_fits(&model, &opts)?;
     let compiled = pipeline::compile(&model, &opts)

@@ -21,7 +21,9 @@ use crate::ir::names::Names;
 use crate::ir::{AttrValue, Dim, Model, Node, Tensor, ValueInfo, ValueType, BIDORA_DOMAIN};
 use crate::targets::{Block, Layout, Selected};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Lora,
