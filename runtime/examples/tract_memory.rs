@@ -35,7 +35,11 @@ fn main() -> anyhow::Result<()> {
         println!("{key} opened: {:.0} MB", rss_mb());
         for seq in [16, 32, 48, 64] {
             p.run(&art.example_inputs(prog, 16, seq)?)?;
-            println!("  {key} plan at 16 x {seq}: {:.0} MB", rss_mb());
+            println!(
+                "  {key} plan at 16 x {seq}: {:.0} MB (constants {:.0} MB)",
+                rss_mb(),
+                pool.stats().live_bytes as f64 / 1e6
+            );
         }
         open.push(p);
     }

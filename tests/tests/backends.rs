@@ -280,6 +280,17 @@ fn tract_programs_of_one_pool_share_their_weights_and_outputs_are_unchanged() {
     let fwd = TractProgram::open_pooled(&forward, pool.clone()).unwrap();
     let first = fwd.run(&with(2, 8)).unwrap();
     let after_one = pool.stats();
+    // A second plan of the same shape packs the same kernels' operands: nothing new is kept
+    // (tract leaves panel padding uninitialised; the pool zeroes it so the bytes compare).
+    let again = TractProgram::open_pooled(&forward, pool.clone()).unwrap();
+    assert_eq!(again.run(&with(2, 8)).unwrap(), first);
+    assert_eq!(
+        pool.stats().live_bytes,
+        after_one.live_bytes,
+        "a second plan of one shape adds no constants: {after_one:?} then {:?}",
+        pool.stats()
+    );
+    drop(again);
     let other_length = fwd.run(&with(2, 5)).unwrap();
     let after_two = pool.stats();
     assert!(

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use tract_linalg::mmm::EagerPackedInput;
+use tract_linalg::pack::PackedFormat;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::matmul::optimized::{MatMulOperand, OptMatMul, ProtoFusedSpec};
@@ -39,6 +40,8 @@ pub struct PoolStats {
     pub live: usize,
     /// Bytes of constants that were replaced by an equal pooled one.
     pub deduplicated_bytes: usize,
+    /// Bytes the distinct live constants hold (what the plans and programs keep, once).
+    pub live_bytes: usize,
 }
 
 impl ConstPool {
@@ -52,17 +55,21 @@ impl ConstPool {
     }
 
     pub fn stats(&self) -> PoolStats {
-        fn live<T>(pool: &Pool<T>) -> usize {
-            pool.lock().map_or(0, |m| {
+        /// (count, bytes) of the live entries.
+        fn live<T>(pool: &Pool<T>, bytes: impl Fn(&T) -> usize) -> (usize, usize) {
+            pool.lock().map_or((0, 0), |m| {
                 m.values()
                     .flatten()
-                    .filter(|w| w.strong_count() > 0)
-                    .count()
+                    .filter_map(Weak::upgrade)
+                    .fold((0, 0), |(n, b), v| (n + 1, b + bytes(&v)))
             })
         }
+        let tensors = live(&self.tensors, |t| t.len() * t.datum_type().size_of());
+        let blobs = live(&self.blobs, |b| b.len());
         PoolStats {
-            live: live(&self.tensors) + live(&self.blobs),
+            live: tensors.0 + blobs.0,
             deduplicated_bytes: self.deduplicated.load(Ordering::Relaxed),
+            live_bytes: tensors.1 + blobs.1,
         }
     }
 
@@ -145,14 +152,13 @@ impl ConstPool {
         let MatMulOperand::Const(value) = operand else {
             return;
         };
-        let Some(packed) = value.downcast_ref::<EagerPackedInput>() else {
+        let Some(packed) = value.downcast_mut::<EagerPackedInput>() else {
             return;
         };
+        zero_panel_padding(packed);
         let shared = self.intern(&self.blobs, &packed.packed, packed.packed.len());
         if !Arc::ptr_eq(&shared, &packed.packed) {
-            let mut owned = packed.clone();
-            owned.packed = shared;
-            *value = Box::new(owned);
+            packed.packed = shared;
         }
     }
 
@@ -173,5 +179,87 @@ impl ConstPool {
             }
         }
         Ok(())
+    }
+}
+
+/// Zeroes the bytes after each panel's `k` records (tract's end-padding record and alignment
+/// fill). Release builds of tract leave them uninitialised (only the last partial panel is
+/// zeroed), so two packings of one weight differ in those bytes and would not deduplicate:
+/// the quickstart's plans then kept ~25 copies of each weight. The kernels never use them
+/// (tract's debug builds zero the whole buffer), so zeroing changes no result.
+fn zero_panel_padding(packed: &mut EagerPackedInput) {
+    let Some(format) = packed.fact.format.downcast_ref::<PackedFormat>() else {
+        return;
+    };
+    let used = packed.fact.k * format.r * format.dt.size_of();
+    let panel = packed.panel_bytes;
+    if panel == 0 || used >= panel || packed.packed.len() % panel != 0 {
+        return;
+    }
+    let dirty = packed
+        .packed
+        .as_bytes()
+        .chunks_exact(panel)
+        .any(|p| p[used..].iter().any(|&b| b != 0));
+    if !dirty {
+        return;
+    }
+    let blob = Arc::make_mut(&mut packed.packed);
+    for p in blob.as_bytes_mut().chunks_exact_mut(panel) {
+        p[used..].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(w: &Tensor) -> EagerPackedInput {
+        let format = PackedFormat::new(DatumType::F32, 8, 32);
+        let value = format.pack_tensor(w, 0, 1).unwrap();
+        value.downcast_ref::<EagerPackedInput>().unwrap().clone()
+    }
+
+    /// Two packings of one weight that differ only in their panels' padding (as tract's
+    /// release builds leave it) become byte-identical, so the pool keeps one; the records a
+    /// kernel reads are untouched.
+    #[test]
+    fn padding_is_zeroed_so_equal_packings_deduplicate() {
+        let (k, mn) = (37, 20);
+        let w = Tensor::from_shape(&[k, mn], &(0..k * mn).map(|i| i as f32).collect::<Vec<_>>())
+            .unwrap();
+        let clean = packed(&w);
+        let used = k * 8 * 4;
+        let dirty = |fill: u8| {
+            let mut p = clean.clone();
+            for panel in Arc::make_mut(&mut p.packed)
+                .as_bytes_mut()
+                .chunks_exact_mut(p.panel_bytes)
+            {
+                panel[used..].fill(fill);
+            }
+            p
+        };
+        let (mut a, mut b) = (dirty(0xAB), dirty(0x11));
+        assert!(used < a.panel_bytes, "the format pads each panel");
+        assert_ne!(a.packed.as_bytes(), b.packed.as_bytes());
+        zero_panel_padding(&mut a);
+        zero_panel_padding(&mut b);
+        assert!(
+            a.packed.as_bytes() == b.packed.as_bytes(),
+            "the two packings still differ"
+        );
+        for (pa, pc) in a
+            .packed
+            .as_bytes()
+            .chunks_exact(a.panel_bytes)
+            .zip(clean.packed.as_bytes().chunks_exact(clean.panel_bytes))
+        {
+            assert!(pa[..used] == pc[..used], "the data records are unchanged");
+        }
+        let pool = ConstPool::default();
+        let first = pool.intern(&pool.blobs, &a.packed, a.packed.len());
+        let second = pool.intern(&pool.blobs, &b.packed, b.packed.len());
+        assert!(Arc::ptr_eq(&first, &second));
     }
 }
