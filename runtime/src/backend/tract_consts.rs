@@ -193,7 +193,7 @@ fn zero_panel_padding(packed: &mut EagerPackedInput) {
     };
     let used = packed.fact.k * format.r * format.dt.size_of();
     let panel = packed.panel_bytes;
-    if panel == 0 || used >= panel || packed.packed.len() % panel != 0 {
+    if panel == 0 || used >= panel || !packed.packed.len().is_multiple_of(panel) {
         return;
     }
     let dirty = packed
