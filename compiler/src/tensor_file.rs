@@ -199,7 +199,44 @@ pub fn to_bytes(
                 .map_err(|err| TensorFileError::Encode(format!("tensor '{}': {err}", e.name)))?;
         views.push((e.name.to_string(), view));
     }
-    safetensors::serialize(views, metadata).map_err(|e| TensorFileError::Encode(e.to_string()))
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| TensorFileError::Encode(e.to_string()))?;
+    Ok(sorted_header(bytes))
+}
+
+/// `bytes` with its header's keys in sorted order. safetensors takes the metadata as a
+/// `HashMap` and writes it in the map's iteration order, which differs between processes:
+/// the same tensors and metadata would give different files, and a rerun or a resumed run
+/// could not be compared byte for byte. Reordering keeps the header's length (same keys and
+/// values), so the data offsets and the alignment stay as safetensors wrote them.
+fn sorted_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    use std::collections::BTreeMap;
+    let Some(n) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + n) else {
+        return bytes;
+    };
+    let Ok(mut map) = serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header) else {
+        return bytes;
+    };
+    if let Some(meta) = map.get_mut("__metadata__") {
+        if let Ok(m) = serde_json::from_value::<BTreeMap<String, String>>(meta.clone()) {
+            *meta = serde_json::to_value(m).expect("strings serialise");
+        }
+    }
+    let Ok(sorted) = serde_json::to_vec(&map) else {
+        return bytes;
+    };
+    if sorted.len() <= n {
+        bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+        // safetensors pads its header with spaces; any slack becomes padding too.
+        bytes[8 + sorted.len()..8 + n].fill(b' ');
+    }
+    bytes
 }
 
 /// Writes f32 tensors `(name, shape, values)` to `path` atomically: a temporary file in the
@@ -268,6 +305,33 @@ mod tests {
         assert_eq!(f.tensors[0].f32_values(), [f32::MIN_POSITIVE]);
         assert_eq!(f.tensors[0].shape, [1, 1]);
         assert_eq!(f.tensors[1].dtype, Dtype::F32);
+    }
+
+    /// Each `HashMap` iterates in its own order; the bytes must not follow it.
+    #[test]
+    fn equal_tensors_and_metadata_give_equal_bytes() {
+        let entries = [RawEntry {
+            name: "w",
+            dtype: Dtype::F32,
+            shape: vec![2],
+            bytes: &[0, 0, 128, 63, 0, 0, 0, 64],
+        }];
+        let meta = || -> HashMap<String, String> {
+            (0..12)
+                .map(|i| (format!("key{i}"), format!("v{i}")))
+                .collect()
+        };
+        let first = to_bytes(&entries, Some(meta())).unwrap();
+        for _ in 0..20 {
+            assert_eq!(to_bytes(&entries, Some(meta())).unwrap(), first);
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.safetensors");
+        std::fs::write(&p, &first).unwrap();
+        let f = read(&p).unwrap();
+        assert_eq!(f.metadata, meta());
+        assert_eq!(f.tensors[0].values, [1.0, 2.0]);
+        assert_eq!((first.len() - 8) % 8, 0, "the data stays 8-byte aligned");
     }
 
     #[test]

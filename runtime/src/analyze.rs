@@ -65,36 +65,57 @@ pub fn points(src: &Source, tensors: &Path, label: &str, seed: Option<u64>) -> R
         .adapters
         .iter()
         .map(|a| {
-            let (din, dout, r) = (a.din, a.dout, a.rank);
-            let (mut dm, mut dd) = (0.0, 0.0);
-            for j in 0..dout {
-                let (mut w0w0, mut vv, mut w0v) = (0.0, 0.0, 0.0);
-                for i in 0..din {
-                    let ab: f64 = (0..r).map(|k| a.a[i * r + k] * a.b[k * dout + j]).sum();
-                    let w0 = a.w0[i * dout + j];
-                    let v = w0 + a.scaling * ab;
-                    w0w0 += w0 * w0;
-                    vv += v * v;
-                    w0v += w0 * v;
-                }
-                let (n0, nv) = (w0w0.sqrt(), vv.sqrt());
-                let mag = match &a.m {
-                    Some(m) => m[j],
-                    None => nv,
-                };
-                dm += (mag - n0).abs();
-                dd += 1.0 - w0v / (n0 * nv).max(f64::MIN_POSITIVE);
-            }
+            let (delta_m, delta_d) = deltas(
+                Layer {
+                    w0: &a.w0,
+                    a: &a.a,
+                    b: &a.b,
+                    m: a.m.as_deref(),
+                    scaling: a.scaling,
+                },
+                (a.din, a.dout, a.rank),
+            );
             Point {
                 label: label.to_string(),
                 seed,
                 stage: stage.clone(),
                 module: export::resolve::label(&a.record),
-                delta_m: dm / dout as f64,
-                delta_d: dd / dout as f64,
+                delta_m,
+                delta_d,
             }
         })
         .collect())
+}
+
+/// One adapter's tensors: `w0` `[in, out]`, `a` `[in, r]`, `b` `[r, out]`, `m` `[out]`.
+struct Layer<'a> {
+    w0: &'a [f64],
+    a: &'a [f64],
+    b: &'a [f64],
+    m: Option<&'a [f64]>,
+    scaling: f64,
+}
+
+/// (ΔM, ΔD) of one adapter of `(in, out, rank)`, as the module's header defines them.
+fn deltas(a: Layer, (din, dout, r): (usize, usize, usize)) -> (f64, f64) {
+    let (mut dm, mut dd) = (0.0, 0.0);
+    for j in 0..dout {
+        let (mut w0w0, mut vv, mut w0v) = (0.0, 0.0, 0.0);
+        for i in 0..din {
+            let ab: f64 = (0..r).map(|k| a.a[i * r + k] * a.b[k * dout + j]).sum();
+            let w0 = a.w0[i * dout + j];
+            let v = w0 + a.scaling * ab;
+            w0w0 += w0 * w0;
+            vv += v * v;
+            w0v += w0 * v;
+        }
+        let (n0, nv) = (w0w0.sqrt(), vv.sqrt());
+        // LoRA has no magnitude: the merged column's norm is its magnitude.
+        let mag = a.m.map_or(nv, |m| m[j]);
+        dm += (mag - n0).abs();
+        dd += 1.0 - w0v / (n0 * nv).max(f64::MIN_POSITIVE);
+    }
+    (dm / dout as f64, dd / dout as f64)
 }
 
 /// (slope of ΔM on ΔD, Pearson's r) over `pts`; NaN with fewer than two distinct ΔD.
@@ -295,5 +316,32 @@ mod tests {
             "{s} {r}"
         );
         assert!(fit(&refs[..1]).0.is_nan());
+    }
+
+    /// A 2×2 layer with rank 1, worked by hand. W0 = [[3, 0], [4, 1]] (`[in, out]`: column 0
+    /// is (3, 4), column 1 is (0, 1)); A = [1, 0]ᵀ, B = [0, 2], s = 0.5, so s·A·B adds 1 to
+    /// W0[0][1]: V's columns are (3, 4) and (1, 1).
+    /// - DoRA with m = (5.5, 1): ΔM = (|5.5 − 5| + |1 − 1|)/2 = 0.25; ΔD = (0 + 1 − 1/√2)/2.
+    /// - LoRA (m = ‖V_j‖ = (5, √2)): ΔM = (0 + √2 − 1)/2, the same ΔD.
+    #[test]
+    fn deltas_match_a_hand_computed_layer() {
+        let layer = |m| Layer {
+            w0: &[3.0, 0.0, 4.0, 1.0],
+            a: &[1.0, 0.0],
+            b: &[0.0, 2.0],
+            m,
+            scaling: 0.5,
+        };
+        let dd = (1.0 - 0.5f64.sqrt()) / 2.0;
+        let (m, d) = deltas(layer(Some(&[5.5, 1.0])), (2, 2, 1));
+        assert!(
+            (m - 0.25).abs() < 1e-12 && (d - dd).abs() < 1e-12,
+            "{m} {d}"
+        );
+        let (m, d) = deltas(layer(None), (2, 2, 1));
+        assert!(
+            (m - (2f64.sqrt() - 1.0) / 2.0).abs() < 1e-12 && (d - dd).abs() < 1e-12,
+            "{m} {d}"
+        );
     }
 }

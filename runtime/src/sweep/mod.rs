@@ -446,10 +446,37 @@ impl Sweep {
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        die_with_parent(&mut cmd);
         cmd.spawn()
             .with_context(|| format!("starting {} for cell {}", exe.display(), c.dir_name()))
     }
 }
+
+/// A cell outlives a killed sweep otherwise: it goes on training, holds its run folder's
+/// lock, and the rerun's resume of that cell is refused. Linux kills the cell with the sweep
+/// (the cell's checkpoints are written atomically, so the rerun resumes from the last one).
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid is async-signal-safe; the closure runs in the forked child before exec
+    // and calls only prctl, getppid and _exit, which are async-signal-safe too.
+    let sweep = unsafe { libc::getpid() };
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The sweep died between fork and prctl: the signal will never come.
+            if libc::getppid() != sweep {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_: &mut Command) {}
 
 /// The child's exit (success, peak RSS in KiB) once it has ended, without blocking.
 fn wait_child(child: &mut Child) -> Result<Option<(bool, u64)>> {

@@ -266,6 +266,9 @@ impl Trainer<'_> {
         for d in candidates {
             match self.restore(&d) {
                 Ok(()) => {
+                    if self.writer {
+                        eprintln!("resumed from {}", d.display());
+                    }
                     if !refused.is_empty() {
                         eprintln!(
                             "warning: not resuming from the newer checkpoint(s), which cannot \
