@@ -151,13 +151,13 @@ pub trait Program: Send {
     /// not have is an error, so a misspelt input is not silently ignored.
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<HostTensor>, BackendError>;
 
-    /// Runs once with inputs in host memory or resident, keeping the outputs `keep` names
-    /// resident (the others come back to the host). The default, for backends without a
+    /// Runs once with inputs in host memory or resident, keeping output `i` resident where
+    /// `keep(i)` (`i` in [`Program::output_names`]' order; the others come back to the host). The default, for backends without a
     /// device, moves everything through [`Program::run`].
     fn run_resident(
         &mut self,
         inputs: &[(String, Arg<'_>)],
-        keep: &dyn Fn(&str) -> bool,
+        keep: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<Output>, BackendError> {
         let host = inputs
             .iter()
@@ -172,12 +172,11 @@ pub trait Program: Send {
             })
             .collect::<Result<Vec<_>, BackendError>>()?;
         let outs = self.run(&host)?;
-        Ok(self
-            .output_names()
-            .iter()
-            .zip(outs)
-            .map(|(n, t)| {
-                if keep(n) {
+        Ok(outs
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if keep(i) {
                     Output::Resident(Resident::new(t))
                 } else {
                     Output::Host(t)

@@ -626,7 +626,7 @@ impl Program for OrtProgram {
     fn run_resident(
         &mut self,
         inputs: &[(String, Arg<'_>)],
-        keep: &dyn Fn(&str) -> bool,
+        keep: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<Output>, BackendError> {
         let order = match_inputs(&self.label, &self.input_names, inputs, false)?;
         let memory = self
@@ -657,8 +657,8 @@ impl Program for OrtProgram {
             };
             bound.map_err(|e| self.err(format!("input '{name}': {e}")))?;
         }
-        for name in &self.output_names {
-            let mem = if keep(name) { &memory } else { &host_memory };
+        for (i, name) in self.output_names.iter().enumerate() {
+            let mem = if keep(i) { &memory } else { &host_memory };
             binding
                 .bind_output_to_device(name, mem)
                 .map_err(|e| self.err(format!("output '{name}': {e}")))?;
@@ -674,14 +674,14 @@ impl Program for OrtProgram {
             .run_binding(&binding)
             .map_err(|e| run_err(e.to_string()))?;
         let mut result = Vec::with_capacity(self.output_names.len());
-        for name in &self.output_names {
+        for (i, name) in self.output_names.iter().enumerate() {
             let v = outs
                 .remove(name.as_str())
                 .ok_or_else(|| run_err(format!("output '{name}' is missing")))?;
             let t: DynTensor = v
                 .downcast()
                 .map_err(|e| run_err(format!("output '{name}' is not a tensor: {e}")))?;
-            result.push(if keep(name) {
+            result.push(if keep(i) {
                 Output::Resident(Resident::new(OrtResident(t)))
             } else {
                 Output::Host(host_of(&t).map_err(|e| e.into_backend(&label, name))?)

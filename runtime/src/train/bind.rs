@@ -195,12 +195,41 @@ pub(super) enum Feed {
     Named,
 }
 
-/// A program's inputs, in its order, each bound to where it comes from. Built once at load,
-/// so a step walks the list instead of matching names, and an input the manifest does not
-/// describe is refused before the first step.
+/// What one program output is, from the manifest: its role and, for a gradient-like role,
+/// the tensor it belongs to (`of`).
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Out {
+    pub(super) name: String,
+    pub(super) role: Role,
+    pub(super) of: Option<String>,
+}
+
+/// A program's inputs and outputs, in its order, each bound to its source or role. Built once
+/// at load, so a step walks lists and indexes outputs instead of matching names, and an input
+/// or output the manifest does not describe is refused before the first step.
 #[derive(Clone, Debug)]
 pub(super) struct Binding {
     pub(super) inputs: Vec<(String, Feed)>,
+    pub(super) outputs: Vec<Out>,
+    /// The output logged as the step's loss: the manifest's first loss (the lower program's
+    /// is the task loss plus γ·R).
+    pub(super) loss: Option<usize>,
+    /// The regulariser's value R(V), logged beside the loss (lower program).
+    pub(super) regularizer: Option<usize>,
+    /// The outputs resident mode keeps on the device: the gradients and hypergradients the
+    /// optimiser consumes there.
+    pub(super) resident: Vec<bool>,
+}
+
+impl Binding {
+    /// (index, tensor it belongs to) of the outputs with `role`.
+    pub(super) fn with_role(&self, role: Role) -> impl Iterator<Item = (usize, &str)> {
+        self.outputs
+            .iter()
+            .enumerate()
+            .filter(move |(_, o)| o.role == role)
+            .filter_map(|(i, o)| Some((i, o.of.as_deref()?)))
+    }
 }
 
 impl Binding {
@@ -252,6 +281,36 @@ impl Binding {
             };
             inputs.push((name.clone(), feed));
         }
-        Ok(Binding { inputs })
+        let mut outputs = vec![];
+        for name in prog.output_names() {
+            let Some(s) = sig.outputs.iter().find(|s| s.name == *name) else {
+                return Err(TrainError::Artifact(format!(
+                    "{}: output '{name}' is not in manifest.json's signature of the program \
+                     (the two were not written together); compile the artifact again",
+                    sig.file
+                )));
+            };
+            outputs.push(Out {
+                name: name.clone(),
+                role: s.role,
+                of: s.of.clone(),
+            });
+        }
+        let first = |role: Role| {
+            let name = &sig.outputs_with(role).next()?.name;
+            outputs.iter().position(|o| o.name == *name)
+        };
+        let (loss, regularizer) = (first(Role::Loss), first(Role::Regularizer));
+        let resident = outputs
+            .iter()
+            .map(|o| matches!(o.role, Role::Gradient | Role::Hypergradient))
+            .collect();
+        Ok(Binding {
+            inputs,
+            outputs,
+            loss,
+            regularizer,
+            resident,
+        })
     }
 }

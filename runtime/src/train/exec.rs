@@ -203,37 +203,17 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    pub(super) fn loss_output(&self, key: ProgramKey) -> Result<String, TrainError> {
-        let sig = &self.art.manifest.programs[&key];
-        sig.outputs_with(Role::Loss)
-            .next()
-            .map(|o| o.name.clone())
-            .ok_or_else(|| TrainError::Artifact(format!("{} has no loss output", sig.file)))
-    }
-
-    /// Names of `key`'s outputs with this role: what resident mode keeps on the device.
-    pub(super) fn role_outputs(
-        &self,
-        key: ProgramKey,
-        role: Role,
-    ) -> std::collections::HashSet<String> {
-        self.art.manifest.programs[&key]
-            .outputs_with(role)
-            .map(|o| o.name.clone())
-            .collect()
-    }
-
     /// Runs program `key` (taken out of its slot and put back: feeding it reads `self`) on
     /// the batches, the trainable tensors, `extra` host values and `prev` (an earlier
     /// program's outputs, read by name). In resident mode the tensors are the resident ones
-    /// and the outputs `keep` names stay resident; otherwise everything is on the host.
+    /// and the outputs its binding marks resident stay so; otherwise everything is on the
+    /// host. The outputs come back in the program's order, which the binding indexes.
     pub(super) fn exec(
         &mut self,
         key: ProgramKey,
         batches: &[(&str, &[(String, HostTensor)])],
         extra: Vec<(String, HostTensor)>,
         prev: &[(String, Output)],
-        keep: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<(String, Output)>, TrainError> {
         let mut p = self
             .progs
@@ -261,7 +241,11 @@ impl Trainer<'_> {
                     })
                     .collect::<Vec<_>>()
             });
-            args.and_then(|a| p.run_resident(&a, keep).map_err(|e| self.run_err(key, e)))
+            let keep = &self.progs.bindings[&key].resident;
+            args.and_then(|a| {
+                p.run_resident(&a, &|i| keep.get(i).copied().unwrap_or(false))
+                    .map_err(|e| self.run_err(key, e))
+            })
         };
         self.time(
             match key {
@@ -287,27 +271,26 @@ impl Trainer<'_> {
         }
     }
 
-    /// The sum of a host output (a loss).
+    /// The sum of host output `i` (a loss), or an error naming the program when it lacks one.
     pub(super) fn host_sum(
         &self,
         key: ProgramKey,
         outs: &[(String, Output)],
-        name: &str,
+        i: Option<usize>,
     ) -> Result<f64, TrainError> {
         let file = &self.art.manifest.programs[&key].file;
-        let t = outs
-            .iter()
-            .find(|(n, _)| n == name)
+        let t = i
+            .and_then(|i| outs.get(i))
             .and_then(|(_, o)| o.host())
             .ok_or_else(|| TrainError::Run {
                 program: file.clone(),
-                message: format!("no host output '{name}'"),
+                message: "no host loss output".into(),
             })?;
         Ok(f32_of(t, file)?.sum() as f64)
     }
 
-    /// The gradients of `group` among `key`'s outputs of this role (names from the
-    /// manifest's `of`): host arrays, checked finite, or resident values.
+    /// The gradients of `group` among `key`'s outputs of this role (bound at load to the
+    /// tensors they belong to): host arrays, checked finite, or resident values.
     pub(super) fn grads<'o>(
         &self,
         key: ProgramKey,
@@ -315,29 +298,28 @@ impl Trainer<'_> {
         role: Role,
         group: &[String],
     ) -> Result<Grads<'o>, TrainError> {
-        let sig = &self.art.manifest.programs[&key];
+        let file = &self.art.manifest.programs[&key].file;
         let mut host = HashMap::new();
         let mut res = HashMap::new();
-        for o in sig.outputs_with(role) {
-            let Some(of) = &o.of else { continue };
-            if !group.contains(of) {
+        for (i, of) in self.progs.bindings[&key].with_role(role) {
+            if !group.iter().any(|g| g == of) {
                 continue;
             }
-            match outs.iter().find(|(n, _)| *n == o.name).map(|(_, v)| v) {
+            match outs.get(i).map(|(_, v)| v) {
                 Some(Output::Host(t)) => {
-                    let a = f32_of(t, &sig.file)?;
+                    let a = f32_of(t, file)?;
                     if a.iter().any(|x| !x.is_finite()) {
                         return Err(self.non_finite(&format!("the {} of {of}", role.name())));
                     }
-                    host.insert(of.clone(), a);
+                    host.insert(of.to_string(), a);
                 }
                 Some(Output::Resident(r)) => {
-                    res.insert(of.clone(), r);
+                    res.insert(of.to_string(), r);
                 }
                 None => {
                     return Err(TrainError::Run {
-                        program: sig.file.clone(),
-                        message: format!("no output '{}'", o.name),
+                        program: file.clone(),
+                        message: format!("no output {i} (the {} of {of})", role.name()),
                     })
                 }
             }

@@ -43,26 +43,18 @@ impl Trainer<'_> {
             (Method::Bidora, Phase::Search) => {
                 let (b_tr, w_tr) = self.batch(Source::Train)?;
                 let gamma = self.gamma();
-                let keep = self.role_outputs(ProgramKey::Lower, Role::Gradient);
                 let res = self.exec(
                     ProgramKey::Lower,
                     &[("", &b_tr)],
                     vec![hyper(Hyperparameter::Gamma, gamma)],
                     &[],
-                    &|n| keep.contains(n),
                 )?;
                 let mut g = self.grads(ProgramKey::Lower, &res, Role::Gradient, &lower_group)?;
-                let mut sums = vec![self.host_sum(
-                    ProgramKey::Lower,
-                    &res,
-                    &self.loss_output(ProgramKey::Lower)?,
-                )?];
-                let reg = self.art.manifest.programs[&ProgramKey::Lower]
-                    .outputs_with(Role::Regularizer)
-                    .next()
-                    .map(|r| r.name.clone());
-                if let Some(r) = &reg {
-                    sums.push(self.host_sum(ProgramKey::Lower, &res, r)?);
+                let lower = &self.progs.bindings[&ProgramKey::Lower];
+                let (loss_at, reg) = (lower.loss, lower.regularizer);
+                let mut sums = vec![self.host_sum(ProgramKey::Lower, &res, loss_at)?];
+                if reg.is_some() {
+                    sums.push(self.host_sum(ProgramKey::Lower, &res, reg)?);
                 }
                 // The global g: the virtual step and the lower update both need it.
                 self.reduce(&mut g, &lower_group, &mut sums, w_tr)?;
@@ -105,7 +97,6 @@ impl Trainer<'_> {
                     } else {
                         // The upper program reads the lower step's outputs by name: g (and,
                         // in fd-forward, ∇_M L_tr).
-                        let keep = self.role_outputs(ProgramKey::Upper, Role::Hypergradient);
                         let ures = self.exec(
                             ProgramKey::Upper,
                             &[("train.", &b_tr), ("val.", &b_val)],
@@ -114,7 +105,6 @@ impl Trainer<'_> {
                                 hyper(Hyperparameter::AlphaFd, alpha),
                             ],
                             &res,
-                            &|n| keep.contains(n),
                         )?;
                         let h = self.grads(
                             ProgramKey::Upper,
@@ -122,7 +112,7 @@ impl Trainer<'_> {
                             Role::Hypergradient,
                             &self.upper_group,
                         )?;
-                        let val_loss = bidora_compiler::bilevel::VAL_LOSS;
+                        let val_loss = self.progs.bindings[&ProgramKey::Upper].loss;
                         rec["upper_val_loss"] =
                             json!(self.host_sum(ProgramKey::Upper, &ures, val_loss)?);
                         rec["lr_upper"] = json!(lr_u);
@@ -147,10 +137,10 @@ impl Trainer<'_> {
                     ProgramKey::Lower => vec![hyper(Hyperparameter::Gamma, self.gamma())],
                     _ => vec![],
                 };
-                let keep = self.role_outputs(key, Role::Gradient);
-                let res = self.exec(key, &[("", &b)], extra, &[], &|n| keep.contains(n))?;
+                let res = self.exec(key, &[("", &b)], extra, &[])?;
                 let mut g = self.grads(key, &res, Role::Gradient, &lower_group)?;
-                let mut sums = [self.host_sum(key, &res, &self.loss_output(key)?)?];
+                let loss_at = self.progs.bindings[&key].loss;
+                let mut sums = [self.host_sum(key, &res, loss_at)?];
                 self.reduce(&mut g, &lower_group, &mut sums, w)?;
                 let loss = sums[0];
                 if !loss.is_finite() {
@@ -186,16 +176,14 @@ impl Trainer<'_> {
             return Err(resident());
         };
         let [(b_tr, w_tr), (b_val, w_val)] = batches;
-        let programs = &self.art.manifest.programs;
         // The lower step's outputs with its V gradients replaced by the global g; its
         // ∇_M L_tr stays this rank's (fd-forward differences it with this rank's pass at V⁺).
-        let lower_sig = &programs[&ProgramKey::Lower];
+        let lower = &self.progs.bindings[&ProgramKey::Lower].outputs;
         let mut prev: Vec<(String, Output)> = vec![];
-        for (n, o) in lower_out {
-            let global = lower_sig
-                .outputs_with(Role::Gradient)
-                .find(|s| s.name == *n)
-                .and_then(|s| s.of.as_ref())
+        for ((n, o), slot) in lower_out.iter().zip(lower) {
+            let global = (slot.role == Role::Gradient)
+                .then_some(slot.of.as_ref())
+                .flatten()
                 .and_then(|of| g.get(of));
             let t = match (global, o) {
                 (Some(a), _) => HostTensor::F32(a.clone()),
@@ -211,14 +199,10 @@ impl Trainer<'_> {
             &[("val.", b_val)],
             vec![hyper(Hyperparameter::Xi, xi)],
             &prev,
-            &|_| false,
         )?;
         let mut hv = self.grads(ProgramKey::UpperVal, &vres, Role::ValGradient, &both)?;
-        let mut sums = [self.host_sum(
-            ProgramKey::UpperVal,
-            &vres,
-            bidora_compiler::bilevel::VAL_LOSS,
-        )?];
+        let val_loss = self.progs.bindings[&ProgramKey::UpperVal].loss;
+        let mut sums = [self.host_sum(ProgramKey::UpperVal, &vres, val_loss)?];
         self.reduce(&mut hv, &both, &mut sums, w_val)?;
         let Grads::Host(mut hv) = hv else {
             return Err(resident());
@@ -230,9 +214,11 @@ impl Trainer<'_> {
             return Ok((h, sums[0]));
         }
         // upper_mixed reads v under upper_val's output names.
-        for o in self.art.manifest.programs[&ProgramKey::UpperVal].outputs_with(Role::ValGradient) {
-            if let Some(a) = o.of.as_ref().and_then(|of| hv.get(of)) {
-                prev.push((o.name.clone(), Output::Host(HostTensor::F32(a.clone()))));
+        let upper_val = &self.progs.bindings[&ProgramKey::UpperVal];
+        for (i, of) in upper_val.with_role(Role::ValGradient) {
+            if let Some(a) = hv.get(of) {
+                let name = upper_val.outputs[i].name.clone();
+                prev.push((name, Output::Host(HostTensor::F32(a.clone()))));
             }
         }
         let mres = self.exec(
@@ -240,7 +226,6 @@ impl Trainer<'_> {
             &[("train.", b_tr)],
             vec![hyper(Hyperparameter::AlphaFd, alpha)],
             &prev,
-            &|_| false,
         )?;
         let mut mx = self.grads(ProgramKey::UpperMixed, &mres, Role::MixedTerm, &upper)?;
         self.reduce(&mut mx, &upper, &mut [], w_tr)?;
