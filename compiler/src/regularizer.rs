@@ -44,140 +44,9 @@ pub fn attach(
     let mut terms = vec![];
     let mut dtype = DataType::Float;
     for ad in adapters {
-        if ad.magnitude.is_none() {
-            return Err(Error::Other(format!(
-                "the orthogonality regulariser needs DoRA adapters; '{}' is LoRA",
-                ad.module
-            )));
-        }
-        let w = b.g.initializers.get(&ad.weight).cloned().ok_or_else(|| {
-            Error::Other(format!(
-                "weight '{}' of '{}' is not a constant",
-                ad.weight, ad.module
-            ))
-        })?;
-        // Half weights: R is computed in f32 like the adapters (rewrite::adapter_dtype).
-        dtype = crate::rewrite::adapter_dtype(w.dtype);
-        let half = dtype != w.dtype;
-        let cast = |b: &mut Builder, tag: &str, v: &str, to: DataType| {
-            b.op("Cast", tag, &[v], vec![("to", AttrValue::Int(to as i64))])
-        };
-        // The Gram matrix of V' = W0 + s·A·B without materialising V' or multiplying two
-        // [in, out] matrices: with P = Aᵀ·W0 and C = s·P + (s²/2)·(AᵀA)·B (both [r, out]),
-        //   V'ᵀV' = W0ᵀW0 + BᵀC + CᵀB,   ‖V'‖²_col = ‖W0‖²_col + 2·colsum(B ⊙ C).
-        // Every matmul on trainable tensors is rank-r: O(r·out²) instead of the direct form's
-        // O(in·out²) forward and twice that backward. W0ᵀW0 depends on constants only: it is
-        // a node, not a stored [out, out] constant, so the artifact holds no dense per-adapter
-        // tensors; tract and ONNX Runtime fold it once when they load the program (O(in·out²)
-        // then, and out² floats per adapter in memory for the run).
-        let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
-        let out = match ad.layout {
-            Layout::InOut => cols,
-            Layout::OutIn => rows,
-        };
-        let sq0 = crate::rewrite::exact_out_feature_sqnorms(&w, ad.layout)
-            .ok_or_else(|| Error::Other("weight is not float".into()))?;
-        // For a half weight the Gram matrix is taken of W0 cast up (constants only: folded at
-        // load, the up-cast copy dropped after), so DᵀD keeps f32 accuracy.
-        let w0 = if half {
-            cast(&mut b, "w0.up", &ad.weight, dtype)
-        } else {
-            ad.weight.clone()
-        };
-        let g0 = match ad.layout {
-            Layout::InOut => b.op(
-                "Gemm",
-                "w0_gram",
-                &[&w0, &w0],
-                vec![("transA", AttrValue::Int(1))],
-            ),
-            Layout::OutIn => b.op(
-                "Gemm",
-                "w0_gram",
-                &[&w0, &w0],
-                vec![("transB", AttrValue::Int(1))],
-            ),
-        };
-        let sq0 = b.constant(
-            "w0_sqnorm",
-            Tensor::from_f64_as(dtype, "", vec![out as i64], &sq0),
-        );
-        let s = ad.scaling as f64;
-        let sc = b.constant("s", Tensor::from_f64_as(dtype, "", vec![], &[s]));
-        let half_s2 = b.constant(
-            "half_s2",
-            Tensor::from_f64_as(dtype, "", vec![], &[s * s / 2.0]),
-        );
-        let two = b.constant("two", Tensor::from_f64_as(dtype, "", vec![], &[2.0]));
-        let ta = vec![("transA", AttrValue::Int(1))];
-        // Aᵀ·W0 against the weight in its own type (as the lowering does: A cast down, the
-        // [r, out] product cast up), so no f32 copy of W0 lives beside the run.
-        let a_w = if half {
-            cast(&mut b, "A.down", &ad.lora_a, w.dtype)
-        } else {
-            ad.lora_a.clone()
-        };
-        let mut p = match ad.layout {
-            Layout::InOut => b.op("Gemm", "AtW", &[&a_w, &ad.weight], ta.clone()),
-            Layout::OutIn => b.op(
-                "Gemm",
-                "AtW",
-                &[&a_w, &ad.weight],
-                vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
-            ),
-        };
-        if half {
-            p = cast(&mut b, "AtW.up", &p, dtype);
-        }
-        let ata = b.op("Gemm", "AtA", &[&ad.lora_a, &ad.lora_a], ta.clone());
-        let atab = b.op("MatMul", "AtAB", &[&ata, &ad.lora_b], vec![]);
-        let c1 = b.op("Mul", "sP", &[&p, &sc], vec![]);
-        let c2 = b.op("Mul", "quad", &[&atab, &half_s2], vec![]);
-        let c = b.op("Add", "C", &[&c1, &c2], vec![]);
-        let btc = b.op("Gemm", "BtC", &[&ad.lora_b, &c], ta);
-        let ctb = b.op(
-            "Transpose",
-            "CtB",
-            &[&btc],
-            vec![("perm", AttrValue::Ints(vec![1, 0]))],
-        );
-        let low = b.op("Add", "lowrank", &[&btc, &ctb], vec![]);
-        let vtv = b.op("Add", "VtV", &[&g0, &low], vec![]);
-        let bc = b.op("Mul", "BC", &[&ad.lora_b, &c], vec![]);
-        let ax0 = b.ints("axis0", &[0]);
-        let cross = b.op(
-            "ReduceSum",
-            "cross",
-            &[&bc, &ax0],
-            vec![("keepdims", AttrValue::Int(0))],
-        );
-        let cross2 = b.op("Mul", "cross2", &[&cross, &two], vec![]);
-        let col = b.op("Add", "colsq", &[&sq0, &cross2], vec![]);
-        let n = b.op("Sqrt", "colnorm", &[&col], vec![]);
-        // DᵀD = diag(1/n)·V'ᵀV'·diag(1/n): divide columns by n, then rows by n.
-        let n_col = b.ints("n_col_shape", &[out as i64, 1]);
-        let n_rows = b.op("Reshape", "colnorm_rows", &[&n, &n_col], vec![]);
-        let by_col = b.op("Div", "gram_cols", &[&vtv, &n], vec![]);
-        let gram = b.op("Div", "gram", &[&by_col, &n_rows], vec![]);
-        debug_assert_eq!(out, ad.out_features as usize);
-        // DᵀD has a unit diagonal (its columns are normalised), so ‖DᵀD − I‖²_F equals
-        // ‖DᵀD‖²_F − out: no [out, out] identity is stored. Rounding can take the difference
-        // a hair below 0 for near-orthogonal directions; the floor keeps R (and √R) defined.
-        let g2 = b.op("Mul", "sq", &[&gram, &gram], vec![]);
-        let all = b.op(
-            "ReduceSum",
-            "gram_sq",
-            &[&g2],
-            vec![("keepdims", AttrValue::Int(0))],
-        );
-        let n_out = b.constant("out", Tensor::from_f64_as(dtype, "", vec![], &[out as f64]));
-        let zero = b.constant("zero", Tensor::from_f64_as(dtype, "", vec![], &[0.0]));
-        let off = b.op("Sub", "minus_diag", &[&all, &n_out], vec![]);
-        let fro2 = b.op("Max", "fro2", &[&off, &zero], vec![]);
-        terms.push(match variant {
-            RegVariant::Paper => fro2,
-            RegVariant::Released => b.op("Sqrt", "fro", &[&fro2], vec![]),
-        });
+        let (term, t) = module_term(&mut b, ad, variant)?;
+        terms.push(term);
+        dtype = t;
     }
     if terms.is_empty() {
         return Err(Error::Other("no adapters to regularise".into()));
@@ -221,4 +90,156 @@ pub fn attach(
         crate::ir::ValueType::tensor(dtype, vec![]),
     ));
     Ok((m, new_loss, r))
+}
+
+/// `‖D_kᵀD_k − I‖²_F` (or its root, `Released`) of one DoRA adapter; returns the term and
+/// the type R is computed in.
+fn module_term(
+    b: &mut Builder,
+    ad: &AdapterRecord,
+    variant: RegVariant,
+) -> Result<(String, DataType)> {
+    if ad.magnitude.is_none() {
+        return Err(Error::Other(format!(
+            "the orthogonality regulariser needs DoRA adapters; '{}' is LoRA",
+            ad.module
+        )));
+    }
+    let w = b.g.initializers.get(&ad.weight).cloned().ok_or_else(|| {
+        Error::Other(format!(
+            "weight '{}' of '{}' is not a constant",
+            ad.weight, ad.module
+        ))
+    })?;
+    // Half weights: R is computed in f32 like the adapters (rewrite::adapter_dtype).
+    let dtype = crate::rewrite::adapter_dtype(w.dtype);
+    let out = match ad.layout {
+        Layout::InOut => w.dims[1] as usize,
+        Layout::OutIn => w.dims[0] as usize,
+    };
+    debug_assert_eq!(out, ad.out_features as usize);
+    let (vtv, n) = direction_gram(b, ad, &w, dtype)?;
+    // DᵀD = diag(1/n)·V'ᵀV'·diag(1/n): divide columns by n, then rows by n.
+    let n_col = b.ints("n_col_shape", &[out as i64, 1]);
+    let n_rows = b.op("Reshape", "colnorm_rows", &[&n, &n_col], vec![]);
+    let by_col = b.op("Div", "gram_cols", &[&vtv, &n], vec![]);
+    let gram = b.op("Div", "gram", &[&by_col, &n_rows], vec![]);
+    // DᵀD has a unit diagonal (its columns are normalised), so ‖DᵀD − I‖²_F equals
+    // ‖DᵀD‖²_F − out: no [out, out] identity is stored. Rounding can take the difference
+    // a hair below 0 for near-orthogonal directions; the floor keeps R (and √R) defined.
+    let g2 = b.op("Mul", "sq", &[&gram, &gram], vec![]);
+    let all = b.op(
+        "ReduceSum",
+        "gram_sq",
+        &[&g2],
+        vec![("keepdims", AttrValue::Int(0))],
+    );
+    let n_out = b.constant("out", Tensor::from_f64_as(dtype, "", vec![], &[out as f64]));
+    let zero = b.constant("zero", Tensor::from_f64_as(dtype, "", vec![], &[0.0]));
+    let off = b.op("Sub", "minus_diag", &[&all, &n_out], vec![]);
+    let fro2 = b.op("Max", "fro2", &[&off, &zero], vec![]);
+    let term = match variant {
+        RegVariant::Paper => fro2,
+        RegVariant::Released => b.op("Sqrt", "fro", &[&fro2], vec![]),
+    };
+    Ok((term, dtype))
+}
+
+/// `V'ᵀV'` (`[out, out]`) and the column norms `‖V'‖_col` of `V' = W0 + s·A·B`, in `dtype`.
+///
+/// Neither V' nor a product of two `[in, out]` matrices is formed: with `P = Aᵀ·W0` and
+/// `C = s·P + (s²/2)·(AᵀA)·B` (both `[r, out]`),
+///   `V'ᵀV' = W0ᵀW0 + BᵀC + CᵀB`,   `‖V'‖²_col = ‖W0‖²_col + 2·colsum(B ⊙ C)`.
+/// Every matmul on trainable tensors is rank-r: O(r·out²) instead of the direct form's
+/// O(in·out²) forward and twice that backward. W0ᵀW0 depends on constants only: it is a
+/// node, not a stored `[out, out]` constant, so the artifact holds no dense per-adapter
+/// tensors; tract and ONNX Runtime fold it once when they load the program (O(in·out²) then,
+/// and out² floats per adapter in memory for the run).
+fn direction_gram(
+    b: &mut Builder,
+    ad: &AdapterRecord,
+    w: &Tensor,
+    dtype: DataType,
+) -> Result<(String, String)> {
+    let half = dtype != w.dtype;
+    let cast = |b: &mut Builder, tag: &str, v: &str, to: DataType| {
+        b.op("Cast", tag, &[v], vec![("to", AttrValue::Int(to as i64))])
+    };
+    let out = match ad.layout {
+        Layout::InOut => w.dims[1],
+        Layout::OutIn => w.dims[0],
+    };
+    let sq0 = crate::rewrite::exact_out_feature_sqnorms(w, ad.layout)
+        .ok_or_else(|| Error::Other("weight is not float".into()))?;
+    // For a half weight the Gram matrix is taken of W0 cast up (constants only: folded at
+    // load, the up-cast copy dropped after), so DᵀD keeps f32 accuracy.
+    let w0 = if half {
+        cast(b, "w0.up", &ad.weight, dtype)
+    } else {
+        ad.weight.clone()
+    };
+    let flag = match ad.layout {
+        Layout::InOut => "transA",
+        Layout::OutIn => "transB",
+    };
+    let g0 = b.op(
+        "Gemm",
+        "w0_gram",
+        &[&w0, &w0],
+        vec![(flag, AttrValue::Int(1))],
+    );
+    let sq0 = b.constant("w0_sqnorm", Tensor::from_f64_as(dtype, "", vec![out], &sq0));
+    let s = ad.scaling as f64;
+    let sc = b.constant("s", Tensor::from_f64_as(dtype, "", vec![], &[s]));
+    let half_s2 = b.constant(
+        "half_s2",
+        Tensor::from_f64_as(dtype, "", vec![], &[s * s / 2.0]),
+    );
+    let two = b.constant("two", Tensor::from_f64_as(dtype, "", vec![], &[2.0]));
+    let ta = vec![("transA", AttrValue::Int(1))];
+    // Aᵀ·W0 against the weight in its own type (as the lowering does: A cast down, the
+    // [r, out] product cast up), so no f32 copy of W0 lives beside the run.
+    let a_w = if half {
+        cast(b, "A.down", &ad.lora_a, w.dtype)
+    } else {
+        ad.lora_a.clone()
+    };
+    let mut p = match ad.layout {
+        Layout::InOut => b.op("Gemm", "AtW", &[&a_w, &ad.weight], ta.clone()),
+        Layout::OutIn => b.op(
+            "Gemm",
+            "AtW",
+            &[&a_w, &ad.weight],
+            vec![("transA", AttrValue::Int(1)), ("transB", AttrValue::Int(1))],
+        ),
+    };
+    if half {
+        p = cast(b, "AtW.up", &p, dtype);
+    }
+    let ata = b.op("Gemm", "AtA", &[&ad.lora_a, &ad.lora_a], ta.clone());
+    let atab = b.op("MatMul", "AtAB", &[&ata, &ad.lora_b], vec![]);
+    let c1 = b.op("Mul", "sP", &[&p, &sc], vec![]);
+    let c2 = b.op("Mul", "quad", &[&atab, &half_s2], vec![]);
+    let c = b.op("Add", "C", &[&c1, &c2], vec![]);
+    let btc = b.op("Gemm", "BtC", &[&ad.lora_b, &c], ta);
+    let ctb = b.op(
+        "Transpose",
+        "CtB",
+        &[&btc],
+        vec![("perm", AttrValue::Ints(vec![1, 0]))],
+    );
+    let low = b.op("Add", "lowrank", &[&btc, &ctb], vec![]);
+    let vtv = b.op("Add", "VtV", &[&g0, &low], vec![]);
+    let bc = b.op("Mul", "BC", &[&ad.lora_b, &c], vec![]);
+    let ax0 = b.ints("axis0", &[0]);
+    let cross = b.op(
+        "ReduceSum",
+        "cross",
+        &[&bc, &ax0],
+        vec![("keepdims", AttrValue::Int(0))],
+    );
+    let cross2 = b.op("Mul", "cross2", &[&cross, &two], vec![]);
+    let col = b.op("Add", "colsq", &[&sq0, &cross2], vec![]);
+    let n = b.op("Sqrt", "colnorm", &[&col], vec![]);
+    Ok((vtv, n))
 }

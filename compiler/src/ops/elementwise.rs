@@ -636,16 +636,8 @@ pub(crate) mod grads {
 
     pub fn add(cx: &mut GradCx) -> Out {
         let g = cx.gy(0)?;
-        let a = if cx.needs(0) {
-            Some(cx.unbroadcast(&g, 0)?)
-        } else {
-            None
-        };
-        let b = if cx.needs(1) {
-            Some(cx.unbroadcast(&g, 1)?)
-        } else {
-            None
-        };
+        let a = cx.grad_for(0, |cx| cx.unbroadcast(&g, 0))?;
+        let b = cx.grad_for(1, |cx| cx.unbroadcast(&g, 1))?;
         Ok(vec![a, b])
     }
 
@@ -653,73 +645,53 @@ pub(crate) mod grads {
     pub fn sum(cx: &mut GradCx) -> Out {
         let g = cx.gy(0)?;
         (0..cx.node.inputs.len())
-            .map(|i| {
-                if cx.needs(i) {
-                    cx.unbroadcast(&g, i).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
+            .map(|i| cx.grad_for(i, |cx| cx.unbroadcast(&g, i)))
             .collect()
     }
 
     pub fn sub(cx: &mut GradCx) -> Out {
         let g = cx.gy(0)?;
-        let a = if cx.needs(0) {
-            Some(cx.unbroadcast(&g, 0)?)
-        } else {
-            None
-        };
-        let b = if cx.needs(1) {
+        let a = cx.grad_for(0, |cx| cx.unbroadcast(&g, 0))?;
+        let b = cx.grad_for(1, |cx| {
             let ng = cx.op("Neg", "neg_g", &[&g]);
-            Some(cx.unbroadcast(&ng, 1)?)
-        } else {
-            None
-        };
+            cx.unbroadcast(&ng, 1)
+        })?;
         Ok(vec![a, b])
     }
 
     pub fn mul(cx: &mut GradCx) -> Out {
         let (g, a, b) = (cx.gy(0)?, cx.x(0), cx.x(1));
-        let da = if cx.needs(0) {
+        let da = cx.grad_for(0, |cx| {
             let t = cx.op("Mul", "g_b", &[&g, &b]);
-            Some(cx.unbroadcast(&t, 0)?)
-        } else {
-            None
-        };
-        let db = if cx.needs(1) {
+            cx.unbroadcast(&t, 0)
+        })?;
+        let db = cx.grad_for(1, |cx| {
             let t = cx.op("Mul", "g_a", &[&g, &a]);
-            Some(cx.unbroadcast(&t, 1)?)
-        } else {
-            None
-        };
+            cx.unbroadcast(&t, 1)
+        })?;
         Ok(vec![da, db])
     }
 
     /// y = a / b: da = g / b, db = -g · y / b
     pub fn div(cx: &mut GradCx) -> Out {
         let (g, b, y) = (cx.gy(0)?, cx.x(1), cx.y(0));
-        let da = if cx.needs(0) {
+        let da = cx.grad_for(0, |cx| {
             let t = cx.op("Div", "g_over_b", &[&g, &b]);
-            Some(cx.unbroadcast(&t, 0)?)
-        } else {
-            None
-        };
-        let db = if cx.needs(1) {
+            cx.unbroadcast(&t, 0)
+        })?;
+        let db = cx.grad_for(1, |cx| {
             let gy = cx.op("Mul", "g_y", &[&g, &y]);
             let q = cx.op("Div", "g_y_over_b", &[&gy, &b]);
             let n = cx.op("Neg", "neg", &[&q]);
-            Some(cx.unbroadcast(&n, 1)?)
-        } else {
-            None
-        };
+            cx.unbroadcast(&n, 1)
+        })?;
         Ok(vec![da, db])
     }
 
     /// y = a^p: da = g · p · a^(p-1); dp = g · y · ln a
     pub fn pow(cx: &mut GradCx) -> Out {
         let (g, a, p, y) = (cx.gy(0)?, cx.x(0), cx.x(1), cx.y(0));
-        let da = if cx.needs(0) {
+        let da = cx.grad_for(0, |cx| {
             let p_a = {
                 let pf = if cx.fact(&p)?.dtype != cx.fact(&a)?.dtype {
                     let to = cx.fact(&a)?.dtype as i64;
@@ -733,18 +705,14 @@ pub(crate) mod grads {
                 cx.op("Mul", "p_a_pow", &[&pf, &apm1])
             };
             let t = cx.op("Mul", "da", &[&g, &p_a]);
-            Some(cx.unbroadcast(&t, 0)?)
-        } else {
-            None
-        };
-        let dp = if cx.needs(1) {
+            cx.unbroadcast(&t, 0)
+        })?;
+        let dp = cx.grad_for(1, |cx| {
             let la = cx.op("Log", "log_a", &[&a]);
             let gy = cx.op("Mul", "g_y", &[&g, &y]);
             let t = cx.op("Mul", "dp", &[&gy, &la]);
-            Some(cx.unbroadcast(&t, 1)?)
-        } else {
-            None
-        };
+            cx.unbroadcast(&t, 1)
+        })?;
         Ok(vec![da, dp])
     }
 
@@ -763,16 +731,8 @@ pub(crate) mod grads {
         let zero = cx.scalar(0.0, &a)?;
         let ga = cx.op("Where", "g_a", &[&pick_a, &g, &zero]);
         let gb = cx.op("Where", "g_b", &[&pick_a, &zero, &g]);
-        let da = if cx.needs(0) {
-            Some(cx.unbroadcast(&ga, 0)?)
-        } else {
-            None
-        };
-        let db = if cx.needs(1) {
-            Some(cx.unbroadcast(&gb, 1)?)
-        } else {
-            None
-        };
+        let da = cx.grad_for(0, |cx| cx.unbroadcast(&ga, 0))?;
+        let db = cx.grad_for(1, |cx| cx.unbroadcast(&gb, 1))?;
         Ok(vec![da, db])
     }
 
@@ -780,18 +740,14 @@ pub(crate) mod grads {
     pub fn where_(cx: &mut GradCx) -> Out {
         let (g, c) = (cx.gy(0)?, cx.x(0));
         let zero = cx.scalar(0.0, &cx.y(0))?;
-        let da = if cx.needs(1) {
+        let da = cx.grad_for(1, |cx| {
             let t = cx.op("Where", "g_a", &[&c, &g, &zero]);
-            Some(cx.unbroadcast(&t, 1)?)
-        } else {
-            None
-        };
-        let db = if cx.needs(2) {
+            cx.unbroadcast(&t, 1)
+        })?;
+        let db = cx.grad_for(2, |cx| {
             let t = cx.op("Where", "g_b", &[&c, &zero, &g]);
-            Some(cx.unbroadcast(&t, 2)?)
-        } else {
-            None
-        };
+            cx.unbroadcast(&t, 2)
+        })?;
         Ok(vec![None, da, db])
     }
 }

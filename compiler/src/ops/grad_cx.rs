@@ -42,6 +42,20 @@ impl GradCx<'_, '_> {
         self.needs.get(i).copied().unwrap_or(false)
     }
 
+    /// Input `i`'s gradient built by `f`, or None (no work) when `i` needs none: a rule's
+    /// per-input branch in one line, `let da = cx.grad_for(0, |cx| cx.unbroadcast(&g, 0))?;`.
+    pub fn grad_for(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&mut Self) -> Result<String>,
+    ) -> Result<Option<String>> {
+        if self.needs(i) {
+            f(self).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
     pub fn fact(&self, name: &str) -> Result<&Fact> {
         self.facts
             .get(name)

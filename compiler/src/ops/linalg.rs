@@ -274,37 +274,31 @@ pub(crate) mod grads {
                 ("alpha", AttrValue::Float(alpha)),
             ]
         };
-        let da = if cx.needs(0) {
-            // ta=0: g·op(b)ᵀ; ta=1: op(b)·gᵀ
-            Some(if !ta {
+        // ta=0: g·op(b)ᵀ; ta=1: op(b)·gᵀ
+        let da = cx.grad_for(0, |cx| {
+            Ok(if !ta {
                 cx.op_attrs("Gemm", "da", &[&g, &b], flags(false, !tb))
             } else {
                 cx.op_attrs("Gemm", "da", &[&b, &g], flags(tb, true))
             })
-        } else {
-            None
-        };
-        let db = if cx.needs(1) {
-            // tb=0: op(a)ᵀ·g; tb=1: gᵀ·op(a)
-            Some(if !tb {
+        })?;
+        // tb=0: op(a)ᵀ·g; tb=1: gᵀ·op(a)
+        let db = cx.grad_for(1, |cx| {
+            Ok(if !tb {
                 cx.op_attrs("Gemm", "db", &[&a, &g], flags(!ta, false))
             } else {
                 cx.op_attrs("Gemm", "db", &[&g, &a], flags(true, ta))
             })
-        } else {
-            None
-        };
-        let dc = if cx.needs(2) {
+        })?;
+        let dc = cx.grad_for(2, |cx| {
             let t = if beta != 1.0 {
                 let k = cx.scalar(beta as f64, &cx.y(0))?;
                 cx.op("Mul", "beta_g", &[&g, &k])
             } else {
                 g.clone()
             };
-            Some(cx.unbroadcast(&t, 2)?)
-        } else {
-            None
-        };
+            cx.unbroadcast(&t, 2)
+        })?;
         Ok(vec![da, db, dc])
     }
 }

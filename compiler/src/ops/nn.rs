@@ -175,7 +175,7 @@ pub(crate) mod grads {
         let sd = cx.op("Sqrt", "std", &[&ve]);
         let xhat = cx.op("Div", "xhat", &[&xc, &sd]);
 
-        let dx = if cx.needs(0) {
+        let dx = cx.grad_for(0, |cx| {
             let gh = cx.op("Mul", "g_scale", &[&g, &scale]);
             let m1 = mean(cx, "mean_g", &gh, &norm_axes);
             let ghx = cx.op("Mul", "g_xhat", &[&gh, &xhat]);
@@ -183,10 +183,8 @@ pub(crate) mod grads {
             let t1 = cx.op("Sub", "t1", &[&gh, &m1]);
             let t2 = cx.op("Mul", "t2", &[&xhat, &m2]);
             let t = cx.op("Sub", "t", &[&t1, &t2]);
-            Some(cx.op("Div", "dx", &[&t, &sd]))
-        } else {
-            None
-        };
+            Ok(cx.op("Div", "dx", &[&t, &sd]))
+        })?;
         let lead_sum = |cx: &mut GradCx, tag: &str, v: &str| {
             if lead_axes.is_empty() {
                 return v.to_string();
@@ -199,17 +197,11 @@ pub(crate) mod grads {
                 vec![("keepdims", AttrValue::Int(0))],
             )
         };
-        let dscale = if cx.needs(1) {
+        let dscale = cx.grad_for(1, |cx| {
             let gx = cx.op("Mul", "g_xhat_raw", &[&g, &xhat]);
-            Some(lead_sum(cx, "dscale", &gx))
-        } else {
-            None
-        };
-        let dbias = if cx.needs(2) {
-            Some(lead_sum(cx, "dbias", &g))
-        } else {
-            None
-        };
+            Ok(lead_sum(cx, "dscale", &gx))
+        })?;
+        let dbias = cx.grad_for(2, |cx| Ok(lead_sum(cx, "dbias", &g)))?;
         Ok(vec![dx, dscale, dbias])
     }
 }

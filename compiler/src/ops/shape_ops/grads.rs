@@ -65,11 +65,7 @@ pub fn concat(cx: &mut GradCx) -> Out {
             vec![("axis", AttrValue::Int(0))],
         );
         let end = cx.op("Add", "end", &[&start, &size]);
-        out.push(if cx.needs(i) {
-            Some(cx.op("Slice", "dx", &[&g, &start, &end, &axes]))
-        } else {
-            None
-        });
+        out.push(cx.grad_for(i, |cx| Ok(cx.op("Slice", "dx", &[&g, &start, &end, &axes])))?);
         start = end;
     }
     Ok(out)
