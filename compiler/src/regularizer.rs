@@ -118,7 +118,7 @@ fn module_term(
         Layout::OutIn => w.dims[0] as usize,
     };
     debug_assert_eq!(out, ad.out_features as usize);
-    let (vtv, n) = direction_gram(b, ad, &w, dtype)?;
+    let (vtv, n) = direction_gram(b, ad, &w, out, dtype)?;
     // DᵀD = diag(1/n)·V'ᵀV'·diag(1/n): divide columns by n, then rows by n.
     let n_col = b.ints("n_col_shape", &[out as i64, 1]);
     let n_rows = b.op("Reshape", "colnorm_rows", &[&n, &n_col], vec![]);
@@ -145,7 +145,8 @@ fn module_term(
     Ok((term, dtype))
 }
 
-/// `V'ᵀV'` (`[out, out]`) and the column norms `‖V'‖_col` of `V' = W0 + s·A·B`, in `dtype`.
+/// `V'ᵀV'` (`[out, out]`) and the column norms `‖V'‖_col` of `V' = W0 + s·A·B` (`out`
+/// output features), in `dtype`.
 ///
 /// Neither V' nor a product of two `[in, out]` matrices is formed: with `P = Aᵀ·W0` and
 /// `C = s·P + (s²/2)·(AᵀA)·B` (both `[r, out]`),
@@ -159,15 +160,12 @@ fn direction_gram(
     b: &mut Builder,
     ad: &AdapterRecord,
     w: &Tensor,
+    out: usize,
     dtype: DataType,
 ) -> Result<(String, String)> {
     let half = dtype != w.dtype;
     let cast = |b: &mut Builder, tag: &str, v: &str, to: DataType| {
         b.op("Cast", tag, &[v], vec![("to", AttrValue::Int(to as i64))])
-    };
-    let out = match ad.layout {
-        Layout::InOut => w.dims[1],
-        Layout::OutIn => w.dims[0],
     };
     let sq0 = crate::rewrite::exact_out_feature_sqnorms(w, ad.layout)
         .ok_or_else(|| Error::Other("weight is not float".into()))?;
@@ -188,7 +186,10 @@ fn direction_gram(
         &[&w0, &w0],
         vec![(flag, AttrValue::Int(1))],
     );
-    let sq0 = b.constant("w0_sqnorm", Tensor::from_f64_as(dtype, "", vec![out], &sq0));
+    let sq0 = b.constant(
+        "w0_sqnorm",
+        Tensor::from_f64_as(dtype, "", vec![out as i64], &sq0),
+    );
     let s = ad.scaling as f64;
     let sc = b.constant("s", Tensor::from_f64_as(dtype, "", vec![], &[s]));
     let half_s2 = b.constant(

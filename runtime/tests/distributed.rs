@@ -143,24 +143,6 @@ fn distributed(art: &Path, cfg: &Path, run: &Path) -> String {
     run_ok(c, "the mpirun -np 2 run")
 }
 
-/// Every logged number of a run: (line kind and step, key, value).
-fn logged(run: &Path) -> Vec<(String, String, f64)> {
-    let mut out = vec![];
-    for l in std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-    {
-        let v: serde_json::Value = serde_json::from_str(l).unwrap();
-        let at = format!("{} {} {}", v["kind"], v["phase"], v["global_step"]);
-        for k in ["loss", "reg", "upper_val_loss", "hypergrad_norm", "metric"] {
-            if let Some(x) = v[k].as_f64() {
-                out.push((at.clone(), k.to_string(), x));
-            }
-        }
-    }
-    out
-}
-
 fn tensors(path: &Path) -> Vec<(String, Vec<f32>)> {
     bidora_compiler::tensor_file::read(path)
         .unwrap()
@@ -188,7 +170,7 @@ fn differences(a: &Path, b: &Path) -> std::collections::BTreeMap<String, (f64, S
             *w = (r, at);
         }
     };
-    let (la, lb) = (logged(a), logged(b));
+    let (la, lb) = (common::logged(a), common::logged(b));
     assert_eq!(la.len(), lb.len(), "the two runs logged different lines");
     for (x, y) in la.iter().zip(&lb) {
         assert_eq!((&x.0, &x.1), (&y.0, &y.1));
@@ -494,7 +476,7 @@ fn a_killed_job_resumes_to_the_uninterrupted_runs_tensors_and_not_on_other_ranks
             "{f}: the resumed run differs from the uninterrupted one"
         );
     }
-    assert_eq!(logged(&whole), logged(&run));
+    assert_eq!(common::logged(&whole), common::logged(&run));
 }
 
 #[test]

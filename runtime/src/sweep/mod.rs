@@ -458,9 +458,10 @@ impl Sweep {
 #[cfg(target_os = "linux")]
 fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: getpid is async-signal-safe; the closure runs in the forked child before exec
-    // and calls only prctl, getppid and _exit, which are async-signal-safe too.
+    // SAFETY: getpid has no preconditions (called here, in the sweep).
     let sweep = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and calls only prctl,
+    // getppid and _exit, which are async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {

@@ -216,9 +216,6 @@ pub(super) struct Binding {
     pub(super) loss: Option<usize>,
     /// The regulariser's value R(V), logged beside the loss (lower program).
     pub(super) regularizer: Option<usize>,
-    /// The outputs resident mode keeps on the device: the gradients and hypergradients the
-    /// optimiser consumes there.
-    pub(super) resident: Vec<bool>,
 }
 
 impl Binding {
@@ -229,6 +226,14 @@ impl Binding {
             .enumerate()
             .filter(move |(_, o)| o.role == role)
             .filter_map(|(i, o)| Some((i, o.of.as_deref()?)))
+    }
+
+    /// Whether resident mode keeps output `i` on the device: the gradients and
+    /// hypergradients the optimiser consumes there.
+    pub(super) fn resident(&self, i: usize) -> bool {
+        self.outputs
+            .get(i)
+            .is_some_and(|o| matches!(o.role, Role::Gradient | Role::Hypergradient))
     }
 }
 
@@ -301,16 +306,11 @@ impl Binding {
             outputs.iter().position(|o| o.name == *name)
         };
         let (loss, regularizer) = (first(Role::Loss), first(Role::Regularizer));
-        let resident = outputs
-            .iter()
-            .map(|o| matches!(o.role, Role::Gradient | Role::Hypergradient))
-            .collect();
         Ok(Binding {
             inputs,
             outputs,
             loss,
             regularizer,
-            resident,
         })
     }
 }

@@ -241,9 +241,9 @@ impl Trainer<'_> {
                     })
                     .collect::<Vec<_>>()
             });
-            let keep = &self.progs.bindings[&key].resident;
+            let binding = &self.progs.bindings[&key];
             args.and_then(|a| {
-                p.run_resident(&a, &|i| keep.get(i).copied().unwrap_or(false))
+                p.run_resident(&a, &|i| binding.resident(i))
                     .map_err(|e| self.run_err(key, e))
             })
         };

@@ -181,9 +181,10 @@ impl Trainer<'_> {
         let lower = &self.progs.bindings[&ProgramKey::Lower].outputs;
         let mut prev: Vec<(String, Output)> = vec![];
         for ((n, o), slot) in lower_out.iter().zip(lower) {
-            let global = (slot.role == Role::Gradient)
-                .then_some(slot.of.as_ref())
-                .flatten()
+            let global = slot
+                .of
+                .as_ref()
+                .filter(|_| slot.role == Role::Gradient)
                 .and_then(|of| g.get(of));
             let t = match (global, o) {
                 (Some(a), _) => HostTensor::F32(a.clone()),

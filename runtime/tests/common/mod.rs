@@ -109,3 +109,30 @@ pub fn write_bert_dora(dir: &Path, train_head: bool) {
         0,
     );
 }
+
+/// Every logged number of a run: (line kind and step, key, value).
+pub fn logged(run: &Path) -> Vec<(String, String, f64)> {
+    let mut out = vec![];
+    for l in std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let at = format!("{} {} {}", v["kind"], v["phase"], v["global_step"]);
+        for k in ["loss", "reg", "upper_val_loss", "hypergrad_norm", "metric"] {
+            if let Some(x) = v[k].as_f64() {
+                out.push((at.clone(), k.to_string(), x));
+            }
+        }
+    }
+    out
+}
+
+/// Panics with the command's stderr unless it succeeded.
+pub fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
