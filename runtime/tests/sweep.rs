@@ -254,3 +254,170 @@ fn a_killed_sweep_resumes_to_the_uninterrupted_sweeps_results() {
         );
     }
 }
+
+/// `bidora analyze` of a constructed tensors file against ΔM and ΔD computed here from the
+/// model's own W0: adapter 0's magnitudes scaled by 1.1 (ΔM = 0.1·mean ‖W0_j‖, ΔD = 0),
+/// adapter 1's B set to a known pattern (the direction turns; m stays ‖W0_j‖), the rest as
+/// initialised (0 and 0).
+#[test]
+fn analyze_matches_deltas_computed_by_hand_on_constructed_tensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let art = tmp.path().join("art");
+    common::write_bert_dora(&art, false);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(art.join("manifest.json")).unwrap()).unwrap();
+    let adapters = manifest["adapters"].as_array().unwrap();
+    assert!(adapters.len() >= 3, "{manifest}");
+    let init = bidora_compiler::tensor_file::read(&art.join("init.safetensors")).unwrap();
+    let value = |name: &str| {
+        init.tensors
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("{name} not in init.safetensors"))
+            .values
+            .clone()
+    };
+    let mut trained: Vec<(String, Vec<usize>, Vec<f32>)> = init
+        .tensors
+        .iter()
+        .map(|e| (e.name.clone(), e.shape.clone(), e.f32_values()))
+        .collect();
+    let set =
+        |t: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: &str, f: &dyn Fn(usize, f32) -> f32| {
+            let e = t.iter_mut().find(|e| e.0 == name).unwrap();
+            for (i, x) in e.2.iter_mut().enumerate() {
+                *x = f(i, *x);
+            }
+        };
+    let (a0, a1) = (&adapters[0], &adapters[1]);
+    set(&mut trained, a0["magnitude"].as_str().unwrap(), &|_, m| {
+        m * 1.1
+    });
+    let b_pattern = |i: usize| 0.05 * (((i * 7) % 5) as f32 - 2.0);
+    set(&mut trained, a1["lora_b"].as_str().unwrap(), &|i, _| {
+        b_pattern(i)
+    });
+    let file = tmp.path().join("constructed.safetensors");
+    let refs: Vec<(&str, &[usize], &[f32])> = trained
+        .iter()
+        .map(|(n, s, v)| (n.as_str(), s.as_slice(), v.as_slice()))
+        .collect();
+    bidora_compiler::tensor_file::write_f32(&file, &refs, None).unwrap();
+
+    let out = bidora()
+        .arg("analyze")
+        .arg("--artifact")
+        .arg(&art)
+        .arg("--tensors")
+        .arg(&file)
+        .arg("--model")
+        .arg(common::root().join("models/bert_legacy17.onnx"))
+        .arg("-o")
+        .arg(tmp.path().join("analysis"))
+        .output()
+        .unwrap();
+    common::assert_ok(&out);
+    let got: Vec<serde_json::Value> =
+        std::fs::read_to_string(tmp.path().join("analysis/analysis.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    assert_eq!(got.len(), adapters.len());
+    let point = |a: &serde_json::Value| {
+        let p = got
+            .iter()
+            .find(|p| p["module"] == a["module"])
+            .unwrap_or_else(|| panic!("no point for {}", a["module"]));
+        (
+            p["delta_m"].as_f64().unwrap(),
+            p["delta_d"].as_f64().unwrap(),
+        )
+    };
+
+    // W0 `[in, out]` of adapter `a`, from the model file.
+    let model =
+        bidora_compiler::load_model(&common::root().join("models/bert_legacy17.onnx")).unwrap();
+    let w0 = |a: &serde_json::Value| -> (usize, usize, Vec<f64>) {
+        assert_eq!(a["layout"], "in_out", "{a}");
+        let (din, dout) = (
+            a["in_features"].as_u64().unwrap() as usize,
+            a["out_features"].as_u64().unwrap() as usize,
+        );
+        let t = model
+            .graph
+            .constant(a["weight"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("{} is not a constant", a["weight"]));
+        let raw = t.raw().expect("raw f32 data");
+        let w: Vec<f64> = raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+            .collect();
+        assert_eq!(w.len(), din * dout);
+        (din, dout, w)
+    };
+    let col_norms = |din: usize, dout: usize, w: &[f64]| -> Vec<f64> {
+        (0..dout)
+            .map(|j| {
+                (0..din)
+                    .map(|i| w[i * dout + j].powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    };
+
+    // Adapter 0: every m_j is 1.1·‖W0_j‖, V = W0 (B = 0).
+    let (din, dout, w) = w0(a0);
+    let n0 = col_norms(din, dout, &w);
+    let want = 0.1 * n0.iter().sum::<f64>() / dout as f64;
+    let (dm, dd) = point(a0);
+    assert!((dm - want).abs() < 1e-5 * want, "ΔM {dm} vs {want}");
+    assert!(dd.abs() < 1e-9, "ΔD {dd}");
+
+    // Adapter 1: V = W0 + s·A·B with B the pattern; m unchanged (= ‖W0_j‖ in f32).
+    let (din, dout, w) = w0(a1);
+    let r = a1["rank"].as_u64().unwrap() as usize;
+    let s = a1["scaling"].as_f64().unwrap();
+    let a = value(a1["lora_a"].as_str().unwrap());
+    assert_eq!(a.len(), din * r);
+    let mut v = w.clone();
+    for i in 0..din {
+        for j in 0..dout {
+            for k in 0..r {
+                v[i * dout + j] += s * a[i * r + k] * b_pattern(k * dout + j) as f64;
+            }
+        }
+    }
+    let (n0, nv) = (col_norms(din, dout, &w), col_norms(din, dout, &v));
+    let want_d = (0..dout)
+        .map(|j| {
+            let dot: f64 = (0..din).map(|i| w[i * dout + j] * v[i * dout + j]).sum();
+            1.0 - dot / (n0[j] * nv[j])
+        })
+        .sum::<f64>()
+        / dout as f64;
+    let m1 = value(a1["magnitude"].as_str().unwrap());
+    let want_m = (0..dout).map(|j| (m1[j] - n0[j]).abs()).sum::<f64>() / dout as f64;
+    let (dm, dd) = point(a1);
+    assert!(want_d > 1e-4, "the pattern turns the columns: {want_d}");
+    assert!(
+        (dd - want_d).abs() < 1e-6 * want_d.max(1e-3),
+        "ΔD {dd} vs {want_d}"
+    );
+    assert!(
+        (dm - want_m).abs() < 1e-9 + 1e-6 * want_m,
+        "ΔM {dm} vs {want_m}"
+    );
+    assert!(want_m < 1e-5, "m starts at ‖W0_j‖: {want_m}");
+
+    // The others are as initialised.
+    for a in &adapters[2..] {
+        let (dm, dd) = point(a);
+        assert!(
+            dm.abs() < 1e-5 && dd.abs() < 1e-9,
+            "{}: {dm} {dd}",
+            a["module"]
+        );
+    }
+}
